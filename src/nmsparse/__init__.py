@@ -1,0 +1,31 @@
+"""nmsparse: N:M fine-grained structured sparsity for PyTorch.
+
+N always means the number of weights **kept** in every group of M consecutive weights along a
+layer's reduction dimension (2:4 keeps 2 of every 4).
+"""
+
+from nmsparse.layout import layer_is_nm, layer_mask
+from nmsparse.nmmasks import is_nm, nm_mask
+from nmsparse.sad import SADRecord, SADTracker, sad
+from nmsparse.selection import LayerEntry, SparsityReport, plan
+from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparsify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerEntry",
+    "SADRecord",
+    "SADTracker",
+    "SparsityReport",
+    "finalize",
+    "is_nm",
+    "layer_is_nm",
+    "layer_mask",
+    "magnitude_masks",
+    "masks",
+    "nm_mask",
+    "plan",
+    "sad",
+    "sparse_layers",
+    "sparsify",
+]

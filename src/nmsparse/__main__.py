@@ -1,0 +1,3 @@
+from nmsparse.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Compiled CPU kernels (numba). Private: call them through :mod:`nmsparse.nmmasks`.
+
+The rank kernel is specialised per group size ``m`` (a closure constant, which numba folds into the
+code and into its on-disk cache key) so the inner loops unroll; that makes a 2:4 mask about as fast
+as one ``abs()`` pass over the tensor (see ``benchmarks/bench_masks.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+import torch
+
+_CHUNK = 1 << 12  # groups per parallel work item
+_MAX_SPECIALISED_M = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _rank_kernel(m: int):
+    """Kernel writing ``out[g*m + i] = rank of entry i in group g < n`` (ties to the lower index)."""
+
+    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def kernel(bits, out, n, abs_bits, nan_key):  # pragma: no cover - compiled
+        groups = bits.size // m
+        chunks = (groups + _CHUNK - 1) // _CHUNK
+        for c in numba.prange(chunks):
+            stop = min(groups, (c + 1) * _CHUNK)
+            for g in range(c * _CHUNK, stop):
+                base = g * m
+                for i in range(m):
+                    ki = min(bits[base + i] & abs_bits, nan_key)
+                    rank = 0
+                    for j in range(m):
+                        kj = min(bits[base + j] & abs_bits, nan_key)
+                        if j < i:
+                            rank += kj >= ki
+                        elif j > i:
+                            rank += kj > ki
+                    out[base + i] = rank < n
+
+    return kernel
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def _rank_generic(bits, out, n, m, abs_bits, nan_key):  # pragma: no cover - compiled
+    groups = bits.size // m
+    chunks = (groups + _CHUNK - 1) // _CHUNK
+    for c in numba.prange(chunks):
+        stop = min(groups, (c + 1) * _CHUNK)
+        for g in range(c * _CHUNK, stop):
+            base = g * m
+            for i in range(m):
+                ki = min(bits[base + i] & abs_bits, nan_key)
+                rank = 0
+                for j in range(m):
+                    kj = min(bits[base + j] & abs_bits, nan_key)
+                    rank += (kj > ki) | ((kj == ki) & (j < i))
+                out[base + i] = rank < n
+
+
+def nm_mask_cpu(x: torch.Tensor, n: int, m: int, int_dtype: torch.dtype, abs_bits: int, inf_key: int):
+    """Keep-mask of a contiguous CPU float tensor whose last dimension is grouped by ``m``."""
+    bits = x.view(int_dtype).reshape(-1).numpy()
+    out = torch.empty(x.shape, dtype=torch.bool)
+    flat = out.view(-1).numpy()
+    ab, nan_key = bits.dtype.type(abs_bits), bits.dtype.type(inf_key + 1)
+    if m <= _MAX_SPECIALISED_M:
+        _rank_kernel(m)(bits, flat, n, ab, nan_key)
+    else:
+        _rank_generic(bits, flat, n, m, ab, nan_key)
+    return out

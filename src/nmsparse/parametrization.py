@@ -1,0 +1,105 @@
+"""The parametrization that makes one weight N:M sparse during training.
+
+The dense weight ``W`` stays the trained parameter (``parametrizations.weight.original``); the layer
+sees ``E * W`` with ``E`` the keep-mask held in the ``mask`` buffer. Gradients, by method:
+
+* ``"ste"``:   ``dL/dW = dL/d(E*W)`` (straight-through: pruned weights keep learning).
+* ``"srste"``: ``dL/dW = dL/d(E*W) + decay * (~E) * W`` (SR-STE, Zhou et al. 2021, lambda_w = decay).
+* ``"fixed"``: ``dL/dW = E * dL/d(E*W)`` and the mask never changes (prune, then fine-tune).
+
+The mask is recomputed from the current ``W`` by :meth:`NMParametrization.refresh`, which
+:mod:`nmsparse.sparsify` calls from a forward pre-hook on training-mode forward passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+METHODS = ("ste", "srste", "fixed")
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _SRSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * (~mask) * weight, None, None
+
+
+def sparse_weight(weight: torch.Tensor, mask: torch.Tensor, method: str, decay: float = 0.0) -> torch.Tensor:
+    """``mask * weight`` with the backward of ``method`` ("ste", "srste" or "fixed", see module doc)."""
+    if method == "srste":
+        return _SRSTE.apply(weight, mask, decay)
+    if method == "ste":
+        return _STE.apply(weight, mask)
+    if method == "fixed":
+        return weight * mask
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+class NMParametrization(nn.Module):
+    """Maps a dense weight to its N:M sparse version (see module doc).
+
+    ``mask_fn(weight) -> BoolTensor`` computes the keep-mask in the layer's layout; ``n``, ``m`` and
+    ``layout`` are recorded for reports and checks. Buffers ``mask`` and ``step`` (training-mode
+    forward passes seen) are part of the ``state_dict``, so a checkpoint resumes the mask schedule.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        n: int,
+        m: int,
+        layout: str,
+        method: str,
+        decay: float,
+        update_every: int,
+        mask_fn: Callable[[torch.Tensor], torch.Tensor],
+        transposable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n, self.m, self.layout = n, m, layout
+        self.method, self.decay, self.update_every = method, decay, update_every
+        self.transposable = transposable
+        self.mask_fn = mask_fn
+        with torch.no_grad():
+            self.register_buffer("mask", mask_fn(weight.detach()))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=weight.device))
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Count one training-mode forward pass; recompute the mask when the schedule says so."""
+        if self.method == "fixed":
+            return
+        if self.update_every == 1 or int(self.step) % self.update_every == 0:
+            self.mask.copy_(self.mask_fn(weight.detach()))
+        self.step.add_(1)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return sparse_weight(weight, self.mask, self.method, self.decay)
+
+    def extra_repr(self) -> str:
+        t = ", transposable" if self.transposable else ""
+        return (
+            f"{self.n}:{self.m}, layout={self.layout}, method={self.method}, decay={self.decay}, "
+            f"update_every={self.update_every}{t}"
+        )

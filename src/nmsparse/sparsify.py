@@ -1,0 +1,153 @@
+"""Module surgery: make a model N:M sparse for training, read its masks, and finalize it."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from nmsparse.layout import check_layout, layer_mask
+from nmsparse.nmmasks import check_nm
+from nmsparse.parametrization import METHODS, NMParametrization
+from nmsparse.selection import KEEP_DENSE, Patterns, SparsityReport, plan
+
+
+def check_method(method: object) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+def _check_settings(decay: object, update_every: object) -> tuple[float, int]:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay):
+        raise ValueError(f"decay (SR-STE lambda_w) must be a finite number, got {decay!r}")
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"update_every must be an integer >= 1 (forward passes per mask update), got {update_every!r}")
+    return float(decay), update_every
+
+
+def mask_function(n: int, m: int, layout: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The keep-mask function of a layer weight for these settings (picklable)."""
+    return functools.partial(layer_mask, n=n, m=m, layout=layout)
+
+
+def _refresh_hook(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: on training-mode passes, let each N:M parametrization update its mask."""
+    if not module.training:
+        return
+    plist = module.parametrizations["weight"]
+    for p in plist:
+        if isinstance(p, NMParametrization):
+            p.refresh(plist.original)
+
+
+def sparsify(
+    model: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    *,
+    method: str = "srste",
+    decay: float = 2e-4,
+    layout: str = "channels",
+    update_every: int = 1,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    keep_dense: Iterable[str] = KEEP_DENSE,
+    mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> SparsityReport:
+    """Make ``model`` N:M sparse in place (N weights kept in every group of M) and return a report.
+
+    Each selected layer's dense weight stays the trained parameter; the forward uses ``E * W`` with
+    ``E`` recomputed from ``W`` every ``update_every`` training-mode forward passes. ``method`` is
+    ``"ste"``, ``"srste"`` (adds ``decay * (~E) * W`` to W's gradient) or ``"fixed"`` (frozen mask,
+    pruned weights get no gradient). Groups run along each layer's reduction dimension in ``layout``
+    (``"channels"`` or ``"flat"``, see :mod:`nmsparse.layout`). Layers that cannot or should not be
+    sparsified are listed in the report with their reason. ``mask_fn`` overrides the mask rule.
+    All arguments are checked before the model is touched.
+    """
+    n, m = check_nm(n, m)
+    check_method(method)
+    check_layout(layout)
+    decay, update_every = _check_settings(decay, update_every)
+    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    fn = mask_fn or mask_function(n, m, layout)
+    modules = dict(model.named_modules())
+    for e in entries:
+        if not e.sparse:
+            continue
+        mod = modules[e.name]
+        p = NMParametrization(
+            mod.weight, n=n, m=m, layout=layout, method=method, decay=decay,
+            update_every=update_every, mask_fn=fn,
+        )
+        parametrize.register_parametrization(mod, "weight", p, unsafe=True)
+        mod.register_forward_pre_hook(_refresh_hook)
+    settings = dict(method=method, decay=decay, layout=layout, update_every=update_every)
+    report = SparsityReport(n, m, entries, settings)
+    if not report.sparse:
+        warnings.warn(f"sparsify made no layer sparse:\n{report.table()}", stacklevel=2)
+    return report
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, NMParametrization]]:
+    """Yield ``(module name, module, parametrization)`` for every N:M sparse layer of ``model``."""
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod, "weight"):
+            for p in mod.parametrizations["weight"]:
+                if isinstance(p, NMParametrization):
+                    yield name, mod, p
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current keep-masks, keyed by the dense weight's name in the original model
+    (e.g. ``"layer1.0.conv1.weight"``). Returns copies: later training does not change them."""
+    return {(f"{name}.weight" if name else "weight"): p.mask.clone() for name, _, p in sparse_layers(model)}
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The trained dense weight of a layer, sparsified or not."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+def magnitude_masks(
+    model: nn.Module,
+    n: int = 2,
+    m: int = 4,
+    *,
+    layout: str = "channels",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    keep_dense: Iterable[str] = KEEP_DENSE,
+) -> dict[str, torch.Tensor]:
+    """N:M masks of the current dense weights of the layers :func:`sparsify` would select, without
+    modifying ``model`` (for example to track SAD of a densely trained net)."""
+    if any(True for _ in sparse_layers(model)):
+        return {k: layer_mask(w, n, m, layout) for k, w in _dense_weights_of_sparse(model)}
+    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    modules = dict(model.named_modules())
+    return {e.param: layer_mask(modules[e.name].weight.detach(), n, m, layout) for e in entries if e.sparse}
+
+
+def _dense_weights_of_sparse(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, mod, _ in sparse_layers(model):
+        yield (f"{name}.weight" if name else "weight"), dense_weight(mod).detach()
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Remove the N:M machinery in place: each sparse layer's ``weight`` becomes a plain parameter
+    holding ``E * W`` (zeros where pruned). The result's ``state_dict`` loads into a fresh copy of the
+    original architecture and gives the same outputs as the sparse model. Returns ``model``."""
+    for _, mod, _ in list(sparse_layers(model)):
+        for key, hook in list(mod._forward_pre_hooks.items()):
+            if hook is _refresh_hook:
+                del mod._forward_pre_hooks[key]
+        with torch.no_grad():
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+    return model
