@@ -174,3 +174,14 @@ def test_transposable_cells_not_run_when_feature_missing(tmp_path, monkeypatch):
 def test_demo_cells():
     cells = G.demo_cells(G.Scale(epochs=2, seeds=(0,)))
     assert [c.run_id for c in cells] == ["resnet_dense_seed0", "resnet_2of4_srste_seed0"]
+
+
+def test_shards_split_the_grid(tmp_path):
+    cells = G.build_grid(["sad"], SMALL)
+    t1, t2 = FakeTrain(), FakeTrain()
+    for i, t in ((1, t1), (2, t2)):
+        run_grid(cells, SMALL, tmp_path, experiments=["sad"], train_fn=t, make_config=FakeConfig.from_dict,
+                 log=lambda s: None, shard=(i, 2))
+    assert [c for c, _ in t1.calls] == [c.run_id for c in cells[0::2]]
+    assert [c for c, _ in t2.calls] == [c.run_id for c in cells[1::2]]
+    assert json.loads((tmp_path / "grid.json").read_text())["cells"] == [c.run_id for c in cells]

@@ -54,6 +54,16 @@ def _nms(text: str) -> tuple[str, ...]:
     return nms
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/K like 1/2, got {text!r}")
+    if not 1 <= i <= k:
+        raise argparse.ArgumentTypeError(f"--shard I/K needs 1 <= I <= K, got {text!r}")
+    return i, k
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce",
@@ -81,6 +91,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default the trainer's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/K",
+                   help="run only every K-th run starting at the I-th (1-based), so K processes can share a "
+                   "grid folder; the report covers the whole grid")
     p.add_argument("--report-dir", default=None, help="write report.md and plots here (default OUT)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the runs in OUT")
     p.add_argument("--list", action="store_true", help="print the grid's runs and their status, train nothing")
@@ -121,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
         return _list(cells, scale, out)
     t0 = time.perf_counter()
     try:
-        outcomes = run_grid(cells, scale, out, experiments=experiments, progress=not args.no_progress,
+        outcomes = run_grid(cells, scale, out, experiments=experiments, progress=not args.no_progress, shard=args.shard,
                             command="nmsparse " + " ".join(sys.argv[1:]) if sys.argv[1:] else None)
     except ValueError as e:
         return _error(str(e))

@@ -175,8 +175,11 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
 def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experiments: list[str],
              train_fn: TrainFn | None = None, make_config: Callable[[dict], object] | None = None,
              progress: bool = False, log: Callable[[str], None] | None = None,
-             command: str | None = None) -> list[CellOutcome]:
+             command: str | None = None, shard: tuple[int, int] | None = None) -> list[CellOutcome]:
     """Run every cell of ``cells`` that is not done yet, in order, and return one outcome per cell.
+
+    ``shard=(i, k)`` runs only cells ``i-1, i-1+k, ...`` (K processes can share one grid folder; the
+    manifest still lists every cell).
 
     ``train_fn(config, resume=..., progress=...)`` and ``make_config(dict)`` default to
     :func:`nmsparse.training.loop.train` and ``TrainConfig.from_dict`` (tests inject fakes).
@@ -193,6 +196,11 @@ def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experim
         if hasattr(cfg, "validate"):
             cfg.validate()
     write_manifest(out, scale, cells, experiments)
+    if shard is not None:
+        i, k = shard
+        if not 1 <= i <= k:
+            raise ValueError(f"shard must be (i, k) with 1 <= i <= k, got {shard}")
+        cells = cells[i - 1::k]
     cmd = command or " ".join(sys.argv)
     log_event(out, event="start", command=cmd, cells=len(cells))
     t0 = time.perf_counter()
