@@ -1,0 +1,326 @@
+"""The training loop: N:M sparse (or dense) training from scratch, with metrics, SAD, checkpoints
+that resume bit for bit, and DDP when launched by ``torchrun``.
+
+Output folder (``config.out``), written by rank 0 only:
+
+* ``config.json``: ``TrainConfig.to_dict()``, everything needed to rerun.
+* ``metrics.jsonl``: one JSON object per epoch: ``epoch`` (from 1), ``loss`` (mean training loss),
+  ``train_acc``, ``test_loss``, ``test_acc``, ``lr`` (of the epoch's last step), ``time`` (seconds),
+  ``sad`` (:meth:`nmsparse.SADTracker.measure` as a dict, against the initial mask and the previous
+  epoch; for a dense run, of the dense weights' magnitude masks at ``sad_nm``), or ``null``.
+* ``checkpoint.pt``: see :mod:`nmsparse.training.checkpoint`; rewritten atomically every epoch.
+* ``final.safetensors``: the finalized weights (``E * W``, no N:M machinery), loadable into a fresh
+  model from :func:`nmsparse.training.models.build_model`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+import nmsparse
+from nmsparse.training import checkpoint as ckpt
+from nmsparse.training import distributed as D
+from nmsparse.training.config import TrainConfig
+from nmsparse.training.data import Dataset, load_dataset
+from nmsparse.training.models import build_model
+
+# Fields that may differ between a run and its resumption (they do not change the result on CPU).
+RESUME_FREE_FIELDS = ("out", "data_dir", "threads", "device")
+EVAL_BATCH = 1000
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor at optimizer step ``s`` (0-based): linear warm-up from ``1/warmup_steps`` to 1 over
+    ``warmup_steps``, then a half cosine from 1 down to 0 at ``total_steps``."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup_steps) / span)))
+
+    return factor
+
+
+def build_sparse_model(config: TrainConfig, data: Dataset) -> tuple[nn.Module, Any]:
+    """The model of ``config`` (initialised from the global RNG), made N:M when ``config.nm`` says so.
+    Returns ``(model, SparsityReport or None)``."""
+    model = build_model(config.model, image_size=data.image_size, in_channels=data.in_channels,
+                        num_classes=data.num_classes)
+    pair = config.nm_pair
+    if pair is None:
+        return model, None
+    kwargs: dict[str, Any] = dict(method=config.method, decay=config.decay, layout=config.layout,
+                                  update_every=config.update_every)
+    if config.transposable:
+        kwargs.update(transposable=True, mask_method=config.mask_method)
+    report = nmsparse.sparsify(model, *pair, **kwargs)
+    return model, report
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    ckpt.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class Trainer:
+    """One run of ``config``. :meth:`run` trains and returns the per-epoch records.
+
+    ``self.model`` is the plain model (not the DDP wrapper); ``self.records`` the records so far.
+    ``on_epoch_end(record)`` is called on every rank after each epoch's checkpoint is written.
+    ``log`` receives the one-line summaries (rank 0 only; ``None`` for silence).
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True,
+                 log: Callable[[str], None] | None = print,
+                 on_epoch_end: Callable[[dict], None] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.out = Path(config.out)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+            try:
+                import numba
+
+                numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
+            except Exception:  # pragma: no cover - numba missing or refusing
+                pass
+        # Load data before anything is written: a missing dataset writes nothing.
+        self.data = load_dataset(config.data, config.data_dir, train_subset=config.train_subset,
+                                 test_subset=config.test_subset)
+        self.ctx = D.setup(config.device)
+        self._log = log if self.ctx.is_main else None
+        if self.ctx.distributed and config.batch_size % self.ctx.world_size:
+            raise ValueError(f"batch_size {config.batch_size} (global) is not a multiple of the "
+                             f"{self.ctx.world_size} processes")
+        dev = self.ctx.device
+        if dev.type != "cpu":
+            d = self.data
+            d.x_train, d.y_train, d.x_test, d.y_test = (t.to(dev) for t in (d.x_train, d.y_train, d.x_test, d.y_test))
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model, self.report = build_sparse_model(config, self.data)
+        self.model.to(dev)
+        self.net: nn.Module = self.model
+        if self.ctx.distributed:
+            ids = [dev.index] if dev.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+        cfg = config
+        if cfg.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        n_train = len(self.data.y_train)
+        self.sampler = DistributedSampler(_Indices(n_train), num_replicas=self.ctx.world_size, rank=self.ctx.rank,
+                                          shuffle=True, seed=cfg.seed, drop_last=False)
+        self.local_batch = cfg.batch_size // self.ctx.world_size
+        self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
+        total = cfg.epochs * self.steps_per_epoch
+        warm = min(total, round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warm, total))
+
+        if self.report is not None:
+            self.tracker = nmsparse.SADTracker(self.model)
+        else:
+            n, m = cfg.sad_pair
+            model = self.model
+            self.tracker = nmsparse.SADTracker(
+                lambda: nmsparse.magnitude_masks(model, n, m, layout=cfg.layout))
+
+        self.records: list[dict] = []
+        self.epoch = 0
+        if resume and (self.out / "checkpoint.pt").is_file():
+            self._restore(ckpt.load(self.out / "checkpoint.pt", map_location=dev))
+        elif self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            for stale in ("metrics.jsonl", "checkpoint.pt", "final.safetensors"):
+                (self.out / stale).unlink(missing_ok=True)
+        D.barrier(self.ctx)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "sad": {"initial": self.tracker.initial, "previous": self.tracker.previous},
+            "records": self.records,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        now = self.config.to_dict()
+        diff = [k for k in now if k not in RESUME_FREE_FIELDS and now[k] != saved[k]]
+        if diff:
+            raise ValueError(f"cannot resume {self.out}: the checkpoint was made with other settings "
+                             f"({', '.join(f'{k}={saved[k]!r}, now {now[k]!r}' for k in diff)})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tracker.initial = dict(state["sad"]["initial"])
+        self.tracker.previous = dict(state["sad"]["previous"])
+        self.records = list(state["records"])
+        self.epoch = int(state["epoch"])
+        ckpt.set_rng_state(state["rng"])
+        if self._log:
+            self._log(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
+
+    def _save(self) -> None:
+        if not self.ctx.is_main:
+            return
+        ckpt.save(self.out / "checkpoint.pt", self.state())
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        _write_text_atomic(self.out / "metrics.jsonl", lines)
+
+    def save_final(self) -> Path:
+        """Write ``final.safetensors``: the finalized weights of a copy of the model."""
+        from safetensors.torch import save_file
+
+        path = self.out / "final.safetensors"
+        if self.ctx.is_main:
+            final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
+            tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
+            meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
+            ckpt.atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+        D.barrier(self.ctx)
+        return path
+
+    # --- training -----------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        cfg, ctx, data = self.config, self.ctx, self.data
+        self.sampler.set_epoch(self.epoch)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long, device=data.x_train.device)
+        self.net.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        correct = torch.zeros((), dtype=torch.long, device=ctx.device)
+        count = 0
+        bar = None
+        if self.progress and ctx.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                       leave=False, file=sys.stderr, dynamic_ncols=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for b in range(self.steps_per_epoch):
+            idx = order[b * self.local_batch:(b + 1) * self.local_batch]
+            x, y = data.x_train[idx], data.y_train[idx]
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                loss_sum += loss.detach().double() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+            count += len(y)
+            if bar is not None:
+                bar.update(1)
+                if b % 20 == 0:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.4g}")
+        if bar is not None:
+            bar.close()
+        s_loss, s_correct, s_count = D.all_sum(ctx, [float(loss_sum), float(correct), float(count)])
+        return {"loss": s_loss / s_count, "train_acc": s_correct / s_count, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and accuracy (each rank evaluates a shard, results summed)."""
+        ctx, data = self.ctx, self.data
+        self.model.eval()
+        xs, ys = data.x_test[ctx.rank::ctx.world_size], data.y_test[ctx.rank::ctx.world_size]
+        loss_sum, correct = 0.0, 0
+        for s in range(0, len(ys), EVAL_BATCH):
+            logits = self.model(xs[s:s + EVAL_BATCH])
+            y = ys[s:s + EVAL_BATCH]
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        self.model.train()
+        s_loss, s_correct, s_count = D.all_sum(ctx, [loss_sum, float(correct), float(len(ys))])
+        return {"test_loss": s_loss / max(s_count, 1), "test_acc": s_correct / max(s_count, 1)}
+
+    def run(self) -> list[dict]:
+        cfg = self.config
+        try:
+            while self.epoch < cfg.epochs:
+                t0 = time.perf_counter()
+                train = self.train_epoch()
+                test = self.evaluate()
+                self.epoch += 1
+                D.check_same(self.ctx, [t.float() for t in nmsparse.masks(self.model).values()], "masks")
+                sad = self.tracker.measure().to_dict()
+                record = {"epoch": self.epoch, "loss": train["loss"], "train_acc": train["train_acc"],
+                          "test_loss": test["test_loss"], "test_acc": test["test_acc"], "lr": train["lr"],
+                          "time": time.perf_counter() - t0, "sad": sad}
+                self.records.append(record)
+                self._save()
+                if self._log:
+                    self._log(summary_line(record, cfg.epochs))
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(record)
+            final = self.save_final()
+            if self._log:
+                self._log(f"done: test accuracy {self.records[-1]['test_acc']:.2%}; weights in {final}")
+            return self.records
+        finally:
+            D.teardown(self.ctx)
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=meta)
+
+
+def summary_line(r: dict, epochs: int) -> str:
+    sad = r.get("sad")
+    s = ""
+    if sad:
+        t = sad["total"]
+        s = f"  SAD {t['vs_initial_frac']:.2%} vs init, {t['vs_previous_frac']:.2%} vs prev"
+    return (f"epoch {r['epoch']:>3}/{epochs}  loss {r['loss']:.4f}  train {r['train_acc']:.2%}  "
+            f"test {r['test_acc']:.2%}  lr {r['lr']:.4g}{s}  {r['time']:.1f}s")
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] | None = print,
+          on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train ``config`` into ``config.out`` and return the per-epoch records (see module doc).
+
+    With ``resume=True`` a run with a ``checkpoint.pt`` in ``config.out`` continues after its last
+    completed epoch (same settings required; a finished run only rewrites ``final.safetensors``);
+    without a checkpoint it starts fresh. With ``resume=False`` an earlier run in ``config.out`` is
+    replaced. ``progress`` shows a tqdm bar per epoch; ``log`` gets one summary line per epoch
+    (``None``: silent); ``on_epoch_end(record)`` is called after each epoch's checkpoint.
+    """
+    return Trainer(config, resume=resume, progress=progress, log=log, on_epoch_end=on_epoch_end).run()
