@@ -134,12 +134,12 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
     """Run (or resume, or skip) one cell. Training errors are caught, kept in ``error.txt`` and
     reported as ``"failed"``; invalid settings raise ValueError before anything is written."""
     d = run_dir(out, cell)
+    if cell.transposable and (why := transposable_missing()):
+        return CellOutcome(cell, "not run", reason=why)
     fields = cell_config(cell, scale, out)
     config = make_config(fields)
     if hasattr(config, "validate"):
         config.validate()
-    if cell.transposable and (why := transposable_missing()):
-        return CellOutcome(cell, "not run", reason=why)
     saved = d / "config.json"
     if saved.exists():
         old = _comparable(json.loads(saved.read_text()))
@@ -192,6 +192,8 @@ def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experim
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     check_grid(out, scale)
     for c in cells:  # validate every config before writing anything
+        if c.transposable and transposable_missing():
+            continue
         cfg = make_config(cell_config(c, scale, out))
         if hasattr(cfg, "validate"):
             cfg.validate()
