@@ -6,6 +6,7 @@ layer's reduction dimension (2:4 keeps 2 of every 4).
 
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
+from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
 from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparsify
@@ -25,6 +26,8 @@ __all__ = [
     "masks",
     "nm_mask",
     "plan",
+    "prune",
+    "PruneReport",
     "sad",
     "sparse_layers",
     "sparsify",

@@ -1,0 +1,229 @@
+"""Calibration statistics, streamed layer by layer through the already-pruned model.
+
+For each layer (or set of layers that read the very same input tensor, such as a transformer's
+query/key/value projections) the calibration batches are run through the model as it is *now*, with
+every earlier layer already pruned; a forward pre-hook turns the layer's input into feature rows (see
+:mod:`nmsparse.prune.geometry`) and accumulates the Gram matrix ``H = sum x x^T`` (with a column of
+ones appended when the layer has a bias). The forward pass is cut short right after the hook, so
+each pass only runs the model up to the layer. Nothing but ``H`` (and, for AdaPrune's Adam solver,
+one ``H`` per mini-batch of samples) is kept: activations are never held for more than one batch.
+
+A calibration item is an input batch, or a ``(inputs, targets)`` pair / list whose first element is
+the input. Inputs are a tensor (``model(x)``) or a mapping of keyword arguments (``model(**batch)``,
+as a Hugging Face tokenizer returns). When the mapping has an ``attention_mask`` of shape
+``(batch, tokens)``, padded tokens are left out of the statistics of every Linear layer whose input
+is ``(batch, tokens, features)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from nmsparse.prune.geometry import LayerGeometry
+
+# Feature rows x columns computed at once; bounds im2col memory (float32: 64 MiB).
+CHUNK_ELEMS = 1 << 24
+
+
+class Gram:
+    """``H = sum f^T f`` over feature rows ``f`` (float64), with a ones column if ``bias``; and,
+    when ``bin_size`` is given, one float32 ``H`` per consecutive run of ``bin_size`` samples."""
+
+    def __init__(self, d: int, bias: bool, device: torch.device, bin_size: int | None = None) -> None:
+        self.d, self.bias = d, bias
+        self.da = d + int(bias)
+        self.H = torch.zeros(self.da, self.da, dtype=torch.float64, device=device)
+        self.rows = 0
+        self.bin_size = bin_size
+        self.bins: list[list[Any]] = []  # [H_b (float32), rows_b]
+
+    def add(self, f: torch.Tensor, bin_index: int | None = None) -> None:
+        if f.shape[0] == 0:
+            return
+        f = f.float()
+        if self.bias:
+            f = torch.cat([f, f.new_ones(f.shape[0], 1)], 1)
+        h = f.T @ f
+        self.H += h.double()
+        self.rows += f.shape[0]
+        if self.bin_size is not None and bin_index is not None:
+            while len(self.bins) <= bin_index:
+                self.bins.append([torch.zeros_like(h), 0])
+            self.bins[bin_index][0] += h
+            self.bins[bin_index][1] += f.shape[0]
+
+
+class LayerCollector:
+    """Feeds one layer's inputs, batch by batch, into one :class:`Gram` per problem."""
+
+    def __init__(self, geom: LayerGeometry, device: torch.device, bin_size: int | None = None) -> None:
+        self.geom = geom
+        self.grams = [Gram(geom.d, geom.has_bias, device, bin_size) for _ in range(geom.problems)]
+        self.bin_size = bin_size
+        self.samples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        geom = self.geom
+        x = x.detach()
+        if not geom.is_conv and x.dim() == 1:
+            x = x.unsqueeze(0)
+        if geom.is_conv and x.dim() == len(geom.module.kernel_size) + 1:
+            x = x.unsqueeze(0)
+        if token_mask is not None and not (not geom.is_conv and x.dim() >= 3 and tuple(token_mask.shape) == tuple(x.shape[:2])):
+            token_mask = None
+        b = x.shape[0]
+        per_sample = max(1, x[0].numel() * geom.k)
+        chunk = max(1, CHUNK_ELEMS // per_sample)
+        start = 0
+        while start < b:
+            s = self.samples + start
+            if self.bin_size:
+                end, bin_index = min(b, start + self.bin_size - s % self.bin_size), s // self.bin_size
+            else:
+                end, bin_index = b, None
+            for c0 in range(start, end, chunk):
+                c1 = min(end, c0 + chunk)
+                xs = x[c0:c1]
+                if token_mask is not None:
+                    xs = xs[token_mask[c0:c1].to(device=xs.device, dtype=torch.bool)]
+                f = geom.features(xs)
+                for g, gram in enumerate(self.grams):
+                    gram.add(geom.problem_features(f, g), bin_index)
+            start = end
+        self.samples += b
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a calibration forward pass early."""
+
+
+def _inputs(item: Any) -> Any:
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise ValueError("a calibration item is an empty tuple/list; expected inputs or (inputs, targets)")
+        return item[0]
+    return item
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    return inputs
+
+
+def _token_mask(inputs: Any) -> torch.Tensor | None:
+    if isinstance(inputs, Mapping):
+        am = inputs.get("attention_mask")
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
+            return am
+    return None
+
+
+def _call(model: nn.Module, inputs: Any) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    else:
+        model(inputs)
+
+
+def prepare(calib: Iterable | None) -> list | Iterable | None:
+    """A calibration set that can be iterated many times (a one-shot iterator becomes a list of its
+    inputs), or None when ``calib`` is None or empty."""
+    if calib is None:
+        return None
+    if iter(calib) is calib:  # a generator or iterator: read it once
+        calib = [_inputs(item) for item in calib]
+    for _ in calib:
+        return calib
+    return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs["input"]
+
+
+def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterable) -> list[list[str]]:
+    """Names of ``modules`` in the order a forward pass on the first calibration batch calls them,
+    grouped so that consecutive layers reading the very same input tensor form one group. Modules
+    that the pass does not call are left out."""
+    device = _device(model)
+    order: list[str] = []
+    seen_inputs: list[Any] = []
+    handles = []
+
+    def hook_for(name: str) -> Callable:
+        def hook(mod, args, kwargs):
+            if name not in order:
+                order.append(name)
+                seen_inputs.append(_input_of(args, kwargs))
+        return hook
+
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    try:
+        first = _inputs(next(iter(calib)))
+        with torch.no_grad():
+            _call(model, _to(first, device))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for i, name in enumerate(order):
+        if i and seen_inputs[i] is seen_inputs[i - 1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def collect(
+    model: nn.Module,
+    collectors: dict[str, LayerCollector],
+    calib: Iterable,
+) -> None:
+    """Run every calibration batch through ``model`` (as it is now) and feed each named layer's input
+    to its collector; each pass stops as soon as all of them have seen the batch."""
+    device = _device(model)
+    modules = dict(model.named_modules())
+    state: dict[str, Any] = {"fired": set(), "mask": None}
+    handles = []
+
+    def hook_for(name: str) -> Callable:
+        def hook(mod, args, kwargs):
+            if name in state["fired"]:
+                return
+            collectors[name].add(_input_of(args, kwargs), state["mask"])
+            state["fired"].add(name)
+            if len(state["fired"]) == len(collectors):
+                raise _Stop
+        return hook
+
+    for name in collectors:
+        handles.append(modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for item in calib:
+                inputs = _to(_inputs(item), device)
+                state["fired"], state["mask"] = set(), _token_mask(inputs)
+                try:
+                    _call(model, inputs)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,76 @@
+"""SparseGPT (Frantar and Alistarh, 2023): N:M pruning with an OBS weight update.
+
+Per layer, the Hessian of the reconstruction error ``H = X^T X`` (from the calibration inputs) is
+dampened (``H + damp * mean(diag(H)) * I``), its inverse is Cholesky-factored (upper), and the
+columns are visited in blocks: at the first column of each group of M, the mask of that group keeps
+the N weights of largest ``w^2 / [H^-1]_jj^2``; each pruned weight's error is then spread over the
+columns not yet visited through the rows of the inverse Hessian factor. Follows the reference
+implementation, with one difference: weights of input features that are zero on every calibration
+input ("dead") are kept as they are instead of being zeroed, since a small calibration set says
+nothing about them. The bias is not changed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def sparsegpt(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    n: int,
+    m: int,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    forced: torch.Tensor | None = None,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``w`` (``(out, D)``, groups of M consecutive columns) against Hessian ``H`` (``(D, D)``).
+
+    ``select(score)`` maps an ``(out, m)`` score block to its keep-mask (N:M per row, or transposable).
+    ``forced`` (bool, ``w``'s shape) marks weights that must be pruned (existing zeros). Returns the
+    updated weight (float64, zeros where pruned) and the keep-mask.
+    """
+    out, d = w.shape
+    W = w.detach().to(torch.float64).clone()
+    H = H.detach().to(device=W.device, dtype=torch.float64).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:  # pragma: no cover - only with pathological inputs
+        H.diagonal().add_(H.diagonal().mean() * 0.1 + 1e-8)
+        L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    bs = max(m, (blocksize // m) * m)
+    prune = torch.zeros(out, d, dtype=torch.bool, device=W.device)
+    for i1 in range(0, d, bs):
+        i2 = min(i1 + bs, d)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        hdiag = Hinv1.diagonal()
+        mask1 = prune[:, i1:i2]
+        for i in range(i2 - i1):
+            if i % m == 0:
+                score = W1[:, i:i + m] ** 2 / hdiag[i:i + m].unsqueeze(0) ** 2
+                if forced is not None:
+                    f = forced[:, i1 + i:i1 + i + m]
+                    score = score.masked_fill(f, 0.0)
+                    mask1[:, i:i + m] = ~select(score) | f
+                else:
+                    mask1[:, i:i + m] = ~select(score)
+            col = W1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    keep = ~prune
+    return W * keep, keep
