@@ -15,7 +15,6 @@ Output folder (``config.out``), written by rank 0 only:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -201,13 +200,22 @@ class Trainer:
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
         _write_text_atomic(self.out / "metrics.jsonl", lines)
 
+    def _model_copy(self) -> nn.Module:
+        """An independent copy of the model, N:M machinery included. (``copy.deepcopy`` of a
+        parametrized module shares its generated class with the original, so finalizing the copy
+        would strip the ``weight`` property from the original too.)"""
+        with torch.random.fork_rng(devices=[]):
+            copy_, _ = build_sparse_model(self.config, self.data)
+        copy_.to(self.ctx.device).load_state_dict(self.model.state_dict())
+        return copy_
+
     def save_final(self) -> Path:
         """Write ``final.safetensors``: the finalized weights of a copy of the model."""
         from safetensors.torch import save_file
 
         path = self.out / "final.safetensors"
         if self.ctx.is_main:
-            final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
+            final = nmsparse.finalize(self._model_copy()).to("cpu")
             tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
             meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
             ckpt.atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
