@@ -365,6 +365,21 @@ def test_deepcopy_of_sparse_model_keeps_working():
     clone = copy.deepcopy(model)
     train_steps(clone, steps=1)
     assert all(layer_is_nm(m, 2, 4) for m in masks(clone).values())
+    model.eval()
+    expected = model(X)
+    finalize(clone)  # parametrize shares the injected class with copies: the original must survive
+    assert torch.equal(model(X), expected) and len(masks(model)) == 6
+    finalize(model)
+    assert torch.equal(model(X), expected)
+
+
+def test_finalize_keeps_parameter_identity_for_optimizers():
+    model = make_net()
+    sparsify(model, 2, 4)
+    original = model.fc1.parametrizations.weight.original
+    finalize(model)
+    assert model.fc1.weight is original and isinstance(model.fc1.weight, nn.Parameter)
+    assert type(model.fc1) is nn.Linear
 
 
 @pytest.mark.parametrize("layout", ["channels", "flat"])

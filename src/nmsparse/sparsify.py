@@ -142,12 +142,29 @@ def _dense_weights_of_sparse(model: nn.Module) -> Iterator[tuple[str, torch.Tens
 
 def finalize(model: nn.Module) -> nn.Module:
     """Remove the N:M machinery in place: each sparse layer's ``weight`` becomes a plain parameter
-    holding ``E * W`` (zeros where pruned). The result's ``state_dict`` loads into a fresh copy of the
+    holding ``E * W`` (zeros where pruned; the same ``Parameter`` object as the dense weight, so an
+    optimizer holding it stays valid). The result's ``state_dict`` loads into a fresh copy of the
     original architecture and gives the same outputs as the sparse model. Returns ``model``."""
     for _, mod, _ in list(sparse_layers(model)):
         for key, hook in list(mod._forward_pre_hooks.items()):
             if hook is _refresh_hook:
                 del mod._forward_pre_hooks[key]
+        _remove_weight_parametrization(mod)
+    return model
+
+
+def _remove_weight_parametrization(mod: nn.Module) -> None:
+    """Like ``parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)``, but
+    without deleting the property from the parametrized class: ``copy.deepcopy`` shares that class
+    between a model and its copies, so finalizing a copy must not break the original."""
+    if set(mod.parametrizations.keys()) != {"weight"}:  # other tensors parametrized too: the stock path
         with torch.no_grad():
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-    return model
+        return
+    with torch.no_grad():
+        value = mod.weight
+        original = mod.parametrizations["weight"].original
+        original.set_(value.detach().clone())
+    delattr(mod, "parametrizations")
+    mod.__class__ = type(mod).__bases__[0]  # the class parametrize derived this module's class from
+    mod.register_parameter("weight", original)
