@@ -26,6 +26,8 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     mu, sd, n = mean_std([v * scale for v in values])
     if not n:
         return ""
+    if n == 1:
+        return f"{mu:.{digits}f} (n=1)"
     return f"{mu:.{digits}f} ± {sd:.{digits}f}" + ("" if n == 3 else f" (n={n})")
 
 
@@ -204,12 +206,24 @@ class _Report:
             k = cell_key("resnet", "2:4", "srste", decay=d)
             series[f"λ={d:g}"] = k
             self.add(f"| {d:g} | {self.acc(k)} | {self.sadcell(k)} | {self.sadcell(k, 'vs_previous_frac')} |")
-        self.add("", "lambda_w = 0 is SR-STE without the refining term, i.e. STE.", "")
+        self.add("", "lambda_w = 0 is SR-STE without the refining term, i.e. STE." + self._zero_decay_check(), "")
         self.figure(plots.curves(self.runs, series, [("test top-1 (%)", plots.acc_getter),
                                                      ("SAD vs initial mask (%)", plots.sad_initial_getter),
                                                      ("SAD vs previous epoch (%)", plots.sad_previous_getter)],
                                  self.figdir / "decay_curves.png", "ResNet SR-STE 2:4, by lambda_w"),
                     "Accuracy and SAD over epochs by lambda_w")
+
+    def _zero_decay_check(self) -> str:
+        """Consistency check: SR-STE at lambda_w = 0 and STE, same seed, should train identically."""
+        zero, ste = cell_key("resnet", "2:4", "srste", decay=0.0), cell_key("resnet", "2:4", "ste")
+        pairs = [(self.runs.get(f"{zero}_seed{s}", {}).get("metrics"), self.runs.get(f"{ste}_seed{s}", {}).get("metrics"))
+                 for s in self.seeds]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            return ""
+        same = sum([r["test_acc"] for r in a] == [r["test_acc"] for r in b] for a, b in pairs)
+        return (f" Check: with the same seed, SR-STE at lambda_w = 0 and STE reach identical test accuracy at every "
+                f"epoch in {same} of {len(pairs)} seeds.")
 
     def sad(self) -> None:
         dense, ste, sr = cell_key("resnet", "dense"), cell_key("resnet", "2:4", "ste"), cell_key("resnet", "2:4", "srste")
@@ -225,7 +239,7 @@ class _Report:
                 cells = []
                 for label in series:
                     mu, sd, n = data[label].get(name, (math.nan, math.nan, 0))
-                    cells.append(f"{100 * mu:.2f} ± {100 * sd:.2f}" if n else "")
+                    cells.append("" if not n else f"{100 * mu:.2f}" + (f" ± {100 * sd:.2f}" if n > 1 else " (n=1)"))
                 self.add(f"| {name.removesuffix('.weight')} | " + " | ".join(cells) + " |")
             self.add("| **total** | " + " | ".join(self.sadcell(k) for k in series.values()) + " |", "")
         else:
