@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nmsparse.reproduce.results import as_percent, curve, layer_sad, mean_std, final_values, sad_total  # noqa: E402
 
@@ -68,6 +69,7 @@ def curves(runs: dict, series: dict[str, str], panels: list[tuple[str, object]],
         for label, key in series.items():
             _band(ax, *curve(runs, key, get), label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
