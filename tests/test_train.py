@@ -267,3 +267,16 @@ def test_cli_help_documents_every_knob(capsys):
                  "--warmup-epochs", "--epochs", "--batch-size", "--seed", "--threads", "--train-subset",
                  "--test-subset", "--sad-nm", "--out", "--resume"):
         assert flag in text
+
+
+def test_threads_setting_survives_the_mask_kernel(tmp_path):
+    """numba's OpenMP pool must not reset torch's thread count once training has set it."""
+    before = torch.get_num_threads()
+    try:
+        from nmsparse.training.loop import configure_threads
+
+        configure_threads(1)
+        nmsparse.nm_mask(torch.randn(64, 1024), 2, 4)  # large enough for the numba kernel
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

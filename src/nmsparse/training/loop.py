@@ -77,6 +77,27 @@ def build_sparse_model(config: TrainConfig, data: Dataset) -> tuple[nn.Module, A
     return model, report
 
 
+def configure_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch and numba (``None``: keep torch's count).
+
+    numba's OpenMP pool, started by the first parallel mask kernel, calls ``omp_set_num_threads``
+    with its own count, which silently resets torch's thread count in the same process. Starting the
+    pool here first, then setting torch's count, makes ``threads`` (and torchrun's OMP_NUM_THREADS)
+    stick.
+    """
+    before = torch.get_num_threads()
+    try:
+        import numba
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()
+        if threads is not None:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except Exception:  # pragma: no cover - numba missing or its threading layer refusing
+        pass
+    torch.set_num_threads(threads if threads is not None else before)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     ckpt.atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -97,14 +118,7 @@ class Trainer:
         self.progress = progress
         self.on_epoch_end = on_epoch_end
         self.out = Path(config.out)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-            try:
-                import numba
-
-                numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
-            except Exception:  # pragma: no cover - numba missing or refusing
-                pass
+        configure_threads(config.threads)
         # Load data before anything is written: a missing dataset writes nothing.
         self.data = load_dataset(config.data, config.data_dir, train_subset=config.train_subset,
                                  test_subset=config.test_subset)
