@@ -1,0 +1,282 @@
+"""``nmsparse prune``: convert a trained checkpoint to N:M in one shot, optionally fine-tune with frozen masks.
+
+    nmsparse prune --checkpoint run/final.safetensors --model resnet --nm 2:4 --method adaprune \\
+        --calib-samples 100 --out runs/pruned [--finetune-epochs K]
+
+Writes into ``--out`` the same files as ``nmsparse train`` (``config.json``, ``metrics.jsonl``,
+``final.safetensors``; with ``--finetune-epochs`` also ``checkpoint.pt``) plus ``prune_report.json``
+and ``prune_report.txt`` (per layer: kept fraction of |w|, reconstruction error before/after, time;
+test accuracy of the dense, pruned and fine-tuned model). Calibration samples are drawn from the
+training set, balanced over classes (the AdaPrune paper uses about one per class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nmsparse.layout import LAYOUTS
+
+EPILOG = "Fine-tuning (--finetune-epochs K) freezes the pruned support: nmsparse.sparsify(model, method='fixed')."
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from nmsparse.prune import METHODS, SOLVERS
+
+    p = sub.add_parser(
+        "prune",
+        help="convert a trained checkpoint to N:M (magnitude, Wanda, SparseGPT, AdaPrune), optionally fine-tune",
+        description="Prune a trained model (final.safetensors of 'nmsparse train') to N:M, N weights kept in "
+                    "every group of M, layer by layer with a small calibration set; optionally fine-tune with "
+                    "frozen masks. Writes the outputs of 'nmsparse train' plus prune_report.json/.txt into --out.",
+        epilog=EPILOG,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="final.safetensors written by 'nmsparse train'")
+    p.add_argument("--model", default=None, help="architecture (default: the one recorded in the checkpoint)")
+    p.add_argument("--data", default=None, help="dataset (default: the checkpoint's, else fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--nm", default="2:4", help="N:M, N weights kept per group of M")
+    p.add_argument("--method", default="adaprune", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--solver", default="exact", help=f"AdaPrune solver: {', '.join(SOLVERS)}")
+    p.add_argument("--transposable", action="store_true", help="transposable N:M masks (N:M along both axes)")
+    p.add_argument("--mask-method", default=None, help="transposable mask solver (optimal or approx)")
+    p.add_argument("--layout", default=None, help=f"conv grouping, {' or '.join(LAYOUTS)} (default: checkpoint's)")
+    p.add_argument("--keep-dense", default="first,last", help="'first,last', 'first', 'last' or 'none'")
+    p.add_argument("--include", action="append", default=None, help="module-name pattern to prune (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, help="module-name pattern to keep dense (repeatable)")
+    p.add_argument("--calib-samples", type=int, default=100, help="calibration images from the training set")
+    p.add_argument("--iterations", type=int, default=1000, help="Adam iterations per layer (--solver adam)")
+    p.add_argument("--adam-batch", type=int, default=50, help="calibration samples per Adam step")
+    p.add_argument("--damp", type=float, default=0.01, help="ridge / Hessian dampening, relative to mean diag(X^T X)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fixed-mask fine-tuning after pruning")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (SGD, cosine)")
+    p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
+    p.add_argument("--train-subset", type=int, default=None, help="fine-tune on the first K training images only")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first K test images only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, Adam and fine-tuning")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:K")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_main)
+
+
+def _error(msg: str) -> int:
+    print(f"nmsparse prune: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and the training config recorded in a final.safetensors (``{}`` if none)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError:
+        config = {}
+    return tensors, config
+
+
+def balanced_indices(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """``k`` training indices spread evenly over the classes (seeded), in a fixed order."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=g)
+    classes = sorted(set(labels.tolist()))
+    per = [k // len(classes) + (1 if i < k % len(classes) else 0) for i in range(len(classes))]
+    chosen = []
+    for c, q in zip(classes, per):
+        chosen.append(perm[labels[perm] == c][:q])
+    return torch.cat(chosen).sort().values
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> dict:
+    was = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for s in range(0, len(y), batch):
+        logits = model(x[s:s + batch])
+        loss += float(torch.nn.functional.cross_entropy(logits, y[s:s + batch], reduction="sum"))
+        correct += int((logits.argmax(1) == y[s:s + batch]).sum())
+    model.train(was)
+    return {"test_acc": correct / max(len(y), 1), "test_loss": loss / max(len(y), 1)}
+
+
+def support_mask(weight: torch.Tensor) -> torch.Tensor:
+    """The frozen fine-tuning mask: exactly the weights pruning kept (valid N:M, and transposable
+    when the pruning was)."""
+    return weight.detach() != 0
+
+
+def _keep_dense(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() in ("none", "") else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _main(args: argparse.Namespace) -> int:
+    from nmsparse.nmmasks import check_nm
+    from nmsparse.prune import METHODS, SOLVERS
+
+    try:
+        n, m = check_nm(*(int(v) for v in args.nm.split(":")))
+    except (ValueError, TypeError) as e:
+        return _error(f"--nm must look like 2:4 (N kept per group of M): {e}")
+    if args.method not in METHODS:
+        return _error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.solver not in SOLVERS:
+        return _error(f"unknown --solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
+    for name in ("calib_samples", "iterations", "adam_batch", "batch_size"):
+        v = getattr(args, name)
+        if v < (0 if name == "iterations" else 1):
+            return _error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.finetune_epochs < 0:
+        return _error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if not Path(args.checkpoint).is_file():
+        return _error(f"checkpoint {args.checkpoint!r} not found (expected final.safetensors of 'nmsparse train')")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        return _error(f"{out} is not empty; pass --overwrite to replace it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from nmsparse.training.data import DataError, load_dataset
+    from nmsparse.training.models import build_model, model_names
+
+    try:
+        tensors, src = read_checkpoint(args.checkpoint)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        return _error(f"cannot read {args.checkpoint}: {e}")
+    model_name = args.model or src.get("model")
+    if model_name is None:
+        return _error("the checkpoint records no model; pass --model")
+    if model_name not in model_names():
+        return _error(f"unknown --model {model_name!r}; choose one of {', '.join(model_names())}")
+    data_name = args.data or src.get("data") or "fashion-mnist"
+    layout = args.layout or src.get("layout") or "channels"
+    if layout not in LAYOUTS:
+        return _error(f"unknown --layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    try:
+        data = load_dataset(data_name, args.data_dir or src.get("data_dir"), train_subset=args.train_subset,
+                            test_subset=args.test_subset)
+    except (DataError, ValueError) as e:
+        return _error(str(e))
+    model = build_model(model_name, image_size=data.image_size, in_channels=data.in_channels,
+                        num_classes=data.num_classes)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        return _error(f"the checkpoint does not fit model {model_name!r}: {str(e).splitlines()[0]}")
+    device = torch.device(args.device)
+    model.to(device)
+    xte, yte = data.x_test.to(device), data.y_test.to(device)
+    dense_eval = evaluate(model, xte, yte)
+
+    idx = balanced_indices(data.y_train, args.calib_samples, args.seed)
+    xc = data.x_train[idx].to(device)
+    calib = [xc[s:s + 100] for s in range(0, len(xc), 100)]
+    import nmsparse
+
+    keep_dense = _keep_dense(args.keep_dense)
+    kwargs = dict(method=args.method, calib=calib, transposable=args.transposable, layout=layout,
+                  include=args.include, exclude=args.exclude, keep_dense=keep_dense, solver=args.solver,
+                  damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
+                  transposable_method=args.mask_method, seed=args.seed, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        report = nmsparse.prune(model, n, m, **kwargs)
+    except (ValueError, ImportError) as e:
+        return _error(str(e))
+    prune_s = time.perf_counter() - t0
+    pruned_eval = evaluate(model, xte, yte)
+    print(report.table())
+    print(f"test accuracy: dense {dense_eval['test_acc']:.2%}, pruned {n}:{m} {args.method} "
+          f"{pruned_eval['test_acc']:.2%} ({prune_s:.1f}s)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"checkpoint": str(args.checkpoint), "model": model_name, "data": data_name, "nm": f"{n}:{m}",
+               "calib_samples": len(idx), "prune_s": prune_s, "dense": dense_eval, "pruned": pruned_eval,
+               "finetuned": None, "finetune_epochs": args.finetune_epochs}
+    if args.finetune_epochs:
+        ft = _finetune(model, args, model_name, data_name, layout, n, m, report)
+        if ft is None:
+            return 2
+        summary["finetuned"] = {"test_acc": ft[-1]["test_acc"], "test_loss": ft[-1]["test_loss"]}
+    else:
+        _write_outputs(model, args, summary, src)
+    full = {"summary": summary, "report": report.to_dict()}
+    (out / "prune_report.json").write_text(json.dumps(full, indent=2) + "\n")
+    (out / "prune_report.txt").write_text(report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
+    if summary["finetuned"]:
+        print(f"after {args.finetune_epochs} epoch(s) of fixed-mask fine-tuning: "
+              f"{summary['finetuned']['test_acc']:.2%}")
+    print(f"outputs in {out}")
+    return 0
+
+
+def _write_outputs(model: torch.nn.Module, args: argparse.Namespace, summary: dict, src: dict) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(args.out)
+    config = {"source": src, "prune": {k: v for k, v in vars(args).items() if k != "func"}}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    rec = {"epoch": 0, "test_loss": summary["pruned"]["test_loss"], "test_acc": summary["pruned"]["test_acc"],
+           "time": summary["prune_s"]}
+    (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps({**src, "model": summary["model"], "data": summary["data"]}),
+            "pruned": json.dumps({"nm": summary["nm"], "method": args.method})}
+    save_file(tensors, str(out / "final.safetensors"), metadata=meta)
+
+
+def _finetune(model, args, model_name, data_name, layout, n, m, report):
+    """Train the pruned model with frozen masks through the training loop; returns its records."""
+    import nmsparse
+    from nmsparse.training import loop
+    from nmsparse.training.config import TrainConfig
+
+    config = TrainConfig(model=model_name, data=data_name, data_dir=args.data_dir, nm=f"{n}:{m}", method="fixed",
+                         layout=layout, lr=args.finetune_lr, warmup_epochs=0, epochs=args.finetune_epochs,
+                         batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                         train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
+                         out=str(args.out))
+    try:
+        config.validate()
+    except ValueError as e:
+        _error(str(e))
+        return None
+    pruned_names = [e.name for e in report.sparse]
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def build(cfg, data):  # a fresh copy of the pruned model, its surviving weights frozen as the masks
+        from nmsparse.training.models import build_model
+
+        fresh = build_model(model_name, image_size=data.image_size, in_channels=data.in_channels,
+                            num_classes=data.num_classes)
+        fresh.load_state_dict(state)
+        rep = nmsparse.sparsify(fresh, n, m, method="fixed", layout=layout, include=pruned_names or None,
+                                keep_dense=(), mask_fn=support_mask)
+        return fresh, rep
+
+    with _patched(loop, "build_sparse_model", build):
+        return loop.train(config, resume=False, progress=not args.no_progress)
+
+
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)

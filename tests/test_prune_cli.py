@@ -1,0 +1,78 @@
+"""``nmsparse prune``: a checkpoint in, the outputs of ``nmsparse train`` plus a pruning report out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nmsparse.cli import main
+from nmsparse.layout import layer_is_nm
+from nmsparse.prune.cli import balanced_indices
+
+training = pytest.importorskip("nmsparse.training.models")
+
+
+def _checkpoint(tmp_path, model_name="mlp"):
+    torch.manual_seed(0)
+    model = training.build_model(model_name, image_size=8, in_channels=1, num_classes=10)
+    path = tmp_path / "final.safetensors"
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"config": json.dumps({"model": model_name, "data": "digits"})})
+    return path
+
+
+@pytest.mark.parametrize("method", ["magnitude", "adaprune"])
+def test_prune_cli_writes_train_outputs_and_report(tmp_path, method, capsys):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--checkpoint", str(ckpt), "--nm", "2:4", "--method", method, "--calib-samples", "20",
+               "--out", str(out), "--no-progress", "--test-subset", "100"])
+    assert rc == 0
+    for f in ("config.json", "metrics.jsonl", "final.safetensors", "prune_report.json", "prune_report.txt"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["summary"]["calib_samples"] == 20 and rep["report"]["settings"]["method"] == method
+    w = load_file(str(out / "final.safetensors"))
+    sparse = [e for e in rep["report"]["layers"] if e["sparse"]]
+    assert sparse
+    for e in sparse:
+        assert layer_is_nm(w[e["param"]], 2, 4)
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_prune_cli_finetune(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "ft"
+    rc = main(["prune", "--checkpoint", str(ckpt), "--nm", "2:4", "--method", "sparsegpt", "--calib-samples", "10",
+               "--out", str(out), "--no-progress", "--finetune-epochs", "1", "--train-subset", "128",
+               "--test-subset", "50"])
+    assert rc == 0
+    for f in ("config.json", "metrics.jsonl", "checkpoint.pt", "final.safetensors", "prune_report.json"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["summary"]["finetuned"] is not None
+    pruned = {e["param"] for e in rep["report"]["layers"] if e["sparse"]}
+    w = load_file(str(out / "final.safetensors"))
+    for k in pruned:
+        assert layer_is_nm(w[k], 2, 4), k
+
+
+def test_prune_cli_errors(tmp_path, capsys):
+    assert main(["prune", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    ckpt = _checkpoint(tmp_path)
+    assert main(["prune", "--checkpoint", str(ckpt), "--method", "obs", "--out", str(tmp_path / "o")]) == 2
+    assert main(["prune", "--checkpoint", str(ckpt), "--nm", "4:4", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --method" in err and "--nm" in err
+
+
+def test_balanced_calibration_draw():
+    labels = torch.arange(10).repeat_interleave(30)
+    idx = balanced_indices(labels, 25, seed=0)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert len(idx) == 25 and counts.max() - counts.min() <= 1
+    assert torch.equal(idx, balanced_indices(labels, 25, seed=0))
