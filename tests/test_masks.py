@@ -163,3 +163,17 @@ def test_bad_inputs():
         nm_mask(torch.tensor(1.0), 1, 2)
     with pytest.raises(ValueError, match="torch.Tensor"):
         nm_mask([1.0, 2.0, 3.0, 4.0], 2, 4)
+
+
+def test_kernel_leaves_torch_thread_count_alone():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, nmsparse; torch.set_num_threads(2); "
+        "nmsparse.nm_mask(torch.randn(512, 512), 2, 4); print(torch.get_num_threads())"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"
