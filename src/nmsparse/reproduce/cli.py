@@ -144,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
         _print_demo(cells, scale, out, wall)
     else:
         counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "resumed", "done", "failed", "not run")}
-        print(f"{len(cells)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" in {wall / 60:.1f} min")
+        print(f"{len(outcomes)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" in {wall / 60:.1f} min")
     figs = sorted(p.name for p in path.parent.glob("*.png"))
     print(f"report: {path}")
     print(f"plots:  {', '.join(str(path.parent / f) for f in figs) or 'none'}")
