@@ -36,6 +36,9 @@ def select(
         fn = transposable_fn()
         kw = {} if transposable_method is None else {"method": transposable_method}
         return fn(score, n, m, **kw).to(torch.bool)
+    if score.shape[1] == m and score.numel() < (1 << 16):  # one group per row (SparseGPT's blocks): topk
+        idx = score.nan_to_num(nan=float("inf")).topk(n, dim=1, sorted=False).indices
+        return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, idx, True)
     return nm_mask(score, n, m, dim=1)
 
 

@@ -46,31 +46,36 @@ def sparsegpt(
         L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     bs = max(m, (blocksize // m) * m)
-    prune = torch.zeros(out, d, dtype=torch.bool, device=W.device)
+    # Work on the transpose, so that a column of W is a contiguous row (much faster on CPUs).
+    Wt = W.t().contiguous()
+    forced_t = None if forced is None else forced.t().contiguous()
+    prune_t = torch.zeros(d, out, dtype=torch.bool, device=W.device)
     for i1 in range(0, d, bs):
         i2 = min(i1 + bs, d)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         hdiag = Hinv1.diagonal()
-        mask1 = prune[:, i1:i2]
+        mask1 = prune_t[i1:i2]
         for i in range(i2 - i1):
             if i % m == 0:
-                score = W1[:, i:i + m] ** 2 / hdiag[i:i + m].unsqueeze(0) ** 2
-                if forced is not None:
-                    f = forced[:, i1 + i:i1 + i + m]
-                    score = score.masked_fill(f, 0.0)
-                    mask1[:, i:i + m] = ~select(score) | f
+                score = (W1[i:i + m] ** 2 / hdiag[i:i + m].unsqueeze(1) ** 2).t()
+                if forced_t is not None:
+                    f = forced_t[i1 + i:i1 + i + m]
+                    score = score.masked_fill(f.t(), 0.0)
+                    mask1[i:i + m] = ~select(score).t() | f
                 else:
-                    mask1[:, i:i + m] = ~select(score)
-            col = W1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
+                    mask1[i:i + m] = ~select(score).t()
+            col = W1[i]
+            q = col.masked_fill(mask1[i], 0.0)
+            Q1[i] = q
             err = (col - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+            Err1[i] = err
+        Wt[i1:i2] = Q1
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
+    W = Wt.t()
+    prune = prune_t.t()
     keep = ~prune
     return W * keep, keep
