@@ -104,3 +104,14 @@ def test_real_minilm_wanda_2_4():
     enc = dict(tok(eval_s, padding=True, return_tensors="pt"))
     cos = (_pooled(model, enc) * _pooled(dense, enc)).sum(1)
     assert float(cos.mean()) > 0.5
+
+
+def test_query_key_value_share_one_calibration_pass():
+    from nmsparse.prune import calibration
+
+    model = tiny_bert()
+    mods = {k: v for k, v in model.named_modules() if isinstance(v, torch.nn.Linear)}
+    groups = calibration.forward_order(model, mods, token_batches())
+    assert ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+            "encoder.layer.0.attention.self.value"] in groups
+    assert sum(len(g) for g in groups) == len(mods)
