@@ -3,7 +3,9 @@
 Part 1: from the dense checkpoint, 2:4 and 4:8 (plain and transposable) by magnitude, Wanda, SparseGPT
 and AdaPrune (exact and Adam solvers), with 10 and 100 calibration images (balanced over classes,
 from the training set), each without fine-tuning and after ``--finetune-epochs`` of fixed-mask
-fine-tuning (SGD, lr 0.01, momentum 0.9, cosine; frozen support).
+fine-tuning (SGD, lr 0.01, momentum 0.9, cosine; frozen support). "one-shot + BN" re-estimates the
+batch-norm statistics on the calibration images after pruning (no weight changes); fine-tuning starts
+from that.
 Part 2: the dense net first pruned to 50% / 75% unstructured (per-layer magnitude, then the same
 fixed-mask fine-tuning so it is a trained unstructured-sparse net), then converted to 2:4 / 4:8 / 1:4
 by magnitude and by AdaPrune (existing zeros respected), without and with fine-tuning.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import nmsparse
+from nmsparse.prune import recalibrate_batchnorm
 from nmsparse.prune.cli import balanced_indices, evaluate, read_checkpoint, support_mask
 from nmsparse.training.data import load_dataset
 from nmsparse.training.models import build_model
@@ -122,13 +125,15 @@ def main() -> None:
                             break
                         t = time.perf_counter() - t0
                         acc = evaluate(model, data.x_test, data.y_test)["test_acc"]
+                        recalibrate_batchnorm(model, calib)
+                        acc_bn = evaluate(model, data.x_test, data.y_test)["test_acc"]
                         names = [e.name for e in rep.sparse]
                         do_ft = args.finetune_epochs and (args.finetune_when == "all" or (
                             tr == "no" and k == max(calibs)))
                         ft = evaluate(finetune(model, names, n, m, data, args.finetune_epochs),
                                       data.x_test, data.y_test)["test_acc"] if do_ft else None
                         row = {"nm": f"{n}:{m}", "transposable": tr == "yes", "calib": k, "method": spec,
-                               "acc": acc, "acc_ft": ft, "prune_s": t, "error_after": rep.mean("error_after")}
+                               "acc": acc, "acc_bn": acc_bn, "acc_ft": ft, "prune_s": t, "error_after": rep.mean("error_after")}
                         res["part1"].append(row)
                         print(json.dumps(row), flush=True)
                         save()
@@ -147,13 +152,15 @@ def main() -> None:
                     rep = nmsparse.prune(model, n, m, method=method, calib=calibs[max(calibs)],
                                          solver=solver or "exact", include=names, keep_dense=())
                     acc = evaluate(model, data.x_test, data.y_test)["test_acc"]
+                    recalibrate_batchnorm(model, calibs[max(calibs)])
+                    acc_bn = evaluate(model, data.x_test, data.y_test)["test_acc"]
                     ep2 = args.finetune_epochs if args.part2_finetune is None else args.part2_finetune
                     ft = evaluate(finetune(model, names, n, m, data, ep2),
                                   data.x_test, data.y_test)["test_acc"] if ep2 else None
                     dens = sum(float((dict(model.named_modules())[k].weight != 0).float().mean()) for k in names)
                     row = {"unstructured_sparsity": 1 - density, "unstructured_acc_oneshot": acc0,
-                           "unstructured_acc": acc_u, "nm": f"{n}:{m}", "method": spec, "acc": acc, "acc_ft": ft,
-                           "density": dens / len(names), "error_after": rep.mean("error_after")}
+                           "unstructured_acc": acc_u, "nm": f"{n}:{m}", "method": spec, "acc": acc, "acc_bn": acc_bn,
+                           "acc_ft": ft, "density": dens / len(names), "error_after": rep.mean("error_after")}
                     res["part2"].append(row)
                     print(json.dumps(row), flush=True)
                     save()

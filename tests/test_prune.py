@@ -378,3 +378,20 @@ def test_finetune_recipe_keeps_the_pruned_support():
     for k, v in model.state_dict().items():
         if k in support and k not in ("0.weight", "14.weight"):
             assert layer_is_nm(v, 2, 4), k
+
+
+def test_recalibrate_batchnorm():
+    from nmsparse.prune import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4)).train()
+    xs = [torch.randn(8, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    assert recalibrate_batchnorm(model, xs) == 2
+    assert model.training and model[1].momentum == 0.1
+    with torch.no_grad():
+        h = model[0](torch.cat(xs))
+    assert torch.allclose(model[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    per_batch = torch.stack([v.var((0, 2, 3)) for v in h.split(8)]).mean(0)  # average of batch variances
+    assert torch.allclose(model[1].running_var, per_batch, rtol=1e-4)
+    assert recalibrate_batchnorm(nn.Linear(2, 2), None) == 0

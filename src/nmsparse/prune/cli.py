@@ -55,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=1000, help="Adam iterations per layer (--solver adam)")
     p.add_argument("--adam-batch", type=int, default=50, help="calibration samples per Adam step")
     p.add_argument("--damp", type=float, default=0.01, help="ridge / Hessian dampening, relative to mean diag(X^T X)")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="re-estimate batch-norm statistics on the calibration images after pruning")
     p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fixed-mask fine-tuning after pruning")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (SGD, cosine)")
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
@@ -197,6 +199,10 @@ def _main(args: argparse.Namespace) -> int:
         report = nmsparse.prune(model, n, m, **kwargs)
     except (ValueError, ImportError) as e:
         return _error(str(e))
+    if args.recalibrate_bn:
+        from nmsparse.prune import recalibrate_batchnorm
+
+        recalibrate_batchnorm(model, calib)
     prune_s = time.perf_counter() - t0
     pruned_eval = evaluate(model, xte, yte)
     print(report.table())
