@@ -24,7 +24,7 @@ def write_report(out, report_dir=None):  # imported lazily: matplotlib is slow t
 # --quick: the whole grid's structure at a size that runs in under 10 minutes on 2 cores.
 QUICK = dict(epochs=1, seeds=(0,), train_subset=1024, test_subset=1000, nms=("2:4", "1:8"))
 # --demo: 2 epochs of dense and SR-STE 2:4; a training subset keeps it under 5 minutes on 2 cores.
-DEMO = dict(epochs=2, seeds=(0,), train_subset=8192, test_subset=None)
+DEMO = dict(epochs=2, seeds=(0,), train_subset=6144, test_subset=None)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
