@@ -55,13 +55,19 @@ def test_report_tables_and_plots(grid_dir, tmp_path):
     assert len(results["runs"]["resnet_2of4_srste_seed2"]) == 3
 
 
-def test_transposable_marked_not_run_when_missing(grid_dir, tmp_path, monkeypatch):
+def test_transposable_marked_not_run_when_missing(tmp_path, monkeypatch):
     import nmsparse.reproduce.report as rep
 
-    monkeypatch.setattr(rep, "transposable_missing", lambda: "sparsify has no transposable argument")
-    text = write_report(grid_dir, tmp_path).read_text()
-    assert "**Transposable cells not run: sparsify has no transposable argument.**" in text
-    assert "not run (transposable masks missing)" in text
+    why = "sparsify has no transposable argument"
+    monkeypatch.setattr(rep, "transposable_missing", lambda: why)
+    monkeypatch.setattr(R, "transposable_missing", lambda: why)
+    scale = G.Scale(epochs=1, seeds=(0,))
+    R.run_grid(G.build_grid(["transposable"], scale), scale, tmp_path, experiments=["transposable"],
+               train_fn=FakeTrain(), make_config=FakeConfig.from_dict, log=lambda s: None)
+    text = write_report(tmp_path).read_text()
+    assert f"**Transposable cells not run: {why}.**" in text
+    assert "| resnet_2of4_srste_transposable-approx_every40_seed0 | not run (transposable masks missing) |" in text
+    assert "| 2:4 | 68.00 (n=1) | 68.00 (n=1) | *not run (feature missing)* | *not run (feature missing)* |" in text
 
 
 def test_partial_grid_report_says_what_ran(tmp_path):
