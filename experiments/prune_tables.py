@@ -23,19 +23,20 @@ def fmnist(res: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     out = [f"dense top-1: {pct(res['dense_acc'])}% on {res['test_images']} test images", ""]
     if res["part1"]:
-        out += ["| N:M | transposable | calib | method | top-1 one-shot | top-1 after fine-tune | mean layer error | prune time |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += ["| N:M | transposable | calib | method | top-1 one-shot | one-shot + BN re-estimated | after fine-tune | mean layer error | prune time |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in res["part1"]:
             out.append(f"| {r['nm']} | {'yes' if r['transposable'] else 'no'} | {r['calib']} | {r['method']} | "
-                       f"{pct(r['acc'])} | {pct(r['acc_ft'])} | {r['error_after']:.4f} | {r['prune_s']:.1f} s |")
+                       f"{pct(r['acc'])} | {pct(r.get('acc_bn'))} | {pct(r['acc_ft'])} | {r['error_after']:.4f} | "
+                       f"{r['prune_s']:.1f} s |")
         out.append("")
     if res["part2"]:
-        out += ["| from unstructured | its top-1 (one-shot / fine-tuned) | to N:M | method | density | top-1 one-shot | after fine-tune |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["| from unstructured | its top-1 (one-shot / fine-tuned) | to N:M | method | density | top-1 one-shot | + BN re-estimated | after fine-tune |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in res["part2"]:
             out.append(f"| {100 * r['unstructured_sparsity']:.0f}% | {pct(r['unstructured_acc_oneshot'])} / "
                        f"{pct(r['unstructured_acc'])} | {r['nm']} | {r['method']} | {r['density']:.3f} | "
-                       f"{pct(r['acc'])} | {pct(r['acc_ft'])} |")
+                       f"{pct(r['acc'])} | {pct(r.get('acc_bn'))} | {pct(r['acc_ft'])} |")
     return "\n".join(out)
 
 

@@ -57,14 +57,18 @@ def exact_solve(w: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, damp: floa
     idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
     valid = torch.arange(k, device=W.device).unsqueeze(0) < counts.unsqueeze(1)
     step = max(1, _SOLVE_ELEMS // (k * k))
-    eye = torch.eye(k, dtype=torch.float64, device=W.device)
     for r0 in range(0, out, step):
         r1 = min(out, r0 + step)
         I, V = idx[r0:r1], valid[r0:r1]
         A = H[I.unsqueeze(2), I.unsqueeze(1)]
-        vv = V.unsqueeze(2) & V.unsqueeze(1)
-        A = A * vv + eye * torch.where(V, lam, 1.0).to(torch.float64).unsqueeze(1)
-        rhs = (G[r0:r1].gather(1, I) * V).unsqueeze(2)
+        if bool(V.all()):  # every row keeps k (the usual N:M case)
+            A.diagonal(dim1=1, dim2=2).add_(lam)
+            rhs = G[r0:r1].gather(1, I).unsqueeze(2)
+        else:  # padded entries: identity rows and columns, zero right-hand side
+            vv = V.unsqueeze(2) & V.unsqueeze(1)
+            A.mul_(vv)
+            A.diagonal(dim1=1, dim2=2).add_(torch.where(V, lam, 1.0).to(torch.float64))
+            rhs = (G[r0:r1].gather(1, I) * V).unsqueeze(2)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info == 0).all()):
             sol = torch.cholesky_solve(rhs, L)
