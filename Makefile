@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
 demo: install
-	$(BIN)/python -m nmsparse demo
+	$(BIN)/python -m nmsparse reproduce --demo
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
