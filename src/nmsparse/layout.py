@@ -49,8 +49,30 @@ def layer_is_nm(weight: torch.Tensor, n: int, m: int, layout: str = "channels") 
     return is_nm(grouped(weight, layout), n, m, dim=1)
 
 
-def unsupported_reason(module: nn.Module, n: int, m: int, layout: str) -> str | None:
-    """Why ``module``'s weight cannot be made N:M in ``layout``, or None when it can."""
+def matrices_of(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The ``(out, reduction)`` matrices of a layer weight, stacked as ``(K, out, reduction)``.
+
+    Linear: ``K = 1``. Convolutions in ``"channels"``: one ``(out, in/groups)`` matrix per kernel
+    position (``K = prod(kernel)``); in ``"flat"``: the single ``(out, in/groups * prod(kernel))``
+    matrix. Transposable masks constrain every aligned m x m tile of each of these matrices.
+    """
+    g = grouped(weight, layout)
+    return g.reshape(g.shape[0], g.shape[1], -1).permute(2, 0, 1)
+
+
+def unmatrices(mats: torch.Tensor, shape: torch.Size, layout: str) -> torch.Tensor:
+    """Inverse of :func:`matrices_of`: a ``(K, out, reduction)`` tensor back to the weight's ``shape``."""
+    check_layout(layout)
+    return mats.permute(1, 2, 0).reshape(shape)
+
+
+def unsupported_reason(module: nn.Module, n: int, m: int, layout: str, transposable: bool = False) -> str | None:
+    """Why ``module``'s weight cannot be made N:M in ``layout``, or None when it can.
+
+    With ``transposable=True`` the output channels (per group, for grouped convolutions) must also
+    be a multiple of m, so that the aligned m x m tiles of :func:`matrices_of` exist and none
+    straddles two groups.
+    """
     check_nm(n, m)
     if not isinstance(module, SUPPORTED_LAYERS):
         return f"{type(module).__name__} is not supported (only Linear and Conv1d/2d/3d)"
@@ -58,4 +80,13 @@ def unsupported_reason(module: nn.Module, n: int, m: int, layout: str) -> str | 
     if size % m:
         axis = "input features" if isinstance(module, nn.Linear) else f"{layout} reduction axis"
         return f"{axis} size {size} is not a multiple of m={m}"
+    if transposable:
+        groups = getattr(module, "groups", 1)
+        out = module.weight.shape[0] // groups
+        if out % m:
+            if isinstance(module, nn.Linear):
+                axis = "output features"
+            else:
+                axis = "output channels per group" if groups > 1 else "output channels"
+            return f"{axis} {out} is not a multiple of m={m} (a transposable mask needs both)"
     return None

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmsparse.layout import check_layout, layer_mask
+from nmsparse.layout import check_layout, layer_mask, unsupported_reason
 from nmsparse.nmmasks import check_nm
 from nmsparse.parametrization import METHODS, NMParametrization
 from nmsparse.selection import KEEP_DENSE, Patterns, SparsityReport, plan
+from nmsparse.transposable import METHODS as MASK_METHODS
+from nmsparse.transposable import transposable_layer_mask
 
 
 def check_method(method: object) -> str:
@@ -31,9 +33,24 @@ def _check_settings(decay: object, update_every: object) -> tuple[float, int]:
     return float(decay), update_every
 
 
-def mask_function(n: int, m: int, layout: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def mask_function(
+    n: int, m: int, layout: str, transposable: bool = False, mask_method: str = "approx"
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The keep-mask function of a layer weight for these settings (picklable)."""
+    if transposable:
+        return functools.partial(transposable_layer_mask, n=n, m=m, method=mask_method, layout=layout)
     return functools.partial(layer_mask, n=n, m=m, layout=layout)
+
+
+def _check_transposable(transposable: object, mask_method: object, mask_fn: object) -> None:
+    if not isinstance(transposable, bool):
+        raise ValueError(f"transposable must be True or False, got {transposable!r}")
+    if mask_method not in MASK_METHODS:
+        raise ValueError(
+            f"mask_method (how transposable masks are found) must be one of {MASK_METHODS}, got {mask_method!r}"
+        )
+    if transposable and mask_fn is not None:
+        raise ValueError("pass either mask_fn or transposable=True, not both: mask_fn replaces the mask rule")
 
 
 def _refresh_hook(module: nn.Module, args: tuple) -> None:
@@ -59,6 +76,8 @@ def sparsify(
     exclude: Patterns = None,
     keep_dense: Iterable[str] = KEEP_DENSE,
     mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    transposable: bool = False,
+    mask_method: str = "approx",
 ) -> SparsityReport:
     """Make ``model`` N:M sparse in place (N weights kept in every group of M) and return a report.
 
@@ -68,26 +87,42 @@ def sparsify(
     pruned weights get no gradient). Groups run along each layer's reduction dimension in ``layout``
     (``"channels"`` or ``"flat"``, see :mod:`nmsparse.layout`). Layers that cannot or should not be
     sparsified are listed in the report with their reason. ``mask_fn`` overrides the mask rule.
+
+    ``transposable=True`` makes every mask transposable N:M (see :mod:`nmsparse.transposable`): in each
+    aligned m x m tile of the layer's ``(out, in)`` matrix (per kernel position for convolutions in
+    ``layout="channels"``) every row and column keeps N, so ``E`` and ``E^T`` are both N:M and the
+    backward input-gradient matmul can be sparse too. ``mask_method`` is ``"approx"`` (the paper's
+    2-approximation, completed) or ``"optimal"``; the paper recomputes every 40 iterations
+    (``update_every=40``). Layers whose output channels (per group) are not a multiple of m stay dense,
+    with that reason in the report.
     All arguments are checked before the model is touched.
     """
     n, m = check_nm(n, m)
     check_method(method)
     check_layout(layout)
     decay, update_every = _check_settings(decay, update_every)
+    _check_transposable(transposable, mask_method, mask_fn)
     entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
-    fn = mask_fn or mask_function(n, m, layout)
     modules = dict(model.named_modules())
+    if transposable:
+        for e in entries:
+            reason = e.sparse and unsupported_reason(modules[e.name], n, m, layout, transposable=True)
+            if reason:
+                e.sparse, e.reason = False, reason
+    fn = mask_fn or mask_function(n, m, layout, transposable, mask_method)
     for e in entries:
         if not e.sparse:
             continue
         mod = modules[e.name]
         p = NMParametrization(
             mod.weight, n=n, m=m, layout=layout, method=method, decay=decay,
-            update_every=update_every, mask_fn=fn,
+            update_every=update_every, mask_fn=fn, transposable=transposable,
         )
         parametrize.register_parametrization(mod, "weight", p, unsafe=True)
         mod.register_forward_pre_hook(_refresh_hook)
     settings = dict(method=method, decay=decay, layout=layout, update_every=update_every)
+    if transposable:
+        settings.update(transposable=True, mask_method=mask_method)
     report = SparsityReport(n, m, entries, settings)
     if not report.sparse:
         warnings.warn(f"sparsify made no layer sparse:\n{report.table()}", stacklevel=2)
