@@ -13,7 +13,6 @@ training set, balanced over classes (the AdaPrune paper uses about one per class
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -274,15 +273,4 @@ def _finetune(model, args, model_name, data_name, layout, n, m, report):
                                 keep_dense=(), mask_fn=support_mask)
         return fresh, rep
 
-    with _patched(loop, "build_sparse_model", build):
-        return loop.train(config, resume=False, progress=not args.no_progress)
-
-
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
+    return loop.train(config, resume=False, progress=not args.no_progress, model_fn=build)

@@ -61,6 +61,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+ModelFn = Callable[[TrainConfig, Dataset], tuple[nn.Module, Any]]
+
+
 def build_sparse_model(config: TrainConfig, data: Dataset) -> tuple[nn.Module, Any]:
     """The model of ``config`` (initialised from the global RNG), made N:M when ``config.nm`` says so.
     Returns ``(model, SparsityReport or None)``."""
@@ -108,13 +111,17 @@ class Trainer:
     ``self.model`` is the plain model (not the DDP wrapper); ``self.records`` the records so far.
     ``on_epoch_end(record)`` is called on every rank after each epoch's checkpoint is written.
     ``log`` receives the one-line summaries (rank 0 only; ``None`` for silence).
+    ``model_fn(config, data) -> (model, report)`` builds the model (default :func:`build_sparse_model`);
+    it is called again, with the same result, to rebuild a copy for ``final.safetensors``.
     """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] | None = print,
-                 on_epoch_end: Callable[[dict], None] | None = None) -> None:
+                 on_epoch_end: Callable[[dict], None] | None = None,
+                 model_fn: ModelFn | None = None) -> None:
         config.validate()
         self.config = config
+        self.model_fn = model_fn or build_sparse_model
         self.progress = progress
         self.on_epoch_end = on_epoch_end
         self.out = Path(config.out)
@@ -134,7 +141,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.model, self.report = build_sparse_model(config, self.data)
+        self.model, self.report = self.model_fn(config, self.data)
         self.model.to(dev)
         self.net: nn.Module = self.model
         if self.ctx.distributed:
@@ -219,7 +226,7 @@ class Trainer:
         parametrized module shares its generated class with the original, so finalizing the copy
         would strip the ``weight`` property from the original too.)"""
         with torch.random.fork_rng(devices=[]):
-            copy_, _ = build_sparse_model(self.config, self.data)
+            copy_, _ = self.model_fn(self.config, self.data)
         copy_.to(self.ctx.device).load_state_dict(self.model.state_dict())
         return copy_
 
@@ -336,13 +343,17 @@ def summary_line(r: dict, epochs: int) -> str:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] | None = print,
-          on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+          on_epoch_end: Callable[[dict], None] | None = None,
+          model_fn: ModelFn | None = None) -> list[dict]:
     """Train ``config`` into ``config.out`` and return the per-epoch records (see module doc).
 
     With ``resume=True`` a run with a ``checkpoint.pt`` in ``config.out`` continues after its last
     completed epoch (same settings required; a finished run only rewrites ``final.safetensors``);
     without a checkpoint it starts fresh. With ``resume=False`` an earlier run in ``config.out`` is
     replaced. ``progress`` shows a tqdm bar per epoch; ``log`` gets one summary line per epoch
-    (``None``: silent); ``on_epoch_end(record)`` is called after each epoch's checkpoint.
+    (``None``: silent); ``on_epoch_end(record)`` is called after each epoch's checkpoint;
+    ``model_fn(config, data) -> (model, report)`` replaces the model builder (e.g. to fine-tune a
+    pruned model with frozen masks).
     """
-    return Trainer(config, resume=resume, progress=progress, log=log, on_epoch_end=on_epoch_end).run()
+    return Trainer(config, resume=resume, progress=progress, log=log, on_epoch_end=on_epoch_end,
+                   model_fn=model_fn).run()
