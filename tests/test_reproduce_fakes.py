@@ -3,52 +3,17 @@ without training, so the grid runner and the report are tested fast; plus a chec
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
 
+from nmsparse.training.config import TrainConfig
+
 LAYERS = {"layer1.conv.weight": 576, "layer2.conv.weight": 2304}
 
 
-@dataclasses.dataclass
-class FakeConfig:
-    model: str = "resnet"
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    nm: str = "2:4"
-    method: str = "srste"
-    decay: float = 2e-4
-    layout: str = "channels"
-    transposable: bool = False
-    mask_method: str = "approx"
-    update_every: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-5
-    warmup_epochs: int = 1
-    epochs: int = 30
-    batch_size: int = 128
-    seed: int = 0
-    threads: int | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    sad_nm: str | None = None
-    out: str = "runs/x"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FakeConfig":
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        if self.nm != "dense":
-            n, m = (int(v) for v in self.nm.split(":"))
-            if not 0 < n <= m:
-                raise ValueError(f"nm must be N:M with 0 < N <= M, got {self.nm}")
+# The runner only needs the config contract (from_dict / to_dict / validate): the real one is cheap.
+FakeConfig = TrainConfig
 
 
 class Killed(KeyboardInterrupt):
