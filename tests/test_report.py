@@ -102,7 +102,7 @@ def test_cli_demo(tmp_path, fake_trainer, capsys):
     assert cli_main(["reproduce", "--demo", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "dense" in text and "SR-STE 2:4" in text and f"report: {out}/report.md" in text
-    assert "first 6144 of 60,000 training images" in text
+    assert "2 epochs, all 60,000 training images" in text
     assert (out / "demo_curves.png").exists()
     assert [c[0] for c in fake_trainer.calls] == ["resnet_dense_seed0", "resnet_2of4_srste_seed0"]
 
