@@ -185,3 +185,30 @@ def test_shards_split_the_grid(tmp_path):
     assert [c for c, _ in t1.calls] == [c.run_id for c in cells[0::2]]
     assert [c for c, _ in t2.calls] == [c.run_id for c in cells[1::2]]
     assert json.loads((tmp_path / "grid.json").read_text())["cells"] == [c.run_id for c in cells]
+
+
+def test_concurrent_shards_write_the_manifest_safely(tmp_path):
+    """Shards started together write grid.json at once: each write must use its own temporary file."""
+    import threading
+
+    from nmsparse.reproduce.runner import write_manifest
+
+    scale = G.Scale(epochs=1, seeds=(0,), train_subset=64, test_subset=32, nms=("2:4",))
+    cells = G.build_grid(["sad"], scale)
+    errors = []
+
+    def writer():
+        try:
+            for _ in range(30):
+                write_manifest(tmp_path, scale, cells, ["sad"])
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads((tmp_path / "grid.json").read_text())["experiments"] == ["sad"]
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.json"]

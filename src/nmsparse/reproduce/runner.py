@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from nmsparse.reproduce.grid import Cell, Scale, transposable_missing
+from nmsparse.training.checkpoint import atomic_write
 
 TrainFn = Callable[..., list]
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "final.safetensors", "error.txt")
@@ -109,9 +110,8 @@ def write_manifest(out: str | os.PathLike, scale: Scale, cells: list[Cell], expe
     nms = list(dict.fromkeys([*old.get("nms", []), *scale.nms]))
     data = {"scale": scale.results_key(), "seeds": seeds, "nms": nms, "experiments": exps, "cells": ids}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    # a unique temporary file: shards started together write grid.json at the same moment
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
 
 def log_event(out: str | os.PathLike, **event) -> None:
