@@ -280,3 +280,21 @@ def test_threads_setting_survives_the_mask_kernel(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_out_that_passes_the_precheck_but_cannot_be_created(tmp_path, capsys, monkeypatch):
+    """An OSError when the folder is finally made (root under /proc, a race) is still one line, exit 2."""
+    real_mkdir = Path.mkdir
+
+    def failing_mkdir(self, *args, **kwargs):
+        if self.name == "cannot":
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", failing_mkdir)
+    out = tmp_path / "cannot"
+    rc = main(["train", "--data", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "cannot create the output folder" in err and "Permission denied" in err
+    assert not out.exists()

@@ -177,7 +177,10 @@ class Trainer:
         if resume and (self.out / "checkpoint.pt").is_file():
             self._restore(ckpt.load(self.out / "checkpoint.pt", map_location=dev))
         elif self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:  # the up-front check cannot foresee everything (e.g. root under /proc)
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create the output folder {str(self.out)!r}: {e.strerror or e}") from e
             _write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             for stale in ("metrics.jsonl", "checkpoint.pt", "final.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
