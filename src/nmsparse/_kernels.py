@@ -1,7 +1,7 @@
 """Compiled CPU kernels (numba). Private: call them through :mod:`nmsparse.nmmasks`.
 
 The rank kernel is specialised per group size ``m`` (a closure constant, which numba folds into the
-code and into its on-disk cache key) so the inner loops unroll; that makes a 2:4 mask about as fast
+code and into its on-disk cache key, so each m compiles once per machine) so the inner loops unroll; that makes a 2:4 mask about as fast
 as one ``abs()`` pass over the tensor (see ``benchmarks/bench_masks.py``).
 """
 
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 _CHUNK = 1 << 12  # groups per parallel work item
-_MAX_SPECIALISED_M = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,23 +70,6 @@ def _rank_kernel(m: int):
     return pair_kernel
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _rank_generic(bits, out, n, m, abs_bits, nan_key):  # pragma: no cover - compiled
-    groups = bits.size // m
-    chunks = (groups + _CHUNK - 1) // _CHUNK
-    for c in numba.prange(chunks):
-        stop = min(groups, (c + 1) * _CHUNK)
-        for g in range(c * _CHUNK, stop):
-            base = g * m
-            for i in range(m):
-                ki = min(bits[base + i] & abs_bits, nan_key)
-                rank = 0
-                for j in range(m):
-                    kj = min(bits[base + j] & abs_bits, nan_key)
-                    rank += (kj > ki) | ((kj == ki) & (j < i))
-                out[base + i] = rank < n
-
-
 def nm_mask_cpu(x: torch.Tensor, n: int, m: int, int_dtype: torch.dtype, abs_bits: int, inf_key: int):
     """Keep-mask of a contiguous CPU float tensor whose last dimension is grouped by ``m``."""
     bits = x.view(int_dtype).reshape(-1).numpy()
@@ -95,10 +77,7 @@ def nm_mask_cpu(x: torch.Tensor, n: int, m: int, int_dtype: torch.dtype, abs_bit
     flat = out.view(-1).numpy()
     ab, nan_key = bits.dtype.type(abs_bits), bits.dtype.type(inf_key + 1)
     torch_threads = torch.get_num_threads()
-    if m <= _MAX_SPECIALISED_M:
-        _rank_kernel(m)(bits, flat, n, ab, nan_key)
-    else:
-        _rank_generic(bits, flat, n, m, ab, nan_key)
+    _rank_kernel(m)(bits, flat, n, ab, nan_key)
     if torch.get_num_threads() != torch_threads:
         # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
         # that would silently change torch's thread count under the caller.
