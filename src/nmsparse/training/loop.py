@@ -15,6 +15,7 @@ Output folder (``config.out``), written by rank 0 only:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -111,8 +112,7 @@ class Trainer:
     ``self.model`` is the plain model (not the DDP wrapper); ``self.records`` the records so far.
     ``on_epoch_end(record)`` is called on every rank after each epoch's checkpoint is written.
     ``log`` receives the one-line summaries (rank 0 only; ``None`` for silence).
-    ``model_fn(config, data) -> (model, report)`` builds the model (default :func:`build_sparse_model`);
-    it is called again, with the same result, to rebuild a copy for ``final.safetensors``.
+    ``model_fn(config, data) -> (model, report)`` builds the model (default :func:`build_sparse_model`).
     """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -121,7 +121,6 @@ class Trainer:
                  model_fn: ModelFn | None = None) -> None:
         config.validate()
         self.config = config
-        self.model_fn = model_fn or build_sparse_model
         self.progress = progress
         self.on_epoch_end = on_epoch_end
         self.out = Path(config.out)
@@ -141,7 +140,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.model, self.report = self.model_fn(config, self.data)
+        self.model, self.report = (model_fn or build_sparse_model)(config, self.data)
         self.model.to(dev)
         self.net: nn.Module = self.model
         if self.ctx.distributed:
@@ -224,22 +223,14 @@ class Trainer:
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
         _write_text_atomic(self.out / "metrics.jsonl", lines)
 
-    def _model_copy(self) -> nn.Module:
-        """An independent copy of the model, N:M machinery included. (``copy.deepcopy`` of a
-        parametrized module shares its generated class with the original, so finalizing the copy
-        would strip the ``weight`` property from the original too.)"""
-        with torch.random.fork_rng(devices=[]):
-            copy_, _ = self.model_fn(self.config, self.data)
-        copy_.to(self.ctx.device).load_state_dict(self.model.state_dict())
-        return copy_
-
     def save_final(self) -> Path:
         """Write ``final.safetensors``: the finalized weights of a copy of the model."""
         from safetensors.torch import save_file
 
         path = self.out / "final.safetensors"
         if self.ctx.is_main:
-            final = nmsparse.finalize(self._model_copy()).to("cpu")
+            # nmsparse.finalize is safe on a deep copy: the training model is left untouched
+            final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
             tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
             meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
             ckpt.atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
