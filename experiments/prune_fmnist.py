@@ -3,9 +3,10 @@
 Part 1: from the dense checkpoint, 2:4 and 4:8 (plain and transposable) by magnitude, Wanda, SparseGPT
 and AdaPrune (exact and Adam solvers), with 10 and 100 calibration images (balanced over classes,
 from the training set), each without fine-tuning and after ``--finetune-epochs`` of fixed-mask
-fine-tuning (SGD, lr 0.01, momentum 0.9, cosine; frozen support). "one-shot + BN" re-estimates the
-batch-norm statistics on the calibration images after pruning (no weight changes); fine-tuning starts
-from that.
+fine-tuning (frozen support; the dense run's optimizer and weight decay at a tenth of its peak learning
+rate, cosine to zero, no warm-up). "one-shot + BN" re-estimates the batch-norm statistics on the
+calibration images after pruning (no weight changes; models without batch norm skip it); fine-tuning
+starts from that.
 Part 2: the dense net first pruned to 50% / 75% unstructured (per-layer magnitude, then the same
 fixed-mask fine-tuning so it is a trained unstructured-sparse net), then converted to 2:4 / 4:8 / 1:4
 by magnitude and by AdaPrune (existing zeros respected), without and with fine-tuning.
@@ -36,12 +37,16 @@ METHODS = [("magnitude", "exact"), ("wanda", "exact"), ("sparsegpt", "exact"), (
            ("adaprune", "adam")]
 
 
-def finetune(model, names, n, m, data, epochs, lr=0.01, batch=128, seed=0):
-    """Fixed-mask fine-tuning of the layers ``names`` (support frozen), in place; returns the model."""
+def finetune(model, names, n, m, data, epochs, recipe, batch=128, seed=0):
+    """Fixed-mask fine-tuning of the layers ``names`` (support frozen), in place; returns the model.
+    ``recipe``: {"optimizer": "sgd" | "adamw", "lr": float, "weight_decay": float}."""
     if epochs <= 0:
         return model
     nmsparse.sparsify(model, n, m, method="fixed", include=names, keep_dense=(), mask_fn=support_mask)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    if recipe["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9, weight_decay=recipe["weight_decay"])
     g = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(data.y_train) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -86,10 +91,16 @@ def main() -> None:
                     help="part 1 configs to fine-tune: 'all', or 'plain-max-calib' (non-transposable, largest calib)")
     ap.add_argument("--part2-finetune", type=int, default=None,
                     help="fine-tuning epochs of the part-2 conversions (default --finetune-epochs)")
+    ap.add_argument("--finetune-lr", type=float, default=None, help="default: a tenth of the dense run's peak lr")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     tensors, src = read_checkpoint(args.checkpoint)
+    recipe = {"optimizer": src.get("optimizer", "sgd"), "weight_decay": src.get("weight_decay", 5e-5),
+              "lr": args.finetune_lr if args.finetune_lr is not None else src.get("lr", 0.1) / 10}
     data = load_dataset(src.get("data", "fashion-mnist"), train_subset=args.train_subset,
                         test_subset=args.test_subset)
     dense = build_model(src["model"], image_size=data.image_size, in_channels=data.in_channels,
@@ -97,9 +108,25 @@ def main() -> None:
     dense.load_state_dict(tensors)
     dense.eval()
     res = {"checkpoint": args.checkpoint, "source_config": src, "test_images": len(data.y_test),
-           "finetune_images": len(data.y_train), "finetune_epochs": args.finetune_epochs,
+           "finetune_images": len(data.y_train), "finetune_epochs": args.finetune_epochs, "finetune_recipe": recipe,
            "dense_acc": evaluate(dense, data.x_test, data.y_test)["test_acc"], "part1": [], "part2": []}
     print(f"{src['model']}: dense {res['dense_acc']:.2%}", flush=True)
+    has_bn = any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in dense.modules())
+
+    def bn_acc(model, calib):
+        """Top-1 after re-estimating batch-norm statistics on ``calib`` (None for a model without BN)."""
+        if not has_bn:
+            return None
+        recalibrate_batchnorm(model, calib)
+        return evaluate(model, data.x_test, data.y_test)["test_acc"]
+
+    def tuned(model, names, n, m, epochs):
+        """(top-1, seconds) after fixed-mask fine-tuning, or (None, None) for no fine-tuning."""
+        if not epochs:
+            return None, None
+        t0 = time.perf_counter()
+        finetune(model, names, n, m, data, epochs, recipe)
+        return evaluate(model, data.x_test, data.y_test)["test_acc"], time.perf_counter() - t0
 
     def save():
         res["wall_s"] = time.perf_counter() - t_all
@@ -125,15 +152,14 @@ def main() -> None:
                             break
                         t = time.perf_counter() - t0
                         acc = evaluate(model, data.x_test, data.y_test)["test_acc"]
-                        recalibrate_batchnorm(model, calib)
-                        acc_bn = evaluate(model, data.x_test, data.y_test)["test_acc"]
+                        acc_bn = bn_acc(model, calib)
                         names = [e.name for e in rep.sparse]
                         do_ft = args.finetune_epochs and (args.finetune_when == "all" or (
                             tr == "no" and k == max(calibs)))
-                        ft = evaluate(finetune(model, names, n, m, data, args.finetune_epochs),
-                                      data.x_test, data.y_test)["test_acc"] if do_ft else None
+                        ft, ft_s = tuned(model, names, n, m, args.finetune_epochs if do_ft else 0)
                         row = {"nm": f"{n}:{m}", "transposable": tr == "yes", "calib": k, "method": spec,
-                               "acc": acc, "acc_bn": acc_bn, "acc_ft": ft, "prune_s": t, "error_after": rep.mean("error_after")}
+                               "acc": acc, "acc_bn": acc_bn, "acc_ft": ft, "prune_s": t, "finetune_s": ft_s,
+                               "error_after": rep.mean("error_after")}
                         res["part1"].append(row)
                         print(json.dumps(row), flush=True)
                         save()
@@ -143,7 +169,7 @@ def main() -> None:
             base = copy.deepcopy(dense)
             unstructured(base, names, density)
             acc0 = evaluate(base, data.x_test, data.y_test)["test_acc"]
-            base = finetune(base, names, 2, 4, data, args.finetune_epochs)
+            base = finetune(base, names, 2, 4, data, args.finetune_epochs, recipe)
             acc_u = evaluate(base, data.x_test, data.y_test)["test_acc"]
             for n, m in [(2, 4), (4, 8), (1, 4)]:
                 for spec in ("magnitude", "adaprune-exact"):
@@ -152,12 +178,10 @@ def main() -> None:
                     rep = nmsparse.prune(model, n, m, method=method, calib=calibs[max(calibs)],
                                          solver=solver or "exact", include=names, keep_dense=())
                     acc = evaluate(model, data.x_test, data.y_test)["test_acc"]
-                    recalibrate_batchnorm(model, calibs[max(calibs)])
-                    acc_bn = evaluate(model, data.x_test, data.y_test)["test_acc"]
+                    acc_bn = bn_acc(model, calibs[max(calibs)])
                     ep2 = args.finetune_epochs if args.part2_finetune is None else args.part2_finetune
-                    ft = evaluate(finetune(model, names, n, m, data, ep2),
-                                  data.x_test, data.y_test)["test_acc"] if ep2 else None
                     dens = sum(float((dict(model.named_modules())[k].weight != 0).float().mean()) for k in names)
+                    ft, _ = tuned(model, names, n, m, ep2)
                     row = {"unstructured_sparsity": 1 - density, "unstructured_acc_oneshot": acc0,
                            "unstructured_acc": acc_u, "nm": f"{n}:{m}", "method": spec, "acc": acc, "acc_bn": acc_bn,
                            "acc_ft": ft, "density": dens / len(names), "error_after": rep.mean("error_after")}
