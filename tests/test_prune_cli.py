@@ -15,12 +15,13 @@ from nmsparse.prune.cli import balanced_indices
 training = pytest.importorskip("nmsparse.training.models")
 
 
-def _checkpoint(tmp_path, model_name="mlp"):
+def _checkpoint(tmp_path, model_name="mlp", **config):
     torch.manual_seed(0)
     model = training.build_model(model_name, image_size=8, in_channels=1, num_classes=10)
     path = tmp_path / "final.safetensors"
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"config": json.dumps({"model": model_name, "data": "digits"})})
+    meta = {"model": model_name, "data": "digits", **config}
+    save_file(tensors, str(path), metadata={"config": json.dumps(meta)})
     return path
 
 
@@ -58,6 +59,36 @@ def test_prune_cli_finetune(tmp_path):
     w = load_file(str(out / "final.safetensors"))
     for k in pruned:
         assert layer_is_nm(w[k], 2, 4), k
+
+
+@pytest.mark.parametrize("flags, source, expect", [
+    ([], {}, ("sgd", 0.01)),
+    ([], {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05}, ("adamw", 2e-4)),
+    (["--finetune-optimizer", "sgd", "--finetune-lr", "0.03"], {"optimizer": "adamw", "lr": 1e-3}, ("sgd", 0.03)),
+])
+def test_prune_cli_finetune_follows_the_source_recipe(tmp_path, flags, source, expect):
+    ckpt = _checkpoint(tmp_path, **source)
+    out = tmp_path / "ft"
+    rc = main(["prune", "--checkpoint", str(ckpt), "--nm", "2:4", "--method", "magnitude", "--calib-samples", "10",
+               "--out", str(out), "--no-progress", "--finetune-epochs", "1", "--train-subset", "64",
+               "--test-subset", "20", *flags])
+    assert rc == 0
+    recipe = json.loads((out / "prune_report.json").read_text())["summary"]["finetune_recipe"]
+    assert (recipe["optimizer"], recipe["lr"]) == pytest.approx(expect)
+    trained = json.loads((out / "config.json").read_text())
+    assert trained["optimizer"] == expect[0] and trained["lr"] == pytest.approx(expect[1])
+    if "weight_decay" in source:
+        assert trained["weight_decay"] == source["weight_decay"]
+
+
+def test_prune_cli_bad_finetune_optimizer(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    rc = main(["prune", "--checkpoint", str(ckpt), "--method", "magnitude", "--calib-samples", "10", "--out",
+               str(tmp_path / "o"), "--no-progress", "--finetune-epochs", "1", "--finetune-optimizer", "lion",
+               "--test-subset", "20"])
+    assert rc == 2
+    assert "unknown --finetune-optimizer 'lion'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything is pruned or written
 
 
 def test_prune_cli_errors(tmp_path, capsys):

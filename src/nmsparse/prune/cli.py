@@ -22,7 +22,9 @@ import torch
 
 from nmsparse.layout import LAYOUTS
 
-EPILOG = "Fine-tuning (--finetune-epochs K) freezes the pruned support: nmsparse.sparsify(model, method='fixed')."
+EPILOG = ("Fine-tuning (--finetune-epochs K) freezes the pruned support: nmsparse.sparsify(model, method='fixed'). "
+          "By default it uses the optimizer and weight decay of the run that wrote the checkpoint, at a tenth "
+          "of its peak learning rate (SGD at 0.01 when the checkpoint records none), cosine to zero, no warm-up.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="re-estimate batch-norm statistics on the calibration images after pruning")
     p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fixed-mask fine-tuning after pruning")
-    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (SGD, cosine)")
+    p.add_argument("--finetune-optimizer", default=None,
+                   help="sgd or adamw (default: the checkpoint's training optimizer, else sgd)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="fine-tuning peak learning rate, cosine to zero (default: a tenth of the checkpoint's lr)")
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     p.add_argument("--train-subset", type=int, default=None, help="fine-tune on the first K training images only")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first K test images only")
@@ -143,6 +148,12 @@ def _main(args: argparse.Namespace) -> int:
             return _error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.finetune_epochs < 0:
         return _error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    from nmsparse.training.config import OPTIMIZERS
+
+    if args.finetune_optimizer is not None and args.finetune_optimizer not in OPTIMIZERS:
+        return _error(f"unknown --finetune-optimizer {args.finetune_optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if args.finetune_lr is not None and not args.finetune_lr > 0:
+        return _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
     if not Path(args.checkpoint).is_file():
         return _error(f"checkpoint {args.checkpoint!r} not found (expected final.safetensors of 'nmsparse train')")
     out = Path(args.out)
@@ -213,7 +224,8 @@ def _main(args: argparse.Namespace) -> int:
                "calib_samples": len(idx), "prune_s": prune_s, "dense": dense_eval, "pruned": pruned_eval,
                "finetuned": None, "finetune_epochs": args.finetune_epochs}
     if args.finetune_epochs:
-        ft = _finetune(model, args, model_name, data_name, layout, n, m, report)
+        summary["finetune_recipe"] = finetune_recipe(args, src)
+        ft = _finetune(model, args, model_name, data_name, layout, n, m, report, src)
         if ft is None:
             return 2
         summary["finetuned"] = {"test_acc": ft[-1]["test_acc"], "test_loss": ft[-1]["test_loss"]}
@@ -244,14 +256,35 @@ def _write_outputs(model: torch.nn.Module, args: argparse.Namespace, summary: di
     save_file(tensors, str(out / "final.safetensors"), metadata=meta)
 
 
-def _finetune(model, args, model_name, data_name, layout, n, m, report):
+def finetune_recipe(args: argparse.Namespace, src: dict) -> dict:
+    """Optimizer, peak lr and weight decay of the fixed-mask fine-tuning: the command line's, else those of
+    the run that wrote the checkpoint (its lr divided by 10), else SGD at 0.01 with the training default decay."""
+    from nmsparse.training.config import TrainConfig
+
+    default = TrainConfig()
+    optimizer = args.finetune_optimizer or src.get("optimizer") or "sgd"
+    if args.finetune_lr is not None:
+        lr = args.finetune_lr
+    elif isinstance(src.get("lr"), (int, float)) and src["lr"] > 0:
+        lr = src["lr"] / 10
+    else:
+        lr = 0.01
+    decay = src.get("weight_decay", default.weight_decay)
+    momentum = src.get("momentum", default.momentum)
+    return {"optimizer": optimizer, "lr": lr, "weight_decay": decay, "momentum": momentum}
+
+
+def _finetune(model, args, model_name, data_name, layout, n, m, report, src):
     """Train the pruned model with frozen masks through the training loop; returns its records."""
     import nmsparse
     from nmsparse.training import loop
     from nmsparse.training.config import TrainConfig
 
+    recipe = finetune_recipe(args, src)
     config = TrainConfig(model=model_name, data=data_name, data_dir=args.data_dir, nm=f"{n}:{m}", method="fixed",
-                         layout=layout, lr=args.finetune_lr, warmup_epochs=0, epochs=args.finetune_epochs,
+                         layout=layout, optimizer=recipe["optimizer"], lr=recipe["lr"],
+                         weight_decay=recipe["weight_decay"], momentum=recipe["momentum"],
+                         warmup_epochs=0, epochs=args.finetune_epochs,
                          batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                          train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
                          out=str(args.out))
