@@ -91,6 +91,45 @@ def test_prune_cli_bad_finetune_optimizer(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # refused before anything is pruned or written
 
 
+def test_prune_cli_bn_samples(tmp_path, capsys):
+    from nmsparse.prune import recalibrate_batchnorm
+    from nmsparse.training.data import load_dataset
+
+    ckpt = _checkpoint(tmp_path, "resnet")
+    out = tmp_path / "bn"
+    rc = main(["prune", "--checkpoint", str(ckpt), "--method", "magnitude", "--calib-samples", "10",
+               "--recalibrate-bn", "--bn-samples", "60", "--out", str(out), "--no-progress", "--test-subset", "20"])
+    assert rc == 0
+    assert json.loads((out / "prune_report.json").read_text())["summary"]["bn_samples"] == 60
+    # the written statistics are those of the 60 balanced images, not of the 10 calibration images
+    w = load_file(str(out / "final.safetensors"))
+    model = training.build_model("resnet", image_size=8, in_channels=1, num_classes=10)
+    model.load_state_dict(w)
+    data = load_dataset("digits")
+    recalibrate_batchnorm(model, [data.x_train[balanced_indices(data.y_train, 60, 0)]])
+    assert torch.allclose(model.bn1.running_mean, w["bn1.running_mean"], atol=1e-6)
+    recalibrate_batchnorm(model, [data.x_train[balanced_indices(data.y_train, 10, 0)]])
+    assert not torch.allclose(model.bn1.running_mean, w["bn1.running_mean"], atol=1e-6)
+
+    rc = main(["prune", "--checkpoint", str(ckpt), "--method", "magnitude", "--calib-samples", "10",
+               "--recalibrate-bn", "--out", str(tmp_path / "bn10"), "--no-progress", "--test-subset", "20"])
+    assert rc == 0
+    assert json.loads((tmp_path / "bn10" / "prune_report.json").read_text())["summary"]["bn_samples"] == 10
+
+    (tmp_path / "m").mkdir()
+    mlp = _checkpoint(tmp_path / "m")
+    rc = main(["prune", "--checkpoint", str(mlp), "--method", "magnitude", "--calib-samples", "10",
+               "--recalibrate-bn", "--out", str(tmp_path / "mlp"), "--no-progress", "--test-subset", "20"])
+    assert rc == 0 and "has no batch-norm layers" in capsys.readouterr().out
+
+    assert main(["prune", "--checkpoint", str(ckpt), "--bn-samples", "50", "--out", str(tmp_path / "x")]) == 2
+    assert main(["prune", "--checkpoint", str(ckpt), "--recalibrate-bn", "--bn-samples", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --recalibrate-bn too" in err and "--bn-samples must be a positive integer" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_prune_cli_errors(tmp_path, capsys):
     assert main(["prune", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err

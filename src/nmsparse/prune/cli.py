@@ -57,7 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adam-batch", type=int, default=50, help="calibration samples per Adam step")
     p.add_argument("--damp", type=float, default=0.01, help="ridge / Hessian dampening, relative to mean diag(X^T X)")
     p.add_argument("--recalibrate-bn", action="store_true",
-                   help="re-estimate batch-norm statistics on the calibration images after pruning")
+                   help="re-estimate batch-norm statistics after pruning (on the calibration images, or --bn-samples)")
+    p.add_argument("--bn-samples", type=int, default=None,
+                   help="training images (balanced, no labels used) for --recalibrate-bn; default: the calibration "
+                        "images. Batch-norm statistics need more images than the refit: re-estimated on 10 they "
+                        "can be worse than the stale ones")
     p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fixed-mask fine-tuning after pruning")
     p.add_argument("--finetune-optimizer", default=None,
                    help="sgd or adamw (default: the checkpoint's training optimizer, else sgd)")
@@ -142,10 +146,12 @@ def _main(args: argparse.Namespace) -> int:
         return _error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.solver not in SOLVERS:
         return _error(f"unknown --solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
-    for name in ("calib_samples", "iterations", "adam_batch", "batch_size"):
+    for name in ("calib_samples", "iterations", "adam_batch", "batch_size", "bn_samples"):
         v = getattr(args, name)
-        if v < (0 if name == "iterations" else 1):
+        if v is not None and v < (0 if name == "iterations" else 1):
             return _error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.bn_samples is not None and not args.recalibrate_bn:
+        return _error("--bn-samples sets the images of --recalibrate-bn; pass --recalibrate-bn too")
     if args.finetune_epochs < 0:
         return _error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     from nmsparse.training.config import OPTIMIZERS
@@ -209,10 +215,18 @@ def _main(args: argparse.Namespace) -> int:
         report = nmsparse.prune(model, n, m, **kwargs)
     except (ValueError, ImportError) as e:
         return _error(str(e))
+    bn_images = 0
     if args.recalibrate_bn:
         from nmsparse.prune import recalibrate_batchnorm
 
-        recalibrate_batchnorm(model, calib)
+        bn_calib = calib
+        if args.bn_samples is not None:
+            xb = data.x_train[balanced_indices(data.y_train, args.bn_samples, args.seed)].to(device)
+            bn_calib = [xb[s:s + 100] for s in range(0, len(xb), 100)]
+        if recalibrate_batchnorm(model, bn_calib):
+            bn_images = sum(len(b) for b in bn_calib)
+        else:
+            print(f"--recalibrate-bn: {model_name} has no batch-norm layers; nothing to re-estimate")
     prune_s = time.perf_counter() - t0
     pruned_eval = evaluate(model, xte, yte)
     print(report.table())
@@ -221,7 +235,8 @@ def _main(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(args.checkpoint), "model": model_name, "data": data_name, "nm": f"{n}:{m}",
-               "calib_samples": len(idx), "prune_s": prune_s, "dense": dense_eval, "pruned": pruned_eval,
+               "calib_samples": len(idx), "bn_samples": bn_images, "prune_s": prune_s, "dense": dense_eval,
+               "pruned": pruned_eval,
                "finetuned": None, "finetune_epochs": args.finetune_epochs}
     if args.finetune_epochs:
         summary["finetune_recipe"] = finetune_recipe(args, src)
