@@ -3,16 +3,18 @@
 Part 1: from the dense checkpoint, 2:4 and 4:8 (plain and transposable) by magnitude, Wanda, SparseGPT
 and AdaPrune (exact and Adam solvers), with 10 and 100 calibration images (balanced over classes,
 from the training set), each without fine-tuning and after ``--finetune-epochs`` of fixed-mask
-fine-tuning (frozen support; the dense run's optimizer and weight decay at a tenth of its peak learning
-rate, cosine to zero, no warm-up). "one-shot + BN" re-estimates the batch-norm statistics on the
-calibration images after pruning (no weight changes; models without batch norm skip it); fine-tuning
-starts from that.
+fine-tuning (frozen support; the dense run's optimizer, weight decay and momentum at a tenth of its peak
+learning rate, cosine to zero, no warm-up: ``nmsparse.prune.recipe.finetune_recipe``). "one-shot + BN"
+re-estimates the batch-norm statistics on the calibration images after pruning (no weight changes;
+models without batch norm skip it); fine-tuning starts from that.
 Part 2: the dense net first pruned to 50% / 75% unstructured (per-layer magnitude, then the same
 fixed-mask fine-tuning so it is a trained unstructured-sparse net), then converted to 2:4 / 4:8 / 1:4
 by magnitude and by AdaPrune (existing zeros respected), without and with fine-tuning.
 
-    python experiments/prune_fmnist.py --checkpoint runs/fm_dense_resnet/final.safetensors \\
-        --out docs/results/pruning_fmnist_resnet.json
+    python experiments/prune_fmnist.py --checkpoint runs/fm_full_resnet/final.safetensors --part 1 \\
+        --out docs/results/pruning_fmnist_resnet_part1.json
+
+(docs/results/pruning.md gives the commands of the committed results.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 import nmsparse
 from nmsparse.prune import recalibrate_batchnorm
 from nmsparse.prune.cli import balanced_indices, evaluate, read_checkpoint, support_mask
+from nmsparse.prune.recipe import finetune_recipe
 from nmsparse.training.data import load_dataset
 from nmsparse.training.models import build_model
 
@@ -39,14 +42,15 @@ METHODS = [("magnitude", "exact"), ("wanda", "exact"), ("sparsegpt", "exact"), (
 
 def finetune(model, names, n, m, data, epochs, recipe, batch=128, seed=0):
     """Fixed-mask fine-tuning of the layers ``names`` (support frozen), in place; returns the model.
-    ``recipe``: {"optimizer": "sgd" | "adamw", "lr": float, "weight_decay": float}."""
+    ``recipe``: :func:`nmsparse.prune.recipe.finetune_recipe`'s dict."""
     if epochs <= 0:
         return model
     nmsparse.sparsify(model, n, m, method="fixed", include=names, keep_dense=(), mask_fn=support_mask)
     if recipe["optimizer"] == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9, weight_decay=recipe["weight_decay"])
+        opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
+                              weight_decay=recipe["weight_decay"])
     g = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(data.y_train) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -99,8 +103,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     tensors, src = read_checkpoint(args.checkpoint)
-    recipe = {"optimizer": src.get("optimizer", "sgd"), "weight_decay": src.get("weight_decay", 5e-5),
-              "lr": args.finetune_lr if args.finetune_lr is not None else src.get("lr", 0.1) / 10}
+    recipe = finetune_recipe(src, lr=args.finetune_lr)
     data = load_dataset(src.get("data", "fashion-mnist"), train_subset=args.train_subset,
                         test_subset=args.test_subset)
     dense = build_model(src["model"], image_size=data.image_size, in_channels=data.in_channels,

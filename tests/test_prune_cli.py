@@ -87,8 +87,28 @@ def test_prune_cli_bad_finetune_optimizer(tmp_path, capsys):
                str(tmp_path / "o"), "--no-progress", "--finetune-epochs", "1", "--finetune-optimizer", "lion",
                "--test-subset", "20"])
     assert rc == 2
-    assert "unknown --finetune-optimizer 'lion'" in capsys.readouterr().err
+    assert "--finetune-optimizer 'lion': not one of sgd, adamw" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything is pruned or written
+
+
+def test_prune_cli_bad_recipe_in_checkpoint_is_named_and_overridable(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path, optimizer="lion", lr="1e-3")
+    args = ["prune", "--checkpoint", str(ckpt), "--method", "magnitude", "--calib-samples", "10", "--no-progress",
+            "--finetune-epochs", "1", "--train-subset", "64", "--test-subset", "20"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert "the checkpoint records optimizer 'lion'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # another optimizer inherits nothing from the run, so the recorded (bad) lr no longer matters
+    assert main(args + ["--out", str(tmp_path / "b"), "--finetune-optimizer", "sgd"]) == 0
+    recipe = json.loads((tmp_path / "b" / "prune_report.json").read_text())["summary"]["finetune_recipe"]
+    assert recipe == {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-5, "momentum": 0.9}
+
+
+def test_prune_cli_finetune_flags_need_finetune_epochs(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    rc = main(["prune", "--checkpoint", str(ckpt), "--finetune-lr", "0.1", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "--finetune-lr set the fine-tuning; pass --finetune-epochs K too" in capsys.readouterr().err
 
 
 def test_prune_cli_bn_samples(tmp_path, capsys):

@@ -20,11 +20,17 @@ from pathlib import Path
 
 import torch
 
+from nmsparse.clihelp import HelpFormatter
 from nmsparse.layout import LAYOUTS
+from nmsparse.prune.recipe import finetune_recipe
+
+FINETUNE_FLAGS = ("finetune_optimizer", "finetune_lr", "finetune_weight_decay", "finetune_momentum")
 
 EPILOG = ("Fine-tuning (--finetune-epochs K) freezes the pruned support: nmsparse.sparsify(model, method='fixed'). "
-          "By default it uses the optimizer and weight decay of the run that wrote the checkpoint, at a tenth "
-          "of its peak learning rate (SGD at 0.01 when the checkpoint records none), cosine to zero, no warm-up.")
+          "By default it uses the optimizer, weight decay and momentum of the run that wrote the checkpoint, at a "
+          "tenth of its peak learning rate, cosine to zero, no warm-up; with another --finetune-optimizer, or a "
+          "checkpoint that records no training config: SGD at 0.01 (momentum 0.9) or AdamW at 1e-4, weight "
+          "decay 5e-5. The --finetune-* flags override each value.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "every group of M, layer by layer with a small calibration set; optionally fine-tune with "
                     "frozen masks. Writes the outputs of 'nmsparse train' plus prune_report.json/.txt into --out.",
         epilog=EPILOG,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="final.safetensors written by 'nmsparse train'")
     p.add_argument("--model", default=None, help="architecture (default: the one recorded in the checkpoint)")
@@ -64,9 +70,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "can be worse than the stale ones")
     p.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fixed-mask fine-tuning after pruning")
     p.add_argument("--finetune-optimizer", default=None,
-                   help="sgd or adamw (default: the checkpoint's training optimizer, else sgd)")
+                   help="sgd or adamw; if not given: the checkpoint's training optimizer")
     p.add_argument("--finetune-lr", type=float, default=None,
-                   help="fine-tuning peak learning rate, cosine to zero (default: a tenth of the checkpoint's lr)")
+                   help="fine-tuning peak learning rate, cosine to zero; if not given: a tenth of the checkpoint's")
+    p.add_argument("--finetune-weight-decay", type=float, default=None,
+                   help="fine-tuning weight decay; if not given: the checkpoint's")
+    p.add_argument("--finetune-momentum", type=float, default=None,
+                   help="SGD momentum of the fine-tuning; if not given: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     p.add_argument("--train-subset", type=int, default=None, help="fine-tune on the first K training images only")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first K test images only")
@@ -154,12 +164,9 @@ def _main(args: argparse.Namespace) -> int:
         return _error("--bn-samples sets the images of --recalibrate-bn; pass --recalibrate-bn too")
     if args.finetune_epochs < 0:
         return _error(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-    from nmsparse.training.config import OPTIMIZERS
-
-    if args.finetune_optimizer is not None and args.finetune_optimizer not in OPTIMIZERS:
-        return _error(f"unknown --finetune-optimizer {args.finetune_optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if args.finetune_lr is not None and not args.finetune_lr > 0:
-        return _error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
+    given = [f"--{k.replace('_', '-')}" for k in FINETUNE_FLAGS if getattr(args, k) is not None]
+    if given and not args.finetune_epochs:
+        return _error(f"{', '.join(given)} set the fine-tuning; pass --finetune-epochs K too")
     if not Path(args.checkpoint).is_file():
         return _error(f"checkpoint {args.checkpoint!r} not found (expected final.safetensors of 'nmsparse train')")
     out = Path(args.out)
@@ -175,6 +182,11 @@ def _main(args: argparse.Namespace) -> int:
         tensors, src = read_checkpoint(args.checkpoint)
     except Exception as e:  # noqa: BLE001 - any unreadable file
         return _error(f"cannot read {args.checkpoint}: {e}")
+    if args.finetune_epochs:
+        try:
+            recipe = finetune_recipe(src, **{k[len("finetune_"):]: getattr(args, k) for k in FINETUNE_FLAGS})
+        except ValueError as e:
+            return _error(str(e))
     model_name = args.model or src.get("model")
     if model_name is None:
         return _error("the checkpoint records no model; pass --model")
@@ -239,8 +251,8 @@ def _main(args: argparse.Namespace) -> int:
                "pruned": pruned_eval,
                "finetuned": None, "finetune_epochs": args.finetune_epochs}
     if args.finetune_epochs:
-        summary["finetune_recipe"] = finetune_recipe(args, src)
-        ft = _finetune(model, args, model_name, data_name, layout, n, m, report, src)
+        summary["finetune_recipe"] = recipe
+        ft = _finetune(model, args, model_name, data_name, layout, n, m, report, recipe)
         if ft is None:
             return 2
         summary["finetuned"] = {"test_acc": ft[-1]["test_acc"], "test_loss": ft[-1]["test_loss"]}
@@ -271,34 +283,15 @@ def _write_outputs(model: torch.nn.Module, args: argparse.Namespace, summary: di
     save_file(tensors, str(out / "final.safetensors"), metadata=meta)
 
 
-def finetune_recipe(args: argparse.Namespace, src: dict) -> dict:
-    """Optimizer, peak lr and weight decay of the fixed-mask fine-tuning: the command line's, else those of
-    the run that wrote the checkpoint (its lr divided by 10), else SGD at 0.01 with the training default decay."""
-    from nmsparse.training.config import TrainConfig
-
-    default = TrainConfig()
-    optimizer = args.finetune_optimizer or src.get("optimizer") or "sgd"
-    if args.finetune_lr is not None:
-        lr = args.finetune_lr
-    elif isinstance(src.get("lr"), (int, float)) and src["lr"] > 0:
-        lr = src["lr"] / 10
-    else:
-        lr = 0.01
-    decay = src.get("weight_decay", default.weight_decay)
-    momentum = src.get("momentum", default.momentum)
-    return {"optimizer": optimizer, "lr": lr, "weight_decay": decay, "momentum": momentum}
-
-
-def _finetune(model, args, model_name, data_name, layout, n, m, report, src):
+def _finetune(model, args, model_name, data_name, layout, n, m, report, recipe):
     """Train the pruned model with frozen masks through the training loop; returns its records."""
     import nmsparse
     from nmsparse.training import loop
     from nmsparse.training.config import TrainConfig
 
-    recipe = finetune_recipe(args, src)
     config = TrainConfig(model=model_name, data=data_name, data_dir=args.data_dir, nm=f"{n}:{m}", method="fixed",
                          layout=layout, optimizer=recipe["optimizer"], lr=recipe["lr"],
-                         weight_decay=recipe["weight_decay"], momentum=recipe["momentum"],
+                         weight_decay=recipe["weight_decay"], momentum=recipe.get("momentum", TrainConfig.momentum),
                          warmup_epochs=0, epochs=args.finetune_epochs,
                          batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                          train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nmsparse.clihelp import HelpFormatter
 from nmsparse.layout import LAYOUTS
 from nmsparse.parametrization import METHODS
 from nmsparse.training.config import MASK_METHODS, OPTIMIZERS, TrainConfig
@@ -31,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train a network from scratch, dense or N:M sparse (N weights kept in every group of M), "
                     "writing config.json, metrics.jsonl, checkpoint.pt and final.safetensors into --out. "
                     "Run under 'torchrun --nproc_per_node=K -m nmsparse train ...' for DDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=_D.model, help=f"architecture: {', '.join(model_names())}")
