@@ -106,7 +106,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         config = json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError:
         config = {}
-    return tensors, config
+    return tensors, config if isinstance(config, dict) else {}
 
 
 def balanced_indices(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
