@@ -114,13 +114,11 @@ def main() -> None:
            "finetune_images": len(data.y_train), "finetune_epochs": args.finetune_epochs, "finetune_recipe": recipe,
            "dense_acc": evaluate(dense, data.x_test, data.y_test)["test_acc"], "part1": [], "part2": []}
     print(f"{src['model']}: dense {res['dense_acc']:.2%}", flush=True)
-    has_bn = any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in dense.modules())
 
     def bn_acc(model, calib):
         """Top-1 after re-estimating batch-norm statistics on ``calib`` (None for a model without BN)."""
-        if not has_bn:
+        if not recalibrate_batchnorm(model, calib):
             return None
-        recalibrate_batchnorm(model, calib)
         return evaluate(model, data.x_test, data.y_test)["test_acc"]
 
     def tuned(model, names, n, m, epochs):

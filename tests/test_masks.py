@@ -165,16 +165,10 @@ def test_bad_inputs():
         nm_mask([1.0, 2.0, 3.0, 4.0], 2, 4)
 
 
-def test_kernel_leaves_torch_thread_count_alone():
-    import os
-    import subprocess
-    import sys
-
+def test_kernel_leaves_torch_thread_count_alone(run_with_one_numba_thread):
     code = (
         "import torch, nmsparse; before = torch.get_num_threads(); "
         "nmsparse.nm_mask(torch.randn(512, 512), 2, 4); print(before, torch.get_num_threads())"
     )
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    before, after = out.stdout.split()
+    before, after = run_with_one_numba_thread(code).split()
     assert before == after

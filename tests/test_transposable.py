@@ -456,15 +456,9 @@ def test_failed_certificate_falls_back_to_the_exact_solver(monkeypatch):
     assert (a * mask[0].numpy()).sum() >= (a * greedy.numpy()).sum()
 
 
-def test_kernel_leaves_torch_thread_count_alone():
-    import os
-    import subprocess
-    import sys
-
+def test_kernel_leaves_torch_thread_count_alone(run_with_one_numba_thread):
     code = (
         "import torch, nmsparse; torch.set_num_threads(2); "
         "nmsparse.transposable_mask(torch.randn(64, 64), 2, 4); print(torch.get_num_threads())"
     )
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "2"
+    assert run_with_one_numba_thread(code).strip() == "2"

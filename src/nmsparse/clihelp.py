@@ -1,5 +1,6 @@
-"""The help formatter of every ``nmsparse`` command: argparse's defaults in the help text, except
-``None`` (options whose help already says what happens when they are not given)."""
+"""The help formatter of ``nmsparse train`` and ``nmsparse prune``: argparse's defaults in the help
+text, except ``None`` (options whose help already says what happens when they are not given).
+``nmsparse reproduce`` writes its defaults into its help itself, since they depend on --quick / --demo."""
 
 from __future__ import annotations
 

@@ -212,9 +212,11 @@ def _main(args: argparse.Namespace) -> int:
     xte, yte = data.x_test.to(device), data.y_test.to(device)
     dense_eval = evaluate(model, xte, yte)
 
-    idx = balanced_indices(data.y_train, args.calib_samples, args.seed)
-    xc = data.x_train[idx].to(device)
-    calib = [xc[s:s + 100] for s in range(0, len(xc), 100)]
+    def draw(k: int) -> list[torch.Tensor]:  # k balanced training images, in batches of 100
+        x = data.x_train[balanced_indices(data.y_train, k, args.seed)].to(device)
+        return [x[s:s + 100] for s in range(0, len(x), 100)]
+
+    calib = draw(args.calib_samples)
     import nmsparse
 
     keep_dense = _keep_dense(args.keep_dense)
@@ -231,10 +233,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.recalibrate_bn:
         from nmsparse.prune import recalibrate_batchnorm
 
-        bn_calib = calib
-        if args.bn_samples is not None:
-            xb = data.x_train[balanced_indices(data.y_train, args.bn_samples, args.seed)].to(device)
-            bn_calib = [xb[s:s + 100] for s in range(0, len(xb), 100)]
+        bn_calib = calib if args.bn_samples is None else draw(args.bn_samples)
         if recalibrate_batchnorm(model, bn_calib):
             bn_images = sum(len(b) for b in bn_calib)
         else:
@@ -247,7 +246,7 @@ def _main(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(args.checkpoint), "model": model_name, "data": data_name, "nm": f"{n}:{m}",
-               "calib_samples": len(idx), "bn_samples": bn_images, "prune_s": prune_s, "dense": dense_eval,
+               "calib_samples": sum(len(b) for b in calib), "bn_samples": bn_images, "prune_s": prune_s, "dense": dense_eval,
                "pruned": pruned_eval,
                "finetuned": None, "finetune_epochs": args.finetune_epochs}
     if args.finetune_epochs:
