@@ -281,6 +281,33 @@ if numba is not None:
                 hv[bi] = a[bi, order[bi, head[bi]]]
         return kept
 
+    @_jit_inline
+    def _bfs_layer(sf, sg, dv, df, dg, dp, x, a, m, kept, sign):  # pragma: no cover - compiled
+        """One layer of the augmenting-path search of :func:`_repair_tile`, from the source frontier
+        ``sf`` (gains ``sg``) to the unvisited destinations (``dv`` False) along the entries with
+        ``x[s, d] == kept``, each gaining ``sign * a[s, d]``: sets the destination frontier ``df``, the
+        best gains ``dg`` and predecessors ``dp`` (first source on ties). Rows to columns use ``x, a``;
+        columns to rows their transposes. True when a destination was reached."""
+        reached = False
+        for d in range(m):
+            df[d] = False
+            if dv[d]:
+                continue
+            bg = -np.inf
+            bp = -1
+            for s in range(m):
+                if sf[s] and x[s, d] == kept:
+                    g = sg[s] + sign * a[s, d]
+                    if bp < 0 or g > bg:
+                        bg = g
+                        bp = s
+            if bp >= 0:
+                dg[d] = bg
+                dp[d] = bp
+                df[d] = True
+                reached = True
+        return reached
+
     @_jit
     def _repair_tile(a, x, n, m, order, order2, rc, cc, rg, cg, rpr, cpr, fr, fc, rv, cv):  # pragma: no cover
         """Complete a greedy tile by augmenting paths. True when the result provably keeps at least
@@ -306,25 +333,8 @@ if numba is not None:
                 cpr[i] = -1
             chosen = -1
             for _layer in range(m):
-                anyc = False
-                for k in range(m):  # frontier rows -> unvisited columns, along entries not kept
-                    fc[k] = False
-                    if cv[k]:
-                        continue
-                    bg = ninf
-                    bp = -1
-                    for i in range(m):
-                        if fr[i] and not x[i, k]:
-                            g = rg[i] + a[i, k]
-                            if bp < 0 or g > bg:
-                                bg = g
-                                bp = i
-                    if bp >= 0:
-                        cg[k] = bg
-                        cpr[k] = bp
-                        fc[k] = True
-                        anyc = True
-                if not anyc:
+                # frontier rows -> unvisited columns, along entries not kept
+                if not _bfs_layer(fr, rg, cv, fc, cg, cpr, x, a, m, False, 1.0):
                     return False
                 bg = ninf
                 for k in range(m):
@@ -333,29 +343,13 @@ if numba is not None:
                         chosen = k
                 if chosen >= 0:
                     break
-                anyr = False
                 for k in range(m):
                     cv[k] = cv[k] | fc[k]
-                for i in range(m):  # new columns -> unvisited rows, along kept entries
-                    fr[i] = False
-                    if rv[i]:
-                        continue
-                    bg = ninf
-                    bp = -1
-                    for k in range(m):
-                        if fc[k] and x[i, k]:
-                            g = cg[k] - a[i, k]
-                            if bp < 0 or g > bg:
-                                bg = g
-                                bp = k
-                    if bp >= 0:
-                        rg[i] = bg
-                        rpr[i] = bp
-                        fr[i] = True
-                        rv[i] = True
-                        anyr = True
-                if not anyr:
+                # new columns -> unvisited rows, along kept entries
+                if not _bfs_layer(fc, cg, rv, fr, rg, rpr, x.T, a.T, m, True, -1.0):
                     return False
+                for i in range(m):
+                    rv[i] = rv[i] | fr[i]
             if chosen < 0:
                 return False
             k = chosen
