@@ -190,13 +190,28 @@ def _torch_weights(model: nn.Module, n: int, m: int, layout: str) -> tuple[dict,
     return params, expected, canon
 
 
+def _rows_rescaled(p: torch.Tensor, a: torch.Tensor) -> bool:
+    """Same zeros and each output row (dim 0) a constant multiple of PyTorch's: a folded BatchNorm."""
+    p, a = p.double().reshape(p.shape[0], -1), a.double().reshape(a.shape[0], -1)
+    if not torch.equal(p != 0, a != 0):
+        return False
+    ratio = torch.where(p != 0, a / p.where(p != 0, 1.0), float("nan"))
+    lo = ratio.nan_to_num(float("inf")).amin(1)
+    hi = ratio.nan_to_num(float("-inf")).amax(1)
+    ok = (hi - lo).abs() <= 1e-5 * hi.abs().clamp_min(1e-30)
+    return bool(ok[torch.isfinite(lo)].all())
+
+
 def _match_param(name: str, arr: torch.Tensor, params: dict, taken: set) -> tuple[str | None, str]:
     """The PyTorch parameter an initializer holds: by name (values may differ by a folded BatchNorm),
     else by equal value, as it is or transposed."""
     if name in params and tuple(params[name].shape) in (tuple(arr.shape), tuple(arr.shape)[::-1]):
-        p = params[name].detach()
-        same = p.shape == arr.shape and torch.equal(p.to(arr.dtype).cpu(), arr)
-        return name, "" if same else "BatchNorm folded in"
+        p = params[name].detach().cpu()
+        if p.shape != arr.shape:
+            return name, "same name, transposed shape"
+        if torch.equal(p.to(arr.dtype), arr):
+            return name, ""
+        return name, "rows rescaled (a BatchNorm folded in)" if _rows_rescaled(p, arr) else "values differ"
     for k, p in params.items():
         if k in taken or p.numel() != arr.numel() or p.dtype != arr.dtype:
             continue
@@ -257,7 +272,8 @@ def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str
             if want or other or flat:
                 status = "broken"
                 where = (f"along axis {other[0]}" if other else "in the flat layout" if flat else "in PyTorch")
-                notes.append(f"{n}:{m} {where} but not along axis {axes[0]}, the reduction axis TensorRT reads")
+                notes.append(f"{n}:{m} {where} but not along axis {axes[0]}, the reduction axis TensorRT reads"
+                             + (" (prune or sparsify with layout='channels')" if flat and not other else ""))
             else:
                 status = "dense"
         checks.append(InitializerCheck(init.name, param, op, shape, axes[0], status, two_four, "; ".join(notes)))
