@@ -17,6 +17,7 @@ from nmsparse.training.models import build_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # the torch.export-based exporter translates through it
 from onnx import helper, numpy_helper  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -311,3 +312,36 @@ def test_every_input_error_before_anything_is_written(tmp_path):
                        r"call nmsparse.finalize\(model\) before exporting"):
         export_onnx(model, (x,), out, **ok)
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_packages_are_named(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(ImportError, match=r"export_onnx needs onnxscript: pip install 'nmsparse\[onnx\]'"):
+        export_onnx(nn.Linear(8, 4), (torch.randn(2, 8),), tmp_path / "f.onnx", n=2, m=4)
+    assert os.listdir(tmp_path) == []
+
+
+def test_gpt2_conv1d_gemm_and_tied_head(tmp_path):
+    """transformers' Conv1D keeps its weight ``(in, out)`` and becomes ``Gemm(transB=0)``: N:M on axis 0.
+    The tied head becomes a MatMul on a transposed copy of the token embedding, mapped back to it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    conv1d = {f"{k}.weight" for k, v in model.named_modules() if type(v).__name__ == "Conv1D"}
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k in conv1d:
+                p.mul_(nmsparse.nm_mask(p, 2, 4, dim=0))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    report = export_onnx(model, (ids,), tmp_path / "gpt2.onnx", n=2, m=4)
+    nm = {c.param: c for c in report.by_status("n:m")}
+    assert set(nm) == conv1d and len(conv1d) == 4
+    assert all(c.op == "Gemm(transB=0)" and c.axis == 0 and c.two_four for c in nm.values())
+    (head,) = report.by_status("dense")
+    assert head.param == "transformer.wte.weight" and head.note == "transposed" and head.shape == (32, 100)
+    assert report.max_abs_diff < 1e-4

@@ -244,12 +244,12 @@ def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str
             continue
         arr = _to_torch(numpy_helper.to_array(init))
         param, how = _match_param(init.name, arr, params, taken)
-        if param is not None:
-            taken.add(param)
         reductions = [(op, ax) for op, ax in uses.get(init.name, []) if ax is not None]
         others = sorted({op for op, ax in uses.get(init.name, []) if ax is None})
         if not reductions and param not in expected:
-            continue
+            continue  # an embedding table, a bias...: not a weight TensorRT could run sparse
+        if param is not None:
+            taken.add(param)
         want = param in expected
         shape = tuple(arr.shape)
         if not reductions:
@@ -385,6 +385,15 @@ def _compare(model: nn.Module, file: Path, args: tuple, kwargs: dict, rtol: floa
     return outputs
 
 
+def _require(check: bool) -> None:
+    import importlib.util
+
+    need = ["onnx", "onnxscript"] + (["onnxruntime"] if check else [])
+    missing = [k for k in need if importlib.util.find_spec(k) is None]
+    if missing:
+        raise ImportError(f"export_onnx needs {', '.join(missing)}: pip install 'nmsparse[onnx]'")
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: tuple,
@@ -414,17 +423,17 @@ def export_onnx(
     temporary name and renamed: on any error nothing is written. Above 1 GiB of parameters the weights
     go to ``<path>.data`` next to it (ONNX's 2 GiB protobuf limit).
     """
-    import onnx
-
     n, m = check_nm(n, m)
     check_layout(layout)
     args, kwargs = _check_inputs(model, example_inputs, example_kwargs)
     dest = _check_path(path)
-    opset = _check_opset(opset)
     rtol, atol = _check_number("rtol", rtol), _check_number("atol", atol)
     for what, flag in (("check", check), ("allow_broken", allow_broken)):
         if not isinstance(flag, bool):
             raise ValueError(f"{what} must be True or False, got {flag!r}")
+    _require(check)
+    opset = _check_opset(opset)
+    import onnx
 
     was_training = model.training
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
