@@ -82,6 +82,7 @@ def test_resnet_2_4_pruned_magnitude(tmp_path):
     for k in convs[1:]:
         c = by_param[f"{k}.weight"]
         assert (c.op, c.axis, c.status, c.two_four) == ("Conv", 1, "n:m", True), c
+        assert len(c.nodes) == 1 and c.nodes[0]  # the Conv node reading it, by name
     assert by_param["conv1.weight"].status == "dense" and by_param["fc.weight"].status == "dense"
     assert {c.note for c in report.initializers} == {"rows rescaled (a BatchNorm folded in)", ""}
     assert by_param["fc.weight"].note == "" and by_param["conv1.weight"].note != ""
@@ -228,7 +229,7 @@ def test_reduction_axis_of_every_consumer_form():
               "mm_b": nm_on((16, 8), 0), "mm_a": nm_on((8, 16), 1), "conv": nm_on((8, 16, 3, 3), 1),
               "tr": nm_on((8, 16), 1)}
     nodes = [
-        helper.make_node("Gemm", ["x", "gemm_t"], ["a"], transB=1),
+        helper.make_node("Gemm", ["x", "gemm_t"], ["a"], transB=1, name="fc"),
         helper.make_node("Gemm", ["x", "gemm_n"], ["b"]),
         helper.make_node("Gemm", ["gemm_a", "xt"], ["c"]),
         helper.make_node("MatMul", ["x", "mm_b"], ["d"]),
@@ -244,6 +245,7 @@ def test_reduction_axis_of_every_consumer_form():
     assert {k: c.axis for k, c in checks.items()} == want
     assert {c.status for c in checks.values()} == {"n:m"}
     assert checks["tr"].op == "Transpose->MatMul" and checks["gemm_a"].op == "Gemm(A)"
+    assert checks["gemm_t"].nodes == ("fc",)
     for k, ax in want.items():
         assert brute_nm(arrays[k], 2, 4, ax)
 

@@ -24,7 +24,8 @@ class InitializerCheck:
     ``status``: ``"n:m"`` (N:M along ``axis``, the axis TensorRT reads), ``"dense"`` (not N:M, nor meant
     to be), ``"broken"`` (N:M in PyTorch or along another axis, but not along ``axis``: TensorRT would
     run it dense), or ``"not exported"`` (an N:M PyTorch weight with no initializer in the file).
-    ``two_four``: also 2:4 along ``axis``, which TensorRT's sparse kernels need.
+    ``two_four``: also 2:4 along ``axis``, which TensorRT's sparse kernels need. ``op``: the consuming
+    node type(s), e.g. ``"Conv"``, ``"Gemm(transB=1)"``, ``"MatMul"``, ``"Transpose->MatMul"``.
     """
 
     name: str
@@ -35,8 +36,7 @@ class InitializerCheck:
     status: str
     two_four: bool = False
     note: str = ""
-
-
+    nodes: tuple[str, ...] = ()  # the ONNX nodes that reduce over it (Conv/Gemm/MatMul), by name
 
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
@@ -52,8 +52,8 @@ def _nm_along(t: torch.Tensor, n: int, m: int, axis: int) -> bool:
     return bool((nz.sum(-1) <= n).all())
 
 
-def _reduction_uses(graph) -> dict[str, list[tuple[str, int | None]]]:
-    """initializer name -> [(consuming op, reduction axis in the initializer or None)]."""
+def _reduction_uses(graph) -> dict[str, list[tuple[str, int | None, str]]]:
+    """initializer name -> [(consuming op, reduction axis in the initializer or None, node name)]."""
     inits = {i.name: len(i.dims) for i in graph.initializer}
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -85,7 +85,7 @@ def _reduction_uses(graph) -> dict[str, list[tuple[str, int | None]]]:
                 op = f"Gemm(transB={attrs['transB'].i if 'transB' in attrs else 0})" if k == 1 else "Gemm(A)"
             if depth:
                 op = f"Transpose->{op}"
-            out.setdefault(init, []).append((op, None if axis is None else perm[axis]))
+            out.setdefault(init, []).append((op, None if axis is None else perm[axis], node.name))
 
     for name, rank in inits.items():
         visit(name, name, list(range(rank)), 0)
@@ -160,8 +160,8 @@ def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str
             continue
         arr = _to_torch(numpy_helper.to_array(init))
         param, how = _match_param(init.name, arr, params, taken)
-        reductions = [(op, ax) for op, ax in uses.get(init.name, []) if ax is not None]
-        others = sorted({op for op, ax in uses.get(init.name, []) if ax is None})
+        reductions = [(op, ax, node) for op, ax, node in uses.get(init.name, []) if ax is not None]
+        others = sorted({op for op, ax, _ in uses.get(init.name, []) if ax is None})
         if not reductions and param not in expected:
             continue  # an embedding table, a bias...: not a weight TensorRT could run sparse
         if param is not None:
@@ -173,8 +173,9 @@ def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str
                                            note=f"N:M in PyTorch but consumed by {others or 'nothing'}, not a "
                                            "Conv/Gemm/MatMul weight TensorRT can run sparse"))
             continue
-        axes = sorted({ax for _, ax in reductions})
-        op = ",".join(sorted({o for o, _ in reductions}))
+        axes = sorted({ax for _, ax, _ in reductions})
+        op = ",".join(sorted({o for o, _, _ in reductions}))
+        nodes = tuple(node for _, _, node in reductions)
         ok = all(_nm_along(arr, n, m, ax) for ax in axes)
         two_four = all(_nm_along(arr, 2, 4, ax) for ax in axes)
         notes = [how] if how else []
@@ -192,7 +193,8 @@ def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str
                              + (" (prune or sparsify with layout='channels')" if flat and not other else ""))
             else:
                 status = "dense"
-        checks.append(InitializerCheck(init.name, param, op, shape, axes[0], status, two_four, "; ".join(notes)))
+        checks.append(InitializerCheck(init.name, param, op, shape, axes[0], status, two_four, "; ".join(notes),
+                                       nodes))
     for k in expected:
         if k not in taken:
             checks.append(InitializerCheck("", k, "", tuple(params[k].shape), None, "not exported",
