@@ -347,3 +347,58 @@ def test_gpt2_conv1d_gemm_and_tied_head(tmp_path):
     (head,) = report.by_status("dense")
     assert head.param == "transformer.wte.weight" and head.note == "transposed" and head.shape == (32, 100)
     assert report.max_abs_diff < 1e-4
+
+
+class _Value:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _StubSession:
+    """Stands in for onnxruntime.InferenceSession to reach the consistency errors a real export never hits."""
+
+    inputs, outputs, result, fail = ["x"], ["y"], None, None
+
+    def __init__(self, *a, **k) -> None:
+        if self.fail == "load":
+            raise ValueError("cannot load\nmore lines")
+
+    def get_inputs(self):
+        return [_Value(k) for k in self.inputs]
+
+    def get_outputs(self):
+        return [_Value(k) for k in self.outputs]
+
+    def run(self, names, feeds):
+        if self.fail == "run":
+            raise ValueError("NOT_IMPLEMENTED : Could not find an implementation for Conv(11) node")
+        return self.result
+
+
+def test_onnxruntime_consistency_errors(tmp_path, monkeypatch):
+    from nmsparse.export import onnx as exp
+
+    lin = nn.Linear(8, 4).eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        y = lin(x).numpy()
+    monkeypatch.setattr(ort, "InferenceSession", _StubSession)
+
+    def run(**stub):
+        for k, v in stub.items():
+            monkeypatch.setattr(_StubSession, k, v)
+        return exp._compare(lin, tmp_path / "f.onnx", (x,), {}, 1e-4, 1e-5)
+
+    assert run(inputs=["input"], result=[y])[0]["max_abs_diff"] == 0.0
+    with pytest.raises(RuntimeError, match=r"the ONNX file takes inputs \['a', 'b'\] but 1 example tensors were "
+                       r"given; nothing was written"):
+        run(inputs=["a", "b"])
+    with pytest.raises(RuntimeError, match=r"onnxruntime returned 2 outputs, PyTorch 1; cannot compare them"):
+        run(inputs=["input"], result=[y, y])
+    with pytest.raises(RuntimeError, match=r"output 'y': onnxruntime shape \(4, 2\) != PyTorch \(2, 4\); nothing"):
+        run(result=[y.T.copy()])
+    with pytest.raises(RuntimeError, match=r"onnxruntime could not run the file: ValueError: NOT_IMPLEMENTED .*"
+                       r"pass check=False to skip the comparison; nothing was written"):
+        run(fail="run")
+    with pytest.raises(RuntimeError, match=r"onnxruntime could not run the file: ValueError: cannot load; pass"):
+        run(fail="load")

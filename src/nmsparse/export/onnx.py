@@ -168,7 +168,8 @@ def _feeds(model: nn.Module, session, args: tuple, kwargs: dict) -> dict:
         return {k: bound[k].detach().cpu().numpy() for k in names}
     leaves = list(args) + list(kwargs.values())
     if len(leaves) != len(names):
-        raise RuntimeError(f"the ONNX file takes inputs {names} but {len(leaves)} example tensors were given")
+        raise RuntimeError(f"the ONNX file takes inputs {names} but {len(leaves)} example tensors were given; "
+                           "nothing was written")
     return {k: v.detach().cpu().numpy() for k, v in zip(names, leaves)}
 
 
@@ -178,17 +179,31 @@ def _compare(model: nn.Module, file: Path, args: tuple, kwargs: dict, rtol: floa
 
     with torch.no_grad():
         ref = [t for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    got = session.run(None, _feeds(model, session, args, kwargs))
+    def fail(e: Exception) -> RuntimeError:  # onnxruntime's own errors, e.g. an op its CPU provider lacks
+        first = str(e).splitlines()[0] if str(e) else ""
+        return RuntimeError(f"onnxruntime could not run the file: {type(e).__name__}: {first}; "
+                            "pass check=False to skip the comparison; nothing was written")
+
+    try:
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise fail(e) from e
+    feeds = _feeds(model, session, args, kwargs)
+    try:
+        got = session.run(None, feeds)
+    except Exception as e:
+        raise fail(e) from e
     names = [o.name for o in session.get_outputs()]
     if len(got) != len(ref):
-        raise RuntimeError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}; cannot compare them")
+        raise RuntimeError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}; cannot compare them; "
+                           "nothing was written")
     outputs = []
     for name, a, b in zip(names, got, ref):
         a64 = torch.from_numpy(np.asarray(a, dtype=np.float64))
         b64 = b.detach().cpu().to(torch.float64)
         if tuple(a64.shape) != tuple(b64.shape):
-            raise RuntimeError(f"output {name!r}: onnxruntime shape {tuple(a64.shape)} != PyTorch {tuple(b64.shape)}")
+            raise RuntimeError(f"output {name!r}: onnxruntime shape {tuple(a64.shape)} != PyTorch "
+                               f"{tuple(b64.shape)}; nothing was written")
         diff = (a64 - b64).abs()
         bad = ~(diff <= atol + rtol * b64.abs())
         bad &= ~(torch.isnan(a64) & torch.isnan(b64))
