@@ -4,6 +4,7 @@ brute-force count over the initializers along the axis each consuming node reduc
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -100,7 +101,7 @@ def test_resnet_2_4_pruned_magnitude(tmp_path):
         ref = model(x2)
     (got,) = ort_run(tmp_path / "resnet.onnx", {"x": x2})
     torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-5)
-    d = report.to_dict()
+    d = json.loads(json.dumps(report.to_dict()))  # JSON-ready, as the CLI writes it
     assert d["n"] == 2 and d["max_abs_diff"] == report.max_abs_diff and len(d["initializers"]) == 10
     table = report.table()
     assert "8 N:M, 2 dense, 0 broken" in table and "TensorRT can use its sparse kernels" in table
