@@ -61,7 +61,8 @@ def attach(module: nn.Module, parametrization, backend: str) -> str:
     if backend == "dense":
         return "masked dense"
     if not isinstance(module, nn.Linear):
-        return f"masked dense: {type(module).__name__} has no semi-structured kernel (Linear only)"
+        kind = type(module).__name__.removeprefix("Parametrized")
+        return f"masked dense: {kind} has no semi-structured kernel (Linear only)"
     plist = module.parametrizations["weight"]
     if len(plist) != 1 or plist[0] is not parametrization:
         return "masked dense: the weight has other parametrizations as well"
