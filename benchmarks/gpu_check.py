@@ -4,7 +4,8 @@ benchmarks of issue 10, written to ``docs/results/gpu/gpu_check.json`` and ``gpu
 1. CUDA tests: ``pytest -k cuda`` on the test files with CUDA tests.
 2. Masks on a 4096x4096 fp32 weight, as a ratio to one ``abs()`` pass: ``nm_mask`` 2:4 (goal <= 2x),
    transposable 2:4 optimal (goal < 10 ms) and approx.
-3. Linear inference, bf16, dense ``F.linear`` vs the semi-structured weight (cuSPARSELt and CUTLASS),
+3. Linear inference, bf16, dense ``F.linear`` vs the semi-structured weight (cuSPARSELt; CUTLASS too on
+   compute capability 8.x, the only one its PyTorch kernels run on),
    (batch, in, out) from (16384, 4096, 16384) down to batch 16 (goal >= 1.3x on the three large).
 4. MLP block 4096 -> 16384 -> 4096 (GELU), 8192 bf16 tokens, fp32 master weights, AdamW: full
    training step dense vs masked-dense vs semi-structured with transposable optimal 2:4 masks
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import nmsparse  # noqa: E402
-from nmsparse.kernels import CudaOps, EmulatedOps  # noqa: E402
+from nmsparse.kernels import CudaOps, EmulatedOps, cutlass_supported  # noqa: E402
 
 TEST_FILES = ["tests/test_semi_structured.py", "tests/test_masks.py", "tests/test_transposable.py"]
 LARGE = [(8192, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 16384)]
@@ -108,16 +109,28 @@ def run_tests() -> dict:
 
 def bench_masks(dev: str, size: int, timer: Timer) -> dict:
     w = torch.randn(size, size, device=dev)
-    res = timer.compare({
+    fns = {
         "abs": lambda: w.abs(),
         "nm_mask 2:4": lambda: nmsparse.nm_mask(w, 2, 4),
         "transposable 2:4 optimal": lambda: nmsparse.transposable_mask(w, 2, 4, "optimal"),
         "transposable 2:4 approx": lambda: nmsparse.transposable_mask(w, 2, 4, "approx"),
-    })
+    }
+    notes = {}
+    if dev == "cuda":  # would a fused (compiled) kernel of the same torch path reach the 2x goal?
+        try:
+            from nmsparse.nmmasks import _rank_mask_torch, magnitude_keys
+
+            fused = torch.compile(lambda t: _rank_mask_torch(magnitude_keys(t).view(-1, 4), 2, 4).view(t.shape))
+            if not torch.equal(fused(w), nmsparse.nm_mask(w, 2, 4)):
+                raise AssertionError("compiled mask differs from nm_mask")
+            fns["nm_mask 2:4, torch.compile (experiment)"] = lambda: fused(w)
+        except Exception as e:
+            notes["torch.compile"] = f"{type(e).__name__}: {e}"[:500]
+    res = timer.compare(fns)
     base = res["abs"]["ms"]
     for v in res.values():
         v["x_abs"] = v["ms"] / base
-    return {"shape": [size, size], "dtype": "float32", "results": res,
+    return {"shape": [size, size], "dtype": "float32", "results": res, "notes": notes,
             "goals": {"nm_mask <= 2x abs": res["nm_mask 2:4"]["x_abs"] <= 2.0,
                       "optimal transposable < 10 ms": res["transposable 2:4 optimal"]["ms"] < 10.0}}
 
@@ -128,6 +141,8 @@ def bench_linear(dev: str, shapes, timer: Timer, deadline: float) -> list[dict]:
         "emulated": EmulatedOps()}
     if dev == "cuda" and not torch.backends.cusparselt.is_available():
         backends.pop("cusparselt")
+    if dev == "cuda" and not cutlass_supported():
+        backends.pop("cutlass")  # PyTorch's CUTLASS 2:4 matmuls run on compute capability 8.x only
     for batch, k, n in shapes:
         if time.perf_counter() > deadline:
             rows.append({"shape": [batch, k, n], "skipped": "time budget"})

@@ -15,7 +15,8 @@ from torch import nn
 import nmsparse
 import nmsparse.transposable as T
 from nmsparse import finalize, nm_mask, sparsify, transposable_mask
-from nmsparse.kernels import CudaOps, EmulatedOps, force_emulation, ops_for, semi_structured_linear, shape_problem
+from nmsparse.kernels import (CudaOps, EmulatedOps, cutlass_supported, force_emulation, ops_for, semi_structured_linear,
+                              shape_problem)
 from nmsparse.semi import semi_structured_plan, to_semi_structured
 
 CUDA = torch.cuda.is_available()
@@ -292,9 +293,19 @@ def test_to_semi_structured_needs_cuda():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def cuda_backends():
+    """The CUDA back ends this GPU runs (CUTLASS: compute capability 8.x only)."""
+    if not CUDA:
+        return []
+    cslt = torch.backends.cusparselt.is_available()
+    return (["cusparselt"] if cslt else []) + (["cutlass"] if cutlass_supported() else [])
+
+
 @needs_cuda
-@pytest.mark.parametrize("backend", ["auto", "cutlass"])
+@pytest.mark.parametrize("backend", ["auto", "cusparselt", "cutlass"])
 def test_to_semi_structured_cuda(backend):
+    if backend != "auto" and backend not in cuda_backends():
+        pytest.skip(f"{backend} does not run on this GPU")
     model = finalized_bf16_model().cuda()
     x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -310,11 +321,15 @@ def test_cuda_ops_round_trip_and_matmul():
     w = sparse_24(128, 256, device="cuda")
     x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(128, device="cuda", dtype=torch.bfloat16)
-    for backend in ("auto", "cutlass"):
+    assert cuda_backends(), "neither cuSPARSELt nor CUTLASS 2:4 kernels run on this GPU"
+    for backend in cuda_backends():
         ops = CudaOps(backend)
         h = ops.compress(w)
         assert torch.equal(ops.decompress(h), w)
         close(ops.linear(x, h, b), nn.functional.linear(x, w, b))
+    if not cutlass_supported():
+        with pytest.raises(RuntimeError, match="compute capability 8.x only"):
+            CudaOps("cutlass").compress(w)
 
 
 # ----------------------------------------------------------------------------- masks on CUDA

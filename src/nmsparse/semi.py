@@ -75,6 +75,8 @@ def to_semi_structured(model: nn.Module, *, backend: str = "auto") -> SparsityRe
         )
     entries = semi_structured_plan(model)
     modules = dict(model.named_modules())
+    for device in {modules[e.name].weight.device for e in entries if e.sparse}:
+        ops.check_device(device)
     for e in entries:
         if e.sparse:
             mod = modules[e.name]

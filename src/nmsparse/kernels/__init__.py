@@ -5,6 +5,7 @@ from nmsparse.kernels.semi_structured import (  # noqa: F401
     CudaOps,
     EmulatedOps,
     SemiStructuredOps,
+    cutlass_supported,
     force_emulation,
     ops_for,
     shape_problem,

@@ -15,7 +15,8 @@ Implementations:
     PyTorch's semi-structured tensor subclasses (``torch.sparse.SparseSemiStructuredTensorCUSPARSELT``,
     the default of ``torch.sparse.to_sparse_semi_structured``, or ``...CUTLASS``), whose ``linear``
     dispatches to ``torch._cslt_sparse_mm`` / ``torch._sparse_semi_structured_addmm``, padding the dense
-    operand to the kernels' minimum sizes. CUDA tensors only.
+    operand to the kernels' minimum sizes. CUDA tensors only. PyTorch's CUTLASS matmuls run on compute
+    capability 8.x only (:func:`cutlass_supported`); on Hopper (H100, H200) only cuSPARSELt runs.
 ``EmulatedOps``
     The CPU emulation: PyTorch's own CUTLASS packing functions
     (``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass`` and its
@@ -145,13 +146,30 @@ class CudaOps(SemiStructuredOps):
         if not a.is_cuda:
             raise ValueError(f"CudaOps needs CUDA tensors, got a tensor on {a.device}; use EmulatedOps")
         _check_operand(a)
+        self.check_device(a.device)
         return self._cls().from_dense(a.contiguous())
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise ``RuntimeError`` when this back end's kernels cannot run on the CUDA ``device``."""
+        if self._cls().BACKEND == "cutlass" and not cutlass_supported(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise RuntimeError(
+                f"PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only (A100, A10, RTX 30/40) "
+                f"and cuSPARSELt is not selected or not available; this GPU is {major}.{minor}: use "
+                "backend='cusparselt' (or 'auto' with a PyTorch built with cuSPARSELt)"
+            )
 
     def decompress(self, handle):
         return handle.to_dense()
 
     def linear(self, x, handle, bias=None):
         return F.linear(x, handle, bias)
+
+
+def cutlass_supported(device: torch.device | str | int | None = None) -> bool:
+    """True when PyTorch's CUTLASS 2:4 matmuls run on this CUDA device (compute capability 8.x only:
+    ``torch._sparse_semi_structured_mm`` refuses others, Hopper included)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 8
 
 
 _EMULATED = EmulatedOps()
