@@ -4,7 +4,7 @@
 ``E * W`` to the layer's own forward (``F.linear`` / ``F.conv*``).
 
 ``"semi-structured"`` runs each sparse ``nn.Linear`` on 2:4 semi-structured kernels
-(:func:`nmsparse.kernels.semi_structured_linear`): the module gets an instance attribute ``forward``
+(:func:`nmsparse.kernels.semi_structured_autograd`): the module gets an instance attribute ``forward``
 (a :class:`SemiStructuredForward`, which shadows ``nn.Linear.forward``) that reads the dense weight
 and the mask straight from the parametrization and never materialises ``E * W`` in float32. The mask
 refresh (the forward pre-hook of :func:`nmsparse.sparsify`) runs before it as before, so masks are
@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from nmsparse.kernels.semi_structured import shape_problem
-from nmsparse.kernels.semi_structured_linear import semi_structured_linear
+from nmsparse.kernels.semi_structured_autograd import semi_structured_linear
 
 BACKENDS = ("dense", "semi-structured")
 

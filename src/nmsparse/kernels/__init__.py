@@ -10,4 +10,4 @@ from nmsparse.kernels.semi_structured import (  # noqa: F401
     ops_for,
     shape_problem,
 )
-from nmsparse.kernels.semi_structured_linear import compute_dtype, semi_structured_linear  # noqa: F401
+from nmsparse.kernels.semi_structured_autograd import compute_dtype, semi_structured_linear  # noqa: F401
