@@ -26,7 +26,10 @@ def test_cpu_smoke_writes_every_section(gpu_check, tmp_path):
         assert "error" not in report[section], report[section]
     assert set(report["masks"]["results"]) == {"abs", "nm_mask 2:4", "transposable 2:4 optimal",
                                                "transposable 2:4 approx"}
-    assert all(r["max_rel_err"]["emulated"] < 1e-2 for r in report["linear"])
+    rows = report["linear"]["rows"]
+    assert [r["shape"] for r in rows] == [[16, 64, 128], [32, 128, 64]]
+    assert all(r["max_rel_err"]["emulated"] < 1e-2 for r in rows)
+    assert report["linear"]["goal >= 1.3x on the three large"] is False  # those shapes were not run
     assert set(report["mlp"]["results"]) == {"dense", "masked-dense", "semi-structured"}
     assert all("input gradient sparse" in v for v in report["mlp"]["backend_layers"].values())
     md = (tmp_path / "gpu_check.md").read_text()
