@@ -22,7 +22,7 @@ def test_cpu_smoke_writes_every_section(gpu_check, tmp_path):
     assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["environment"]["device"] == "cpu"
-    for section in ("masks", "linear", "mlp"):
+    for section in ("masks", "linear", "mlp", "gpt"):
         assert "error" not in report[section], report[section]
     assert set(report["masks"]["results"]) == {"abs", "nm_mask 2:4", "transposable 2:4 optimal",
                                                "transposable 2:4 approx"}
@@ -33,7 +33,9 @@ def test_cpu_smoke_writes_every_section(gpu_check, tmp_path):
     assert set(report["mlp"]["results"]) == {"dense", "masked-dense", "semi-structured"}
     assert all("input gradient sparse" in v for v in report["mlp"]["backend_layers"].values())
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "## Linear inference" in md and "## MLP block 64->128->64" in md
+    assert set(report["gpt"]["results"]) == {"dense", "masked-dense", "semi-structured"}
+    assert len(report["gpt"]["backend_layers"]) == 4
+    assert "## Linear inference" in md and "## MLP block 64->128->64" in md and "## GPT block" in md
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
