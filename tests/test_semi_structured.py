@@ -208,9 +208,18 @@ def test_cuda_route_on_cpu_with_emulated_matmuls(monkeypatch, batch):
 
     import nmsparse.kernels.semi_structured_autograd as L
 
-    monkeypatch.setattr(torch, "_sparse_semi_structured_mm", lambda p, m, d, **k: unpack(p, m) @ d)
-    monkeypatch.setattr(torch, "_sparse_semi_structured_addmm",
-                        lambda b, p, m, d, **k: unpack(p, m) @ d + b[:, None])
+    kernel_calls = []
+
+    def mm(p, m, d, **k):
+        kernel_calls.append(("mm", tuple(d.shape)))
+        return unpack(p, m) @ d
+
+    def addmm(b, p, m, d, **k):
+        kernel_calls.append(("addmm", tuple(d.shape)))
+        return unpack(p, m) @ d + b[:, None]
+
+    monkeypatch.setattr(torch, "_sparse_semi_structured_mm", mm)
+    monkeypatch.setattr(torch, "_sparse_semi_structured_addmm", addmm)
     monkeypatch.setattr(Cutlass, "_validate_device_dim_dtype_shape", classmethod(lambda cls, t: None))
 
     class CpuCudaOps(CudaOps):
@@ -224,6 +233,9 @@ def test_cuda_route_on_cpu_with_emulated_matmuls(monkeypatch, batch):
     yd, dxd, gd = run(dense, x, torch.bfloat16)
     ys, dxs, gs = run(semi, x, torch.bfloat16)
     assert len(used) == 4  # forward: 2 layers; backward: 2 transposed
+    padded = -(-batch // 8) * 8  # the dense operand is padded to a multiple of 8 rows
+    assert kernel_calls == [("addmm", (64, padded)), ("mm", (128, padded)),  # up (bias), down (no bias)
+                            ("mm", (64, padded)), ("mm", (128, padded))]  # dy @ (E*W): down, then up
     close(ys, yd)
     close(dxs, dxd)
     for k in gd:
