@@ -10,6 +10,7 @@ from nmsparse.nmmasks import is_nm, nm_mask
 from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
+from nmsparse.semi import semi_structured_plan, to_semi_structured
 from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparsify
 from nmsparse.transposable import (
     is_transposable_nm,
@@ -40,8 +41,10 @@ __all__ = [
     "prune",
     "PruneReport",
     "sad",
+    "semi_structured_plan",
     "sparse_layers",
     "sparsify",
+    "to_semi_structured",
     "transposable_count",
     "transposable_layer_mask",
     "transposable_mask",

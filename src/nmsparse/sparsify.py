@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nmsparse.backends import attach, check_backend, detach
 from nmsparse.layout import check_layout, layer_mask, unsupported_reason
 from nmsparse.nmmasks import check_nm
 from nmsparse.parametrization import METHODS, NMParametrization
@@ -78,6 +79,7 @@ def sparsify(
     mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     transposable: bool = False,
     mask_method: str = "approx",
+    backend: str = "dense",
 ) -> SparsityReport:
     """Make ``model`` N:M sparse in place (N weights kept in every group of M) and return a report.
 
@@ -95,9 +97,12 @@ def sparsify(
     2-approximation, completed) or ``"optimal"``; the paper recomputes every 40 iterations
     (``update_every=40``). Layers whose output channels (per group) are not a multiple of m stay dense,
     with that reason in the report.
+    ``backend="semi-structured"`` (2:4 only) runs sparse Linear layers on 2:4 sparse kernels (forward,
+    and the input gradient with transposable masks); see :mod:`nmsparse.backends`.
     All arguments are checked before the model is touched.
     """
     n, m = check_nm(n, m)
+    check_backend(backend, n, m)
     check_method(method)
     check_layout(layout)
     decay, update_every = _check_settings(decay, update_every)
@@ -110,6 +115,7 @@ def sparsify(
             if reason:
                 e.sparse, e.reason = False, reason
     fn = mask_fn or mask_function(n, m, layout, transposable, mask_method)
+    notes: dict[str, str] = {}
     for e in entries:
         if not e.sparse:
             continue
@@ -120,9 +126,12 @@ def sparsify(
         )
         parametrize.register_parametrization(mod, "weight", p, unsafe=True)
         mod.register_forward_pre_hook(_refresh_hook)
+        notes[e.param] = attach(mod, p, backend)
     settings = dict(method=method, decay=decay, layout=layout, update_every=update_every)
     if transposable:
         settings.update(transposable=True, mask_method=mask_method)
+    if backend != "dense":
+        settings.update(backend=backend, backend_layers=notes)
     report = SparsityReport(n, m, entries, settings)
     if not report.sparse:
         warnings.warn(f"sparsify made no layer sparse:\n{report.table()}", stacklevel=2)
@@ -184,6 +193,7 @@ def finalize(model: nn.Module) -> nn.Module:
         for key, hook in list(mod._forward_pre_hooks.items()):
             if hook is _refresh_hook:
                 del mod._forward_pre_hooks[key]
+        detach(mod)
         _remove_weight_parametrization(mod)
     return model
 
