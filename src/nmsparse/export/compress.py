@@ -210,7 +210,8 @@ def _compress_torch(x: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torc
     zero = ~nz
     keep = nz | (zero & (zero.cumsum(-1) <= (n - counts).unsqueeze(-1)))
     pos = keep.nonzero()[:, 1].view(-1, n)  # row-major: positions ascending within each group
-    values = x.gather(1, pos).reshape(-1)
+    int_dtype = _BITS[x.dtype][0]  # move bit patterns, not floats: NaN payloads must survive
+    values = x.view(int_dtype).gather(1, pos).reshape(-1).view(x.dtype)
     return values, pack_positions(pos.reshape(-1), m), -1
 
 
@@ -255,8 +256,8 @@ def decompress(c: NMCompressed) -> torch.Tensor:
         bad = _kernels.decompress_cpu(vals.view(int_dtype).view(-1), c.index.contiguous(),
                                       out.view(int_dtype).view(-1), n, m, index_bits(m))
     else:
-        out, bad = _decompress_torch(vals.view(groups, n), c.index, n, m)
-        out = out.view(moved)
+        out, bad = _decompress_torch(vals.view(int_dtype).view(groups, n), c.index, n, m)
+        out = out.view(c.dtype).view(moved) if bad < 0 else out
     if bad >= 0:
         pos = unpack_positions(c.index, groups * n, m).view(groups, n)[bad].tolist()
         raise ValueError(f"corrupt index: group {bad} ({_group_where(c.shape, dim, m, bad)}) stores positions "
