@@ -153,6 +153,17 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, n: int | None = N
     return ExportReport(str(path), "nmsparse", n, m, layout, entries, file_bytes=os.path.getsize(path))
 
 
+def dense_report(model: nn.Module, path: str | os.PathLike, n: int, m: int, layout: str = "channels") -> ExportReport:
+    """Report of a plain (dense) state-dict file at ``path``: every tensor stored as it is."""
+    layers = _layer_weights(model, layout)
+    entries = []
+    for key, t in model.state_dict().items():
+        size = t.numel() * t.element_size()
+        entries.append(TensorEntry(key, tuple(t.shape), str(t.dtype).replace("torch.", ""), size, size,
+                                   layer=key in layers, reason="dense format" if key in layers else ""))
+    return ExportReport(str(path), "dense", n, m, layout, entries, file_bytes=os.path.getsize(path))
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
     from safetensors.torch import save_file
 
