@@ -105,10 +105,10 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, n: int | None = N
     check_layout(layout)
     if (n is None) != (m is None):
         raise ValueError(f"give both n and m (N kept per group of M) or neither (to detect them), got n={n}, m={m}")
-    n, m = detect_nm(model, layout) if n is None else check_nm(n, m)
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
             raise ValueError(f"layer {name!r} still has N:M parametrizations; call nmsparse.finalize(model) first")
+    n, m = detect_nm(model, layout) if n is None else check_nm(n, m)
     state = model.state_dict()
     for key in state:
         if "::" in key:
