@@ -95,6 +95,7 @@ def test_round_trip_property(shape, nm, dim_seed, dtype, seed, frac):
 CASES = [(n, m, shape, dim, dtype) for n, m, shape, dim in [(2, 4, (37, 64), 1), (4, 8, (16, 9, 40), 2),
                                                             (1, 3, (12, 33), 0), (3, 5, (7, 10, 3), 1)]
          for dtype in DTYPES]
+CASES.append((5, 16, (6, 64), -1, torch.float32))  # m > 8, 20 bits per group: the kernels' generic per-group path
 CASES.append((13, 32, (6, 96), -1, torch.float32))  # 65 index bits per group: the kernels' per-value path
 
 

@@ -76,6 +76,73 @@ def _compress_kernel(n: int, m: int):
     return kernel
 
 
+TABLE_MAX_M = 8  # up to here compression looks each group's non-zero pattern up in a 2**m-entry table
+
+
+@functools.lru_cache(maxsize=None)
+def pattern_table(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every non-zero pattern ``p`` of a group (bit i set = entry i non-zero): ``pos[p]``, the n
+    stored positions (the non-zeros, padded with the lowest zero positions, ascending), and
+    ``code[p]``, those positions packed LSB-first at ``b`` bits each; ``code[p] = -1`` when the
+    pattern has more than n non-zeros."""
+    b = (m - 1).bit_length()
+    pos = np.zeros((1 << m, n), np.int64)
+    code = np.full(1 << m, -1, np.int64)
+    for p in range(1 << m):
+        nz = [i for i in range(m) if p >> i & 1]
+        if len(nz) > n:
+            continue
+        zeros = [i for i in range(m) if not p >> i & 1]
+        kept = sorted(nz + zeros[: n - len(nz)])
+        pos[p] = kept
+        code[p] = sum(k << (j * b) for j, k in enumerate(kept))
+    return pos, code
+
+
+@functools.lru_cache(maxsize=None)
+def _compress_table_kernel(n: int, m: int):
+    """Compression by table look-up of each group's non-zero pattern (m <= TABLE_MAX_M): branch-free
+    and a few operations per group, so it keeps up with memory for 16-bit floats too."""
+    b = (m - 1).bit_length()
+    width = n * b  # <= 7 * 3 = 21 bits per group: always fits next to < 8 pending bits
+
+    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def kernel(bits, values, index, bad, abs_bits, pos, code):  # pragma: no cover - compiled
+        groups = bits.size // m
+        chunks = (groups + _CHUNK - 1) // _CHUNK
+        for c in numba.prange(chunks):
+            g0 = c * _CHUNK
+            stop = min(groups, g0 + _CHUNK)
+            out = (g0 * width) // 8
+            acc = np.uint64(0)
+            nb = 0
+            for g in range(g0, stop):
+                base = g * m
+                p = 0
+                for i in range(m):
+                    p |= np.int64((bits[base + i] & abs_bits) != 0) << i
+                k = code[p]
+                if k < 0:
+                    bad[c] = g
+                    break
+                for j in range(n):
+                    values[g * n + j] = bits[base + pos[p, j]]
+                acc |= np.uint64(k) << np.uint64(nb)
+                nb += width
+                while nb >= 8:
+                    index[out] = np.uint8(acc & np.uint64(0xFF))
+                    acc >>= np.uint64(8)
+                    out += 1
+                    nb -= 8
+            while nb > 0 and bad[c] < 0:
+                index[out] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                out += 1
+                nb -= 8
+
+    return kernel
+
+
 @functools.lru_cache(maxsize=None)
 def _decompress_kernel(n: int, m: int):
     """Decompression kernel specialised for ``n`` and ``m``."""
@@ -127,6 +194,64 @@ def _decompress_kernel(n: int, m: int):
     return kernel
 
 
+TABLE_MAX_CODE_BITS = 12  # up to here decompression looks each group's packed positions up in a table
+
+
+@functools.lru_cache(maxsize=None)
+def code_table(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every packed group code (n positions of b bits): ``pos[code]``, the positions, and
+    ``valid[code]``, 1 when they are strictly increasing and below m."""
+    b = (m - 1).bit_length()
+    size = 1 << (n * b)
+    pos = np.zeros((size, n), np.int64)
+    valid = np.zeros(size, np.uint8)
+    for code in range(size):
+        ps = [(code >> (j * b)) & ((1 << b) - 1) for j in range(n)]
+        pos[code] = [min(p, m - 1) for p in ps]
+        valid[code] = all(p < m for p in ps) and all(x < y for x, y in zip(ps, ps[1:]))
+    return pos, valid
+
+
+@functools.lru_cache(maxsize=None)
+def _decompress_table_kernel(n: int, m: int):
+    """Decompression by table look-up of each group's packed code (n * b <= TABLE_MAX_CODE_BITS)."""
+    b = (m - 1).bit_length()
+    width = n * b
+
+    @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def kernel(values, index, out, bad, pos, valid):  # pragma: no cover - compiled
+        groups = out.size // m
+        chunks = (groups + _CHUNK - 1) // _CHUNK
+        mask = np.uint64((1 << width) - 1)
+        zero = out.dtype.type(0)
+        nbytes = index.size
+        for c in numba.prange(chunks):
+            g0 = c * _CHUNK
+            stop = min(groups, g0 + _CHUNK)
+            pos_byte = (g0 * width) // 8
+            acc = np.uint64(0)
+            nb = 0
+            for g in range(g0, stop):
+                while nb < width:
+                    if pos_byte < nbytes:
+                        acc |= np.uint64(index[pos_byte]) << np.uint64(nb)
+                    pos_byte += 1
+                    nb += 8
+                code = np.int64(acc & mask)
+                acc >>= np.uint64(width)
+                nb -= width
+                if valid[code] == 0:
+                    bad[c] = g
+                    break
+                base = g * m
+                for i in range(m):
+                    out[base + i] = zero
+                for j in range(n):
+                    out[base + pos[code, j]] = values[g * n + j]
+
+    return kernel
+
+
 def _restore_threads(torch_threads: int) -> None:
     # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
     # that would silently change torch's thread count under the caller.
@@ -148,7 +273,11 @@ def compress_cpu(bits: torch.Tensor, values: torch.Tensor, index: torch.Tensor, 
     chunks = (a.size // m + _CHUNK - 1) // _CHUNK
     bad = np.full(chunks, -1, np.int64)
     threads = torch.get_num_threads()
-    _compress_kernel(n, m)(a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits))
+    if m <= TABLE_MAX_M:
+        _compress_table_kernel(n, m)(a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits),
+                                     *pattern_table(n, m))
+    else:
+        _compress_kernel(n, m)(a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits))
     _restore_threads(threads)
     return _first_bad(bad)
 
@@ -161,6 +290,9 @@ def decompress_cpu(values: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
     chunks = (o.size // m + _CHUNK - 1) // _CHUNK
     bad = np.full(chunks, -1, np.int64)
     threads = torch.get_num_threads()
-    _decompress_kernel(n, m)(values.numpy(), index.numpy(), o, bad)
+    if n * ((m - 1).bit_length()) <= TABLE_MAX_CODE_BITS:
+        _decompress_table_kernel(n, m)(values.numpy(), index.numpy(), o, bad, *code_table(n, m))
+    else:
+        _decompress_kernel(n, m)(values.numpy(), index.numpy(), o, bad)
     _restore_threads(threads)
     return _first_bad(bad)
