@@ -58,11 +58,20 @@ def index_nbytes(groups: int, n: int, m: int) -> int:
 class NMCompressed:
     """An N:M tensor stored as its kept values and their bit-packed positions.
 
-    Fields: ``values`` (``dtype``, shape ``moved_shape[:-1] + (moved_shape[-1]*n//m,)`` where
-    ``moved_shape`` is ``shape`` with ``dim`` moved last), ``index`` (``uint8``, 1-D, LSB-first bit
-    stream of ``ceil(log2(m))``-bit positions, see the module docstring for the exact layout),
-    ``n`` (kept per group), ``m`` (group size), ``dim`` (non-negative, the grouped axis of the dense
-    tensor), ``shape`` (dense shape) and ``dtype``.
+    Fields: ``n`` (kept per group), ``m`` (group size), ``dim`` (non-negative, the grouped axis of the
+    dense tensor), ``shape`` (dense shape), ``dtype``, and:
+
+    * ``values``: ``dtype``, C-contiguous, shape ``moved[:-1] + (moved[-1]*n//m,)`` where ``moved`` is
+      ``shape`` with ``dim`` moved last. Groups are numbered row-major over ``moved``; group ``g``'s n
+      kept values are ``values.reshape(-1)[g*n:(g+1)*n]`` in increasing position.
+    * ``index``: ``torch.uint8``, 1-D, exactly ``ceil(G*n*b/8)`` bytes (``G`` groups,
+      ``b = ceil(log2(m))``). One little-endian bit stream: kept value ``k = g*n + j`` has its
+      position (``0 <= p < m``) at stream bits ``k*b .. k*b+b-1``, least significant bit first;
+      stream bit ``i`` is bit ``i % 8`` (value ``1 << (i % 8)``) of byte ``i // 8``. Positions may
+      straddle bytes; no per-row padding; the unused high bits of the last byte are zero.
+
+    2-D Linear weight ``(rows, K)``, ``dim=1``: ``values`` is ``(rows, K*n/m)``; row ``r``'s first
+    position is at stream bit ``r*(K*n/m)*b``. :meth:`positions` unpacks to int64 like ``values``.
     """
 
     values: torch.Tensor
