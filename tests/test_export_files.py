@@ -305,6 +305,15 @@ def test_lying_entries(saved, tmp_path):
                  "missing from the file")
 
 
+def test_load_into_a_sparsified_model_asks_for_a_plain_one(saved):
+    model = fresh()
+    nmsparse.sparsify(model, 2, 4)
+    with pytest.raises(ValueError, match="has parametrizations .* call nmsparse.finalize"):
+        load_compressed(saved, model)
+    with pytest.raises(ValueError, match="needs an nn.Module"):
+        load_compressed(saved, {})
+
+
 def test_mismatched_models(saved, tmp_path):
     expect_error(saved, r"has dtype torch.float32 in the file but torch.float16 in the model", fresh(torch.float16))
     expect_error(saved, "'layers.0.1.bn1.bias' of the model is missing from the file",

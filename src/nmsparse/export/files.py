@@ -247,6 +247,10 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise ValueError(f"load_compressed needs an nn.Module, got {type(model).__name__}")
     if not Path(path).is_file():
         raise FormatError(f"{path} is not a file")
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            raise ValueError(f"layer {name!r} of the model has parametrizations (N:M training machinery); load into "
+                             "a plain model of the same architecture, or call nmsparse.finalize(model) first")
     state = model.state_dict()
     new: dict[str, torch.Tensor] = {}
     try:
