@@ -92,6 +92,31 @@ def test_round_trip_property(shape, nm, dim_seed, dtype, seed, frac):
     assert all((a == b) or (a != a and b != b) for a, b in zip(got, ref_values)) and len(got) == len(ref_values)
 
 
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, nm=st.sampled_from([(2, 4), (4, 8), (1, 3), (3, 5)]), dim_seed=st.integers(0, 10),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 99), frac=st.sampled_from([0.0, 0.3, 1.0]))
+def test_numba_path_property(shape, nm, dim_seed, dtype, seed, frac):
+    """The numba kernels (forced on small tensors; n:m limited to kernels other tests compile too)
+    give the torch path's bytes and restore the tensor."""
+    n, m = nm
+    dim = dim_seed % len(shape)
+    shape = list(shape)
+    shape[dim] *= m
+    w = nm_tensor(shape, n, m, dim, dtype, seed, sparse_frac=frac)
+    iv = INT_VIEW[dtype]
+    saved = C.KERNEL_MIN_NUMEL
+    try:
+        C.KERNEL_MIN_NUMEL = 1 << 62
+        ref = compress(w, n, m, dim)
+        C.KERNEL_MIN_NUMEL = 0
+        got = compress(w, n, m, dim)
+        d = decompress(got)
+    finally:
+        C.KERNEL_MIN_NUMEL = saved
+    assert torch.equal(got.index, ref.index) and torch.equal(got.values.view(iv), ref.values.view(iv))
+    assert_restores(d, w)
+
+
 CASES = [(n, m, shape, dim, dtype) for n, m, shape, dim in [(2, 4, (37, 64), 1), (4, 8, (16, 9, 40), 2),
                                                             (1, 3, (12, 33), 0), (3, 5, (7, 10, 3), 1)]
          for dtype in DTYPES]

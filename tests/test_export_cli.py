@@ -123,6 +123,10 @@ def test_bad_input(ckpt, tmp_path, capsys):
     bare = tmp_path / "bare.safetensors"
     save_file(finalized().state_dict(), str(bare))
     (tmp_path / "nohf").mkdir()
+    odd = {}
+    for key, config in (("data", {"model": "resnet", "data": "cifar"}), ("layout", {"model": "resnet", "layout": "rows"})):
+        odd[key] = tmp_path / f"odd_{key}.safetensors"
+        save_file(finalized().state_dict(), str(odd[key]), metadata={"config": json.dumps(config)})
     cases = [
         (["--checkpoint", tmp_path / "nope"], "checkpoint .* not found"),
         (["--checkpoint", path, "--format", "tflite"], "unknown --format 'tflite'"),
@@ -134,6 +138,8 @@ def test_bad_input(ckpt, tmp_path, capsys):
         (["--checkpoint", path, "--model", "mlp"], "does not fit model 'mlp'"),
         (["--checkpoint", bare], "records no model; pass --model"),
         (["--checkpoint", garbage], "cannot read"),
+        (["--checkpoint", odd["data"]], "dataset 'cifar' is unknown"),
+        (["--checkpoint", odd["layout"]], "records layout 'rows'; pass --layout"),
         (["--hf-model", tmp_path / "nohf"], "not a Hugging Face model folder"),
         (["--hf-model", tmp_path / "nohf", "--model", "resnet"], "--model names the architecture of --checkpoint"),
         (["--checkpoint", path, "--hf-model", tmp_path / "nohf"], "not allowed with argument"),
