@@ -92,7 +92,7 @@ def test_round_trip_property(shape, nm, dim_seed, dtype, seed, frac):
     assert all((a == b) or (a != a and b != b) for a, b in zip(got, ref_values)) and len(got) == len(ref_values)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(shape=shapes, nm=st.sampled_from([(2, 4), (4, 8), (1, 3), (3, 5)]), dim_seed=st.integers(0, 10),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 99), frac=st.sampled_from([0.0, 0.3, 1.0]))
 def test_numba_path_property(shape, nm, dim_seed, dtype, seed, frac):
