@@ -152,8 +152,9 @@ def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_e
         return dense_report(model, path, n, m, layout)
     try:
         return onnx_export(model, example, str(path), n=n, m=m, layout=layout)
-    except (ValueError, ImportError) as e:
-        raise UserError(f"ONNX export failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; the temporary folder is removed
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"ONNX export failed: {first}") from None
 
 
 def _load_checkpoint(path: str, model_name: str | None):
