@@ -167,3 +167,42 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_onnx_contract_with_a_stand_in(ckpt, tmp_path, capsys, monkeypatch):
+    """--format onnx calls nmsparse.export.onnx.export_onnx(model, example_inputs, path, n=, m=, layout=)
+    and writes its report; a stand-in module (the real one lives on another branch) records the call."""
+    import sys
+    import types
+
+    calls = []
+
+    class Report:
+        def to_dict(self):
+            return {"layers": 8}
+
+        def table(self):
+            return "stand-in table"
+
+    def export_onnx(model, example_inputs, path, *, n, m, layout="channels"):
+        calls.append((type(model).__name__, [tuple(x.shape) for x in example_inputs], n, m, layout,
+                      next(model.parameters()).dtype))
+        open(path, "wb").write(b"onnx")
+        return Report()
+
+    fake = types.ModuleType("nmsparse.export.onnx")
+    fake.export_onnx = export_onnx
+    monkeypatch.setitem(sys.modules, "nmsparse.export.onnx", fake)
+    rc, out, err = run(capsys, "--checkpoint", ckpt[0], "--format", "onnx", "--dtype", "fp16", "--out", tmp_path / "e")
+    assert rc == 0, err
+    assert calls == [("ResNet", [(1, 1, 28, 28)], 2, 4, "channels", torch.float16)]
+    assert "stand-in table" in out and (tmp_path / "e" / "model.onnx").read_bytes() == b"onnx"
+    assert json.loads((tmp_path / "e" / "export_report.json").read_text())["report"] == {"layers": 8}
+
+    def failing(*a, **k):
+        raise RuntimeError("Unsupported: op foo\nmore lines")
+
+    fake.export_onnx = failing
+    rc, out, err = run(capsys, "--checkpoint", ckpt[0], "--format", "onnx", "--out", tmp_path / "f")
+    assert rc == 2 and err == "nmsparse export: error: ONNX export failed: Unsupported: op foo\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
