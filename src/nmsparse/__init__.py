@@ -18,10 +18,16 @@ from nmsparse.transposable import (
     transposable_layer_mask,
     transposable_mask,
 )
+from nmsparse.export import NMCompressed, compress, decompress, load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NMCompressed",
+    "compress",
+    "decompress",
+    "load_compressed",
+    "save_compressed",
     "LayerEntry",
     "SADRecord",
     "SADTracker",
