@@ -4,7 +4,6 @@ export_report.json, and bad input (exit 2, one line on stderr, nothing written).
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 
