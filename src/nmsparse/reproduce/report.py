@@ -12,10 +12,12 @@ import math
 import os
 from pathlib import Path
 
+from nmsparse.errors import LoadError
 from nmsparse.reproduce import plots
 from nmsparse.reproduce.grid import (
     DECAYS, EXPERIMENTS, MASK_METHODS, TRANSPOSABLE_NMS, TRANSPOSABLE_UPDATE_EVERY, cell_key, transposable_missing,
 )
+from nmsparse.reproduce.runner import read_grid
 from nmsparse.reproduce.results import as_percent, final_sad, final_values, layer_sad, load_runs, mean_std
 
 # Published ImageNet ResNet-50 top-1 (SR-STE paper / its model zoo; see docs/reproduce.md).
@@ -31,10 +33,21 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mu:.{digits}f} ± {sd:.{digits}f}" + ("" if n == 3 else f" (n={n})")
 
 
+def _json_line(line: str) -> object:
+    """One line of a JSON-lines log, ``None`` if torn or damaged (a run killed mid-write)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class _Report:
     def __init__(self, out: Path, figdir: Path) -> None:
         self.out, self.figdir = out, figdir
-        grid = json.loads((out / "grid.json").read_text())
+        grid = read_grid(out, hint="run 'nmsparse reproduce' into this --out first, or pass the grid's folder")
+        if grid is None:
+            raise LoadError(out / "grid.json", "not found",
+                            "run 'nmsparse reproduce' into this --out first, or pass the grid's folder")
         self.grid = grid
         self.scale = grid["scale"]
         self.epochs = self.scale["epochs"]
@@ -81,7 +94,7 @@ class _Report:
         events = []
         p = self.out / "invocations.jsonl"
         if p.exists():
-            events = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            events = [e for e in map(_json_line, p.read_text(errors="replace").splitlines()) if isinstance(e, dict)]
         ends = [e for e in events if e.get("event") == "end"]
         total = sum(e.get("wall_s", 0) for e in ends)
         done = sum(r["status"] == "done" for r in self.runs.values())

@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
 ``torch.save`` to a temporary file in the same folder, flushed to disk, then moved over the old one
 with ``os.replace`` (atomic on POSIX), so a run killed mid-write leaves the previous checkpoint
-intact. :func:`load` uses ``torch.load(weights_only=True)``.
+intact. :func:`load` uses ``torch.load(weights_only=True)`` and raises
+:class:`nmsparse.errors.LoadError` (one line naming the file and the problem) for a file it cannot use.
 
 Contents (``FORMAT = 1``): ``format``, ``epoch`` (epochs completed), ``config`` (dict), ``model``
 (state dict, masks and mask-step counters included), ``optimizer``, ``scheduler``, ``rng``
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nmsparse.errors import LoadError
+from nmsparse.io import read_torch
 
 FORMAT = 1
 
@@ -80,9 +84,35 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+# The entries of a checkpoint and the type each must have.
+_ENTRIES = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
+            "sad": dict, "records": list}
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code runs)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an nmsparse training checkpoint (format {FORMAT})")
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs) and check its structure.
+
+    Raises :class:`nmsparse.errors.LoadError` (a ``ValueError``) naming ``path`` when the file is
+    missing, a directory, empty, truncated, corrupted, not a ``torch.save`` file, or not an nmsparse
+    training checkpoint of this format (an entry missing or of the wrong type). Whether it fits a
+    model and settings is checked by the training loop before anything is restored.
+    """
+    state = read_torch(path, map_location=map_location)
+    if not isinstance(state, dict) or "format" not in state:
+        raise LoadError(path, f"is not an nmsparse training checkpoint (a torch.save file, but of a "
+                              f"{type(state).__name__} without the 'format' entry)")
+    if state["format"] != FORMAT:
+        raise LoadError(path, f"is an nmsparse checkpoint of format {state['format']!r}; this version reads "
+                              f"format {FORMAT}")
+    for key, kind in _ENTRIES.items():
+        if key not in state:
+            raise LoadError(path, f"is an incomplete nmsparse training checkpoint (no {key!r} entry)")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise LoadError(path, f"is a damaged nmsparse training checkpoint (its {key!r} entry is a "
+                                  f"{type(state[key]).__name__}, not a {kind.__name__})")
+    for key in ("initial", "previous"):
+        if not isinstance(state["sad"].get(key), dict):
+            raise LoadError(path, f"is a damaged nmsparse training checkpoint (no sad.{key} masks)")
+    if not isinstance(state["rng"].get("torch"), torch.Tensor):
+        raise LoadError(path, "is a damaged nmsparse training checkpoint (no torch RNG state)")
     return state

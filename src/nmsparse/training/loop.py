@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,9 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import nmsparse
+from nmsparse.errors import LoadError
+from nmsparse.io import state_dict_mismatch
+from nmsparse.progress import Progress, resolve
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
@@ -39,6 +41,37 @@ from nmsparse.training.models import build_model
 # Fields that may differ between a run and its resumption (they do not change the result on CPU).
 RESUME_FREE_FIELDS = ("out", "data_dir", "threads", "device")
 EVAL_BATCH = 1000
+CHECKPOINT = "checkpoint.pt"
+# What to do about a checkpoint that cannot be resumed (the CLI's flags; train(resume=False) in Python).
+RESUME_HINT = "restore it, or start the run afresh with --overwrite instead of --resume"
+SETTINGS_HINT = "resume with the checkpoint's settings, start afresh with --overwrite, or use another --out"
+
+
+def read_resume_state(config: TrainConfig, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The checkpoint that ``train(config, resume=True)`` would continue, or ``None`` if
+    ``config.out`` holds none. Raises :class:`~nmsparse.errors.LoadError` (nothing changed) when it is
+    unreadable or damaged (see :func:`nmsparse.training.checkpoint.load`) or was made with other
+    settings than ``config`` (fields outside ``RESUME_FREE_FIELDS``, e.g. another N:M, method,
+    layout, transposable setting or model)."""
+    path = Path(config.out) / CHECKPOINT
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        state = ckpt.load(path, map_location=map_location)
+    except LoadError as e:
+        raise e.with_hint(RESUME_HINT, action="cannot resume from") from e
+    try:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+    except (TypeError, ValueError) as e:
+        raise LoadError(path, f"records a training config this version cannot read ({e})", RESUME_HINT,
+                        action="cannot resume from") from e
+    now = config.to_dict()
+    diff = [k for k in now if k not in RESUME_FREE_FIELDS and now[k] != saved[k]]
+    if diff:
+        what = ", ".join(f"{k}={saved[k]!r}, now {now[k]!r}" for k in diff)
+        raise LoadError(path, f"was made with other settings ({what})", SETTINGS_HINT,
+                        action="cannot resume from")
+    return state
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -115,13 +148,13 @@ class Trainer:
     ``model_fn(config, data) -> (model, report)`` builds the model (default :func:`build_sparse_model`).
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True,
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool | str = True,
                  log: Callable[[str], None] | None = print,
                  on_epoch_end: Callable[[dict], None] | None = None,
                  model_fn: ModelFn | None = None) -> None:
         config.validate()
         self.config = config
-        self.progress = progress
+        self.progress = resolve(progress)  # "bar", "lines" or "off" (ValueError before anything is done)
         self.on_epoch_end = on_epoch_end
         self.out = Path(config.out)
         configure_threads(config.threads)
@@ -173,15 +206,20 @@ class Trainer:
 
         self.records: list[dict] = []
         self.epoch = 0
-        if resume and (self.out / "checkpoint.pt").is_file():
-            self._restore(ckpt.load(self.out / "checkpoint.pt", map_location=dev))
+        state = read_resume_state(config, map_location=dev) if resume else None
+        if state is not None:
+            self._restore(state)
         elif self.ctx.is_main:
+            for name in (CHECKPOINT, "metrics.jsonl", "final.safetensors", "config.json"):
+                if (self.out / name).is_dir():
+                    raise ValueError(f"{self.out / name} is a directory where the run writes a file: "
+                                     f"remove it or use another --out")
             try:  # the up-front check cannot foresee everything (e.g. root under /proc)
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create the output folder {str(self.out)!r}: {e.strerror or e}") from e
             _write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            for stale in ("metrics.jsonl", "checkpoint.pt", "final.safetensors"):
+            for stale in ("metrics.jsonl", CHECKPOINT, "final.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
         D.barrier(self.ctx)
 
@@ -199,12 +237,11 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-        now = self.config.to_dict()
-        diff = [k for k in now if k not in RESUME_FREE_FIELDS and now[k] != saved[k]]
-        if diff:
-            raise ValueError(f"cannot resume {self.out}: the checkpoint was made with other settings "
-                             f"({', '.join(f'{k}={saved[k]!r}, now {now[k]!r}' for k in diff)})")
+        """Check that ``state`` (from :func:`read_resume_state`) fits this run, then restore it. Every
+        check comes first: a checkpoint that does not fit raises LoadError with nothing changed."""
+        why = self._mismatch(state)
+        if why:
+            raise LoadError(self.out / CHECKPOINT, why, RESUME_HINT, action="cannot resume from")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -215,6 +252,42 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         if self._log:
             self._log(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
+
+    def _mismatch(self, state: dict[str, Any]) -> str | None:
+        """Why ``state`` cannot be restored into this run (model, masks, optimizer, SAD masks, RNG,
+        epoch and records), or ``None``."""
+        cfg = self.config
+        why = state_dict_mismatch(self.model.state_dict(), state["model"])
+        if why:
+            return f"its model state does not fit model {cfg.model!r} with these settings: {why}"
+        for name, _, p in nmsparse.sparse_layers(self.model):
+            mask = state["model"][f"{name}.parametrizations.weight.0.mask" if name else "parametrizations.weight.0.mask"]
+            ok = mask.dtype == torch.bool and (
+                nmsparse.layer_is_transposable_nm(mask, p.n, p.m, p.layout) if p.transposable
+                else nmsparse.layer_is_nm(mask, p.n, p.m, p.layout))
+            if not ok:
+                kind = "transposable " if p.transposable else ""
+                return f"the mask of layer {name!r} is not a {kind}{p.n}:{p.m} mask in layout {p.layout!r}"
+        why = _optimizer_mismatch(self.optimizer, state["optimizer"])
+        if why:
+            return f"its optimizer state does not fit: {why}"
+        expected = self.tracker.initial
+        for key in ("initial", "previous"):
+            why = state_dict_mismatch(expected, state["sad"][key])
+            if why:
+                return f"its SAD {key} masks do not fit: {why}"
+        rng = state["rng"]["torch"]
+        if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+            return "its torch RNG state is damaged"
+        py = state["rng"].get("python")
+        if py is not None and not (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)
+                                   and len(py[1]) == 625):
+            return "its Python RNG state is damaged"
+        epoch, records = state["epoch"], state["records"]
+        if not 0 <= epoch <= cfg.epochs or len(records) != epoch or not all(isinstance(r, dict) for r in records):
+            return (f"it records epoch {epoch} of {cfg.epochs} with {len(records)} per-epoch record(s), "
+                    f"which do not fit")
+        return None
 
     def _save(self) -> None:
         if not self.ctx.is_main:
@@ -246,12 +319,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.long, device=ctx.device)
         count = 0
-        bar = None
-        if self.progress and ctx.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       leave=False, file=sys.stderr, dynamic_ncols=True)
+        # lines mode: the per-epoch summary is the log's line; without a log, the bar's closing line
+        bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
+                       mode=self.progress if ctx.is_main else "off", summary=self._log is None)
         lr = self.optimizer.param_groups[0]["lr"]
         for b in range(self.steps_per_epoch):
             idx = order[b * self.local_batch:(b + 1) * self.local_batch]
@@ -267,12 +337,10 @@ class Trainer:
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.argmax(1) == y).sum()
             count += len(y)
-            if bar is not None:
-                bar.update(1)
-                if b % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.4g}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            if b % 20 == 0 and bar.mode != "off":
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.4g}")
+        bar.close()
         s_loss, s_correct, s_count = D.all_sum(ctx, [float(loss_sum), float(correct), float(count)])
         return {"loss": s_loss / s_count, "train_acc": s_correct / s_count, "lr": lr}
 
@@ -319,6 +387,27 @@ class Trainer:
             D.teardown(self.ctx)
 
 
+def _optimizer_mismatch(optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
+    """Why ``saved`` (an optimizer ``state_dict``) cannot be loaded into ``optimizer``, or ``None``."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        return "no param_groups / state"
+    mine = optimizer.param_groups
+    if len(groups) != len(mine) or any(not isinstance(g, dict) or len(g.get("params", ())) != len(h["params"])
+                                       for g, h in zip(groups, mine)):
+        return "other parameter groups"
+    shapes = {i: p.shape for i, p in enumerate(p for g in mine for p in g["params"])}
+    ids = [i for g in groups for i in g["params"]]
+    for i, entry in state.items():
+        if i not in ids or not isinstance(entry, dict):
+            return f"state for an unknown parameter {i!r}"
+        shape = shapes[ids.index(i)]
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != shape:
+                return f"{k} of parameter {ids.index(i)} has shape {tuple(v.shape)}, the parameter {tuple(shape)}"
+    return None
+
+
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -335,7 +424,7 @@ def summary_line(r: dict, epochs: int) -> str:
             f"test {r['test_acc']:.2%}  lr {r['lr']:.4g}{s}  {r['time']:.1f}s")
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+def train(config: TrainConfig, *, resume: bool = False, progress: bool | str = True,
           log: Callable[[str], None] | None = print,
           on_epoch_end: Callable[[dict], None] | None = None,
           model_fn: ModelFn | None = None) -> list[dict]:
@@ -343,8 +432,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
 
     With ``resume=True`` a run with a ``checkpoint.pt`` in ``config.out`` continues after its last
     completed epoch (same settings required; a finished run only rewrites ``final.safetensors``);
-    without a checkpoint it starts fresh. With ``resume=False`` an earlier run in ``config.out`` is
-    replaced. ``progress`` shows a tqdm bar per epoch; ``log`` gets one summary line per epoch
+    without a checkpoint it starts fresh; a checkpoint that is damaged, made with other settings or
+    does not fit the model raises :class:`nmsparse.errors.LoadError` (a ValueError) before anything
+    is changed. With ``resume=False`` an earlier run in ``config.out`` is replaced. ``progress``:
+    a :mod:`nmsparse.progress` mode (``True``: ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar per epoch on
+    a terminal, plain lines otherwise; ``False``: none); ``log`` gets one summary line per epoch
     (``None``: silent); ``on_epoch_end(record)`` is called after each epoch's checkpoint;
     ``model_fn(config, data) -> (model, report)`` replaces the model builder (e.g. to fine-tune a
     pruned model with frozen masks).
