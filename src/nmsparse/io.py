@@ -87,7 +87,11 @@ def read_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise LoadError(p, "is empty (0 bytes)")
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
-    except OSError as e:
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise LoadError(p, _os_problem(e)) from e
+    except OSError as e:  # the file was readable: PyTorch's reader failing on a damaged archive
+        if _head(p, 2) == b"PK":
+            raise LoadError(p, "is truncated or corrupted (not a complete torch.save zip archive)") from e
         raise LoadError(p, _os_problem(e)) from e
     except pickle.UnpicklingError as e:
         text = str(e)

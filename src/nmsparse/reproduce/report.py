@@ -12,7 +12,6 @@ import math
 import os
 from pathlib import Path
 
-from nmsparse.errors import LoadError
 from nmsparse.reproduce import plots
 from nmsparse.reproduce.grid import (
     DECAYS, EXPERIMENTS, MASK_METHODS, TRANSPOSABLE_NMS, TRANSPOSABLE_UPDATE_EVERY, cell_key, transposable_missing,
@@ -42,12 +41,8 @@ def _json_line(line: str) -> object:
 
 
 class _Report:
-    def __init__(self, out: Path, figdir: Path) -> None:
+    def __init__(self, out: Path, figdir: Path, grid: dict) -> None:
         self.out, self.figdir = out, figdir
-        grid = read_grid(out, hint="run 'nmsparse reproduce' into this --out first, or pass the grid's folder")
-        if grid is None:
-            raise LoadError(out / "grid.json", "not found",
-                            "run 'nmsparse reproduce' into this --out first, or pass the grid's folder")
         self.grid = grid
         self.scale = grid["scale"]
         self.epochs = self.scale["epochs"]
@@ -320,13 +315,15 @@ class _Report:
 def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``report_dir`` (default ``out``) from the grid in
     ``out``; also ``results.json`` (the per-epoch metrics of every finished run). Returns the path of
-    report.md. Raises ValueError if ``out`` holds no grid."""
+    report.md. Raises ValueError if ``out`` holds no grid, :class:`~nmsparse.errors.LoadError` if its
+    grid.json is damaged (nothing written either way)."""
     out = Path(out)
-    if not (out / "grid.json").exists():
+    grid = read_grid(out)
+    if grid is None:
         raise ValueError(f"{out} holds no grid (no grid.json): run `nmsparse reproduce --out {out}` first")
     figdir = Path(report_dir) if report_dir is not None else out
     figdir.mkdir(parents=True, exist_ok=True)
-    rep = _Report(out, figdir)
+    rep = _Report(out, figdir, grid)
     rep.header()
     rep.claims()
     for exp in rep.experiments:

@@ -162,6 +162,8 @@ class Trainer:
         self.data = load_dataset(config.data, config.data_dir, train_subset=config.train_subset,
                                  test_subset=config.test_subset)
         self.ctx = D.setup(config.device)
+        # A checkpoint to resume is read and its settings checked before the model is built.
+        state = read_resume_state(config, map_location=self.ctx.device) if resume else None
         self._log = log if self.ctx.is_main else None
         if self.ctx.distributed and config.batch_size % self.ctx.world_size:
             raise ValueError(f"batch_size {config.batch_size} (global) is not a multiple of the "
@@ -206,7 +208,6 @@ class Trainer:
 
         self.records: list[dict] = []
         self.epoch = 0
-        state = read_resume_state(config, map_location=dev) if resume else None
         if state is not None:
             self._restore(state)
         elif self.ctx.is_main:
