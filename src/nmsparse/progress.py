@@ -29,6 +29,10 @@ ENV = "NMSPARSE_PROGRESS"
 HEARTBEAT_S = 60.0
 
 
+def _now() -> float:
+    return time.monotonic()
+
+
 def _interactive(stream: IO[str]) -> bool:
     try:
         if stream.isatty():
@@ -77,7 +81,7 @@ class Progress:
         self.summary, self.interval = summary, interval
         self.n = 0
         self.postfix: dict[str, Any] = {}
-        self._t0 = self._last = time.monotonic()
+        self._t0 = self._last = _now()
         self._closed = False
         self._bar = None
         if self.mode == "bar":
@@ -96,7 +100,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(k)
         elif self.mode == "lines" and self.n < self.total:
-            now = time.monotonic()
+            now = _now()
             if now - self._last >= self.interval:
                 self._last = now
                 self._write(f"{self.n}/{self.total} {self.unit}s ({100 * self.n / max(self.total, 1):.0f}%), "
@@ -114,7 +118,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
         elif self.mode == "lines" and self.summary:
-            secs = time.monotonic() - self._t0
+            secs = _now() - self._t0
             self._write(f"{self.n}/{self.total} {self.unit}s in {secs:.1f}s")
 
     def _write(self, text: str) -> None:
