@@ -221,6 +221,39 @@ def test_checkpoint_load_checks_the_structure(tmp_path, run):
             ckpt.load(p)
 
 
+def test_checkpoint_checksum_finds_damaged_tensor_bytes(tmp_path, run):
+    """torch.load reads a checkpoint whose tensor bytes were damaged without complaint; the recorded
+    checksum makes every such change an error, never a silently different state."""
+    good = (run / "checkpoint.pt").read_bytes()
+    state = ckpt.load(run / "checkpoint.pt")
+    assert state["checksum"] == ckpt.checksum(state)
+    p = tmp_path / "c.pt"
+    found = 0
+    for pos in range(150, len(good), len(good) // 40):
+        damaged = bytearray(good)
+        damaged[pos] ^= 0x10
+        p.write_bytes(bytes(damaged))
+        try:
+            loaded = ckpt.load(p)
+        except LoadError as e:
+            _one_line(e, p, "cannot load")
+            found += 1
+            continue
+        assert ckpt.checksum(loaded) == state["checksum"]  # a byte outside the contents (zip bookkeeping)
+    assert found >= 30
+    p.write_bytes(good)
+    raw = torch.load(p, weights_only=True)
+    raw["model"] = {k: v.clone() for k, v in raw["model"].items()}
+    next(iter(raw["model"].values())).view(-1)[0] += 1  # one value changed, the file itself well formed
+    p.write_bytes(_torch_bytes(raw))
+    with pytest.raises(LoadError, match="is corrupted \\(its contents do not match the checksum recorded when it was "
+                                        "written\\)$"):
+        ckpt.load(p)
+    del raw["checksum"]  # a checkpoint written before checksums existed still loads
+    p.write_bytes(_torch_bytes(raw))
+    assert "checksum" not in ckpt.load(p)
+
+
 # --- train --resume --------------------------------------------------------------------------
 
 def _resume_fails(folder: Path, *fragments: str, **overrides) -> str:

@@ -9,11 +9,15 @@ intact. :func:`load` uses ``torch.load(weights_only=True)`` and raises
 Contents (``FORMAT = 1``): ``format``, ``epoch`` (epochs completed), ``config`` (dict), ``model``
 (state dict, masks and mask-step counters included), ``optimizer``, ``scheduler``, ``rng``
 (torch CPU and CUDA generator states, Python's ``random`` state), ``sad`` (the tracker's initial
-and previous masks) and ``records`` (the per-epoch metrics so far).
+and previous masks) and ``records`` (the per-epoch metrics so far), and ``checksum``: a SHA-256 of all of the above (every
+tensor's dtype, shape and bytes, every other value's ``repr``), which :func:`load` verifies, so bytes
+damaged inside a tensor (which ``torch.load`` reads without complaint) are found. A checkpoint without
+``checksum`` (written before it existed) still loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -78,9 +82,38 @@ def _umask() -> int:
     return mask
 
 
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of ``state`` without its ``checksum`` entry: tensors by dtype, shape and bytes,
+    containers in order, other values by ``repr``. The same after a ``torch.save`` / ``torch.load``
+    round trip, on any device."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{'L' if isinstance(x, list) else 'U'}{len(x)}:".encode())
+            for v in x:
+                walk(v)
+        else:
+            r = repr(x)
+            h.update(f"V{len(r)}:{r}".encode())
+
+    walk({k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` (plain data and tensors only) atomically."""
+    """Write ``state`` (plain data and tensors only) atomically, with its :func:`checksum`."""
     state = dict(state, format=FORMAT)
+    state["checksum"] = checksum(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -93,8 +126,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     """Load a checkpoint with ``weights_only=True`` (no pickled code runs) and check its structure.
 
     Raises :class:`nmsparse.errors.LoadError` (a ``ValueError``) naming ``path`` when the file is
-    missing, a directory, empty, truncated, corrupted, not a ``torch.save`` file, or not an nmsparse
-    training checkpoint of this format (an entry missing or of the wrong type). Whether it fits a
+    missing, a directory, empty, truncated, corrupted (also: contents that do not match the recorded
+    :func:`checksum`), not a ``torch.save`` file, or not an nmsparse training checkpoint of this
+    format (an entry missing or of the wrong type). Whether it fits a
     model and settings is checked by the training loop before anything is restored.
     """
     state = read_torch(path, map_location=map_location)
@@ -115,4 +149,6 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
             raise LoadError(path, f"is a damaged nmsparse training checkpoint (no sad.{key} masks)")
     if not isinstance(state["rng"].get("torch"), torch.Tensor):
         raise LoadError(path, "is a damaged nmsparse training checkpoint (no torch RNG state)")
+    if "checksum" in state and state["checksum"] != checksum(state):
+        raise LoadError(path, "is corrupted (its contents do not match the checksum recorded when it was written)")
     return state
