@@ -484,3 +484,13 @@ def test_reproduce_cli_damaged_grid_json(tmp_path, capsys):
                                          "another --out")
     assert sorted(p.name for p in out.iterdir()) == ["grid.json"]  # nothing trained, nothing written
     assert not (tmp_path / "rep").exists()
+
+
+def test_reproduce_reads_damaged_metrics_up_to_the_damage(tmp_path):
+    from nmsparse.reproduce.runner import read_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_bytes(b'{"epoch": 1}\n{"epoch": 2}\n\xff\xfe garbage\n{"epoch": 3}\n')
+    assert read_metrics(p) == [{"epoch": 1}, {"epoch": 2}]
+    p.write_bytes(b'{"epoch": 1}\n[1, 2]\n')
+    assert read_metrics(tmp_path) == [{"epoch": 1}]

@@ -72,20 +72,23 @@ def run_dir(out: str | os.PathLike, cell: Cell) -> Path:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The per-epoch records of a run's ``metrics.jsonl`` (empty if missing); a torn last line
-    (a run killed mid-write) is ignored."""
+    (a run killed mid-write) and anything after a damaged line are ignored."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    if not p.exists():
+    if not p.is_file():
         return []
     rows = []
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
     return rows
 
 
