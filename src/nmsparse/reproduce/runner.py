@@ -180,7 +180,7 @@ def check_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, make_config:
                check_resume: Callable[[object], object] | None = None) -> None:
     """Everything :func:`run_cell` would refuse, checked without writing: invalid settings, a run
     folder with other settings, and (with ``check_resume``, e.g.
-    :func:`nmsparse.training.loop.read_resume_state`) a checkpoint to resume that is damaged or does
+    :func:`nmsparse.training.resume.read_resume_state`) a checkpoint to resume that is damaged or does
     not fit. Raises ValueError (:class:`~nmsparse.errors.LoadError` for a file)."""
     if cell.transposable and transposable_missing():
         return
@@ -238,9 +238,9 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
 
 
 def _default_check(train_fn: TrainFn) -> Callable[[object], object] | None:
-    from nmsparse.training import loop
+    from nmsparse.training import loop, resume
 
-    return loop.read_resume_state if train_fn is loop.train else None
+    return resume.read_resume_state if train_fn is loop.train else None
 
 
 def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experiments: list[str],
@@ -255,7 +255,7 @@ def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experim
 
     ``train_fn(config, resume=..., progress=...)`` and ``make_config(dict)`` default to
     :func:`nmsparse.training.loop.train` and ``TrainConfig.from_dict`` (tests inject fakes).
-    ``check_resume(config)`` (default: :func:`nmsparse.training.loop.read_resume_state` with the
+    ``check_resume(config)`` (default: :func:`nmsparse.training.resume.read_resume_state` with the
     default trainer) vets each checkpoint this invocation would resume.
     Raises ValueError (nothing written) if ``out`` holds a grid with other settings or a cell's
     settings are invalid, and :class:`~nmsparse.errors.LoadError` (nothing written) if ``grid.json``,

@@ -30,48 +30,17 @@ from torch.utils.data import DistributedSampler
 
 import nmsparse
 from nmsparse.errors import LoadError
-from nmsparse.io import state_dict_mismatch
 from nmsparse.progress import Progress, resolve
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.data import Dataset, load_dataset
 from nmsparse.training.models import build_model
+from nmsparse.training.resume import (  # noqa: F401 - RESUME_FREE_FIELDS, read_resume_state: public here too
+    CHECKPOINT, RESUME_FREE_FIELDS, RESUME_HINT, read_resume_state, state_mismatch,
+)
 
-# Fields that may differ between a run and its resumption (they do not change the result on CPU).
-RESUME_FREE_FIELDS = ("out", "data_dir", "threads", "device")
 EVAL_BATCH = 1000
-CHECKPOINT = "checkpoint.pt"
-# What to do about a checkpoint that cannot be resumed (the CLI's flags; train(resume=False) in Python).
-RESUME_HINT = "restore it, or start the run afresh with --overwrite instead of --resume"
-SETTINGS_HINT = "resume with the checkpoint's settings, start afresh with --overwrite, or use another --out"
-
-
-def read_resume_state(config: TrainConfig, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-    """The checkpoint that ``train(config, resume=True)`` would continue, or ``None`` if
-    ``config.out`` holds none. Raises :class:`~nmsparse.errors.LoadError` (nothing changed) when it is
-    unreadable or damaged (see :func:`nmsparse.training.checkpoint.load`) or was made with other
-    settings than ``config`` (fields outside ``RESUME_FREE_FIELDS``, e.g. another N:M, method,
-    layout, transposable setting or model)."""
-    path = Path(config.out) / CHECKPOINT
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        state = ckpt.load(path, map_location=map_location)
-    except LoadError as e:
-        raise e.with_hint(RESUME_HINT, action="cannot resume from") from e
-    try:
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-    except (TypeError, ValueError) as e:
-        raise LoadError(path, f"records a training config this version cannot read ({e})", RESUME_HINT,
-                        action="cannot resume from") from e
-    now = config.to_dict()
-    diff = [k for k in now if k not in RESUME_FREE_FIELDS and now[k] != saved[k]]
-    if diff:
-        what = ", ".join(f"{k}={saved[k]!r}, now {now[k]!r}" for k in diff)
-        raise LoadError(path, f"was made with other settings ({what})", SETTINGS_HINT,
-                        action="cannot resume from")
-    return state
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -240,7 +209,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         """Check that ``state`` (from :func:`read_resume_state`) fits this run, then restore it. Every
         check comes first: a checkpoint that does not fit raises LoadError with nothing changed."""
-        why = self._mismatch(state)
+        why = state_mismatch(state, self.model, self.optimizer, self.tracker, self.config)
         if why:
             raise LoadError(self.out / CHECKPOINT, why, RESUME_HINT, action="cannot resume from")
         self.model.load_state_dict(state["model"])
@@ -253,42 +222,6 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         if self._log:
             self._log(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
-
-    def _mismatch(self, state: dict[str, Any]) -> str | None:
-        """Why ``state`` cannot be restored into this run (model, masks, optimizer, SAD masks, RNG,
-        epoch and records), or ``None``."""
-        cfg = self.config
-        why = state_dict_mismatch(self.model.state_dict(), state["model"])
-        if why:
-            return f"its model state does not fit model {cfg.model!r} with these settings: {why}"
-        for name, _, p in nmsparse.sparse_layers(self.model):
-            mask = state["model"][f"{name}.parametrizations.weight.0.mask" if name else "parametrizations.weight.0.mask"]
-            ok = mask.dtype == torch.bool and (
-                nmsparse.layer_is_transposable_nm(mask, p.n, p.m, p.layout) if p.transposable
-                else nmsparse.layer_is_nm(mask, p.n, p.m, p.layout))
-            if not ok:
-                kind = "transposable " if p.transposable else ""
-                return f"the mask of layer {name!r} is not a {kind}{p.n}:{p.m} mask in layout {p.layout!r}"
-        why = _optimizer_mismatch(self.optimizer, state["optimizer"])
-        if why:
-            return f"its optimizer state does not fit: {why}"
-        expected = self.tracker.initial
-        for key in ("initial", "previous"):
-            why = state_dict_mismatch(expected, state["sad"][key])
-            if why:
-                return f"its SAD {key} masks do not fit: {why}"
-        rng = state["rng"]["torch"]
-        if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-            return "its torch RNG state is damaged"
-        py = state["rng"].get("python")
-        if py is not None and not (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)
-                                   and len(py[1]) == 625):
-            return "its Python RNG state is damaged"
-        epoch, records = state["epoch"], state["records"]
-        if not 0 <= epoch <= cfg.epochs or len(records) != epoch or not all(isinstance(r, dict) for r in records):
-            return (f"it records epoch {epoch} of {cfg.epochs} with {len(records)} per-epoch record(s), "
-                    f"which do not fit")
-        return None
 
     def _save(self) -> None:
         if not self.ctx.is_main:
@@ -386,27 +319,6 @@ class Trainer:
             return self.records
         finally:
             D.teardown(self.ctx)
-
-
-def _optimizer_mismatch(optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
-    """Why ``saved`` (an optimizer ``state_dict``) cannot be loaded into ``optimizer``, or ``None``."""
-    groups, state = saved.get("param_groups"), saved.get("state")
-    if not isinstance(groups, list) or not isinstance(state, dict):
-        return "no param_groups / state"
-    mine = optimizer.param_groups
-    if len(groups) != len(mine) or any(not isinstance(g, dict) or len(g.get("params", ())) != len(h["params"])
-                                       for g, h in zip(groups, mine)):
-        return "other parameter groups"
-    shapes = {i: p.shape for i, p in enumerate(p for g in mine for p in g["params"])}
-    ids = [i for g in groups for i in g["params"]]
-    for i, entry in state.items():
-        if i not in ids or not isinstance(entry, dict):
-            return f"state for an unknown parameter {i!r}"
-        shape = shapes[ids.index(i)]
-        for k, v in entry.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != shape:
-                return f"{k} of parameter {ids.index(i)} has shape {tuple(v.shape)}, the parameter {tuple(shape)}"
-    return None
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
