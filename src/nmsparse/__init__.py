@@ -5,6 +5,7 @@ layer's reduction dimension (2:4 keeps 2 of every 4).
 """
 
 from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
+from nmsparse.errors import LoadError
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
 from nmsparse.prune import PruneReport, prune
@@ -29,6 +30,7 @@ __all__ = [
     "load_compressed",
     "save_compressed",
     "LayerEntry",
+    "LoadError",
     "SADRecord",
     "SADTracker",
     "SparsityReport",

@@ -158,7 +158,7 @@ def prune(
     blocksize: int = 128,
     transposable_method: str | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
 
@@ -175,7 +175,8 @@ def prune(
     (SparseGPT), ``keep_zeros`` (weights that are already zero stay zero: an unstructured-sparse
     model's zeros are never kept over its non-zeros nor revived), ``transposable_method`` (passed to
     ``nmsparse.transposable.transposable_mask``), ``seed`` (Adam's mini-batch order), ``progress``
-    (a progress bar over layers).
+    (over layers: a :mod:`nmsparse.progress` mode; ``True`` = ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar on
+    a terminal and one closing line otherwise).
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
@@ -266,20 +267,10 @@ def prune(
     return PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
 
 
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
+def _progress(total: int, mode: bool | str, desc: str):
+    from nmsparse.progress import Progress
 
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer")
+    return Progress(total, desc, mode=mode, unit="layer", leave=True)
 
 
 def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
