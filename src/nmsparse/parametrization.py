@@ -104,7 +104,11 @@ class NMParametrization(nn.Module):
                 return
             self._seen = seen
         if self.update_every == 1 or int(self.step) % self.update_every == 0:
-            self.mask.copy_(self.mask_fn(weight.detach()))
+            new = self.mask_fn(weight.detach())
+            # write only on change: a module called twice in one pass must not modify the mask that
+            # the first call's backward saved (autograd checks the version of saved tensors)
+            if not torch.equal(new, self.mask):
+                self.mask.copy_(new)
         self.step.add_(1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
