@@ -169,6 +169,8 @@ def test_mha_prune_self_and_cross_attention(method):
         name = "m.attn.in_proj_weight" if cross else "attn.in_proj_weight"
         assert name in {e.param for e in rep.sparse}
         assert rep.results[name].error_after is not None  # calibrated on its own inputs
+        out_proj = name.replace("in_proj_weight", "out_proj.weight")
+        assert rep.results[out_proj].error_after is not None and not rep.results[out_proj].note
         assert nmsparse.is_transposable_nm(model.attn.in_proj_weight.detach(), 2, 4)
 
 
@@ -196,3 +198,24 @@ def test_mha_with_separate_projections_is_reported_dense():
     assert reasons["attn.q_proj_weight"].startswith("separate q/k/v projection weights (kdim or vdim != embed_dim)")
     assert {"attn.k_proj_weight", "attn.v_proj_weight"} <= set(reasons)
     assert {e.param for e in rep.sparse} == {"attn.out_proj.weight", "a.weight", "b.weight"}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_out_proj_is_calibrated_on_the_attention_output(batch_first):
+    """MHA never calls its out_proj Linear: its calibration input is recovered by the attention run
+    with an identity out_proj; checked against inverting the (invertible) projection."""
+    from nmsparse.prune import calibration
+
+    torch.manual_seed(0)
+    model = Attn(batch_first=batch_first).eval()
+    weight = model.attn.out_proj.weight
+    x = torch.randn(3, 5, 8)
+    col = LayerCollector(LayerGeometry(model.attn.out_proj, "channels"), torch.device("cpu"))
+    calibration.collect(model, {"attn.out_proj": col}, [x])
+    with torch.no_grad():
+        out = model.attn(x, x, x, need_weights=False)[0]
+        w, b = model.attn.out_proj.weight.double(), model.attn.out_proj.bias.double()
+        pre = torch.linalg.solve(w, (out.double() - b).reshape(-1, 8).T).T  # out = pre @ W^T + b
+    f = torch.cat([pre, torch.ones(pre.shape[0], 1, dtype=torch.float64)], 1)
+    assert torch.allclose(col.grams[0].H, f.T @ f, atol=1e-3)
+    assert model.attn.out_proj.weight is weight and weight.requires_grad  # the Parameter is put back

@@ -17,7 +17,9 @@ is ``(batch, tokens, features)``.
 ``nn.MultiheadAttention`` (its ``in_proj_weight``) reads three inputs, ``query``, ``key`` and
 ``value``; each of its query/key/value projections gets the Gram matrix of its own input (inputs
 are taken batch-first). PyTorch's fused attention fast path, which skips the module's hooks in
-inference, is switched off during calibration passes.
+inference, is switched off during calibration passes. Its ``out_proj`` Linear is never called as a
+module (the attention reads its weight): its input is taken by running the attention once more with
+an identity ``out_proj``.
 """
 
 from __future__ import annotations
@@ -213,6 +215,38 @@ def no_attention_fastpath() -> Iterator[None]:
         mha.set_fastpath_enabled(old)
 
 
+def _out_proj_input(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input of ``mha.out_proj`` for this call: ``mha`` run again with an identity ``out_proj``
+    (``nn.MultiheadAttention`` reads ``out_proj``'s weight and never calls the Linear itself)."""
+    params = mha.out_proj._parameters
+    saved = dict(params)
+    w = params["weight"]
+    try:
+        params["weight"] = nn.Parameter(torch.eye(w.shape[1], dtype=w.dtype, device=w.device), requires_grad=False)
+        if saved.get("bias") is not None:
+            params["bias"] = nn.Parameter(torch.zeros_like(saved["bias"]), requires_grad=False)
+        if len(args) <= 4:
+            kwargs = dict(kwargs, need_weights=False)
+        return mha.forward(*args, **kwargs)[0]
+    finally:
+        params.update(saved)
+
+
+def _on_input(model_modules: dict[str, nn.Module], name: str, fn: Callable[[Any], None]):
+    """Hook that calls ``fn(layer input)`` whenever the layer ``name`` runs; for an
+    ``nn.MultiheadAttention``'s ``out_proj`` (never called as a module) after its parent runs."""
+    mod = model_modules[name]
+    parent = model_modules.get(name.rpartition(".")[0]) if name else None
+    if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is mod:
+        def post(p, args, kwargs, output):
+            fn(_out_proj_input(p, args, kwargs))
+        return parent.register_forward_hook(post, with_kwargs=True)
+
+    def pre(m, args, kwargs):
+        fn(layer_input(m, args, kwargs))
+    return mod.register_forward_pre_hook(pre, with_kwargs=True)
+
+
 def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterable) -> list[list[str]]:
     """Names of ``modules`` in the order a forward pass on the first calibration batch calls them,
     grouped so that consecutive layers reading the very same input tensor form one group. Modules
@@ -223,15 +257,15 @@ def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterab
     handles = []
 
     def hook_for(name: str) -> Callable:
-        def hook(mod, args, kwargs):
+        def hook(x):
             if name not in order:
                 order.append(name)
-                x = layer_input(mod, args, kwargs)
                 seen_inputs.append(x[0] if isinstance(x, tuple) else x)
         return hook
 
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    everything = dict(model.named_modules())
+    for name in modules:
+        handles.append(_on_input(everything, name, hook_for(name)))
     try:
         first = _inputs(next(iter(calib)))
         with torch.no_grad(), no_attention_fastpath():
@@ -261,17 +295,17 @@ def collect(
     handles = []
 
     def hook_for(name: str) -> Callable:
-        def hook(mod, args, kwargs):
+        def hook(x):
             if name in state["fired"]:
                 return
-            collectors[name].add(layer_input(mod, args, kwargs), state["mask"])
+            collectors[name].add(x, state["mask"])
             state["fired"].add(name)
             if len(state["fired"]) == len(collectors):
                 raise _Stop
         return hook
 
     for name in collectors:
-        handles.append(modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True))
+        handles.append(_on_input(modules, name, hook_for(name)))
     try:
         with torch.no_grad(), no_attention_fastpath():
             for item in calib:
