@@ -10,7 +10,7 @@ from nmsparse.nmmasks import is_nm, nm_mask
 from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
-from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparsify
+from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparse_tensors, sparsify
 from nmsparse.transposable import (
     is_transposable_nm,
     layer_is_transposable_nm,
@@ -41,6 +41,7 @@ __all__ = [
     "PruneReport",
     "sad",
     "sparse_layers",
+    "sparse_tensors",
     "sparsify",
     "transposable_count",
     "transposable_layer_mask",
