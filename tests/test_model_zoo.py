@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 N, M = 2, 4
-SHARED = "shared with `"
 PARAMETRIZED = "weight already has another parametrization"
 
 

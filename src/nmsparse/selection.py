@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmsparse.layout import SUPPORTED, check_layout, reduction_dim, target_kind, target_names, unsupported_reason
+from nmsparse.layout import SUPPORTED, check_layout, reduction_dim, target_names, unsupported_reason
 from nmsparse.nmmasks import check_nm
 
 KEEP_DENSE = ("first", "last")
