@@ -12,7 +12,7 @@ from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
 from nmsparse.semi import semi_structured_plan, to_semi_structured
-from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparsify
+from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparse_tensors, sparsify
 from nmsparse.transposable import (
     is_transposable_nm,
     layer_is_transposable_nm,
@@ -51,6 +51,7 @@ __all__ = [
     "sad",
     "semi_structured_plan",
     "sparse_layers",
+    "sparse_tensors",
     "sparsify",
     "to_semi_structured",
     "transposable_count",
