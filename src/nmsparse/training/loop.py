@@ -232,8 +232,6 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Write ``final.safetensors``: the finalized weights of a copy of the model."""
-        from safetensors.torch import save_file
-
         path = self.out / "final.safetensors"
         if self.ctx.is_main:
             # nmsparse.finalize is safe on a deep copy: the training model is left untouched
