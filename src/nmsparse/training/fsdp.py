@@ -22,9 +22,10 @@ small next to the forward's matmuls) and holds every mask (1 byte per weight, un
 
 Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` write and read model and optimizer
 with ``torch.distributed.checkpoint`` (each rank writes and reads its own shards; a resumed run may
-use another number of processes). DCP reads its metadata file with ``pickle.load`` and byte items
-with ``torch.load(weights_only=False)``; :func:`load_checkpoint` reads the metadata with an unpickler
-that only builds DCP's own metadata classes and refuses byte items, so no code runs from the folder.
+use another number of processes). DCP reads its metadata file with ``pickle.load`` and its non-tensor
+items (the optimizer's hyperparameters) with ``torch.load(weights_only=False)``; :func:`load_checkpoint`
+reads the metadata with an unpickler that only builds DCP's own metadata classes and plain data, and
+the non-tensor items with ``weights_only=True``, so no code runs from the folder.
 
 :func:`finalized_state_dict` gathers the whole model on rank 0 (on CPU) and returns it finalized
 (``weight = E * W``, no N:M machinery): loadable into the plain architecture.
@@ -162,6 +163,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         ("builtins", "object"),
         ("builtins", "set"),
         ("builtins", "frozenset"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
     }
 
     def find_class(self, module: str, name: str):
@@ -192,15 +196,24 @@ def _safe_reader(folder: str):
     return SafeReader(folder)
 
 
-def _tensor_only_planner():
+def _weights_only_planner():
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
-    class TensorOnlyPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value) -> None:
-            raise ValueError(f"checkpoint item {read_item.dest_index.fqn!r} is pickled bytes, not a tensor; "
-                             "refusing to unpickle it")
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        """Non-tensor items (the optimizer's hyperparameters) are read with ``weights_only=True``."""
 
-    return TensorOnlyPlanner()
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"checkpoint item {read_item.dest_index.fqn!r} is not plain data; refusing to "
+                                 f"unpickle it ({str(e).splitlines()[0]})") from e
+            safe = io.BytesIO()  # the parent class unpickles it again: give it the checked object
+            torch.save(obj, safe)
+            safe.seek(0)
+            super().load_bytes(read_item, safe)
+
+    return WeightsOnlyPlanner()
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -214,7 +227,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     if not (Path(folder) / ".metadata").is_file():
         raise ValueError(f"{folder} is not a torch.distributed.checkpoint folder (no .metadata file)")
     state = _state(model, optimizer)
-    dcp.load(state, storage_reader=_safe_reader(folder), planner=_tensor_only_planner())
+    dcp.load(state, storage_reader=_safe_reader(folder), planner=_weights_only_planner())
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
