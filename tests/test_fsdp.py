@@ -4,6 +4,7 @@ the finalized full state dict on rank 0, and ``nmsparse train --fsdp`` under tor
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -64,6 +65,14 @@ def _step(model, opt, x, y) -> None:
     opt.step()
 
 
+SEEN: list = []
+
+
+def _recording(mask_fn, weight):
+    SEEN.append((type(weight).__name__, tuple(weight.shape)))
+    return mask_fn(weight)
+
+
 def _worker(rank: int, world: int, port: int, dump: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -78,6 +87,9 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     for case in CASES:
         model = fsdp.shard(_net(case))
+        layer = model[2].parametrizations.weight[0]
+        layer.mask_fn = functools.partial(_recording, layer.mask_fn)
+        SEEN.clear()
         opt = _sgd(model)
         masks, sharded_rows = [], {}
         for i, (x, y) in enumerate(_batches()):
@@ -95,7 +107,7 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
         for x, y in _batches()[SAVE_AFTER:]:
             _step(model2, opt2, x[part], y[part])
         out[case] = dict(masks=masks, full=full, final=final, resumed=fsdp.full_state_dict(model2),
-                         rows=sharded_rows)
+                         rows=sharded_rows, seen=list(SEEN))
     try:
         nmsparse.sparsify(model, 2, 4)
     except ValueError as e:
@@ -144,6 +156,10 @@ def test_fsdp_matches_single_process(two_ranks, case):
     ref, ref_masks = _reference(case)
     # shards really are shards: each rank holds half the rows, 12 of 24 for the second layer
     assert r0[case]["rows"] == {"0": 24, "2": 12, "4": 4}
+    # ... but the mask function gets the whole gathered (24, 48) weight, as a plain tensor, at every
+    # update (every step; every other step with update_every=2)
+    updates = STEPS // kw.get("update_every", 1)
+    assert r0[case]["seen"] == r1[case]["seen"] == [("Tensor", (24, 48))] * updates
     # every step's masks: N:M (transposable where asked), equal on both ranks and to one process
     check = nmsparse.layer_is_transposable_nm if kw.get("transposable") else nmsparse.layer_is_nm
     assert len(r0[case]["masks"]) == len(r1[case]["masks"]) == STEPS
