@@ -108,10 +108,12 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
             _step(model2, opt2, x[part], y[part])
         out[case] = dict(masks=masks, full=full, final=final, resumed=fsdp.full_state_dict(model2),
                          rows=sharded_rows, seen=list(SEEN))
-    try:
-        nmsparse.sparsify(model, 2, 4)
-    except ValueError as e:
-        out["error"] = str(e)
+    out["errors"] = []
+    for call in (lambda: nmsparse.sparsify(model, 2, 4), lambda: fsdp.shard(model)):
+        try:
+            call()
+        except ValueError as e:
+            out["errors"].append(str(e))
 
     # the training loop: an uninterrupted run, and one killed after its first epoch (resumed by the
     # CLI test under torchrun)
@@ -185,9 +187,53 @@ def test_fsdp_matches_single_process(two_ranks, case):
         assert torch.equal(r0[case]["resumed"][k], v), k
 
 
-def test_sparsify_after_shard_is_refused(two_ranks):
+def test_sparsify_after_shard_and_shard_twice_are_refused(two_ranks):
     _, (r0, _) = two_ranks
-    assert "sparsify a model before sharding it" in r0["error"]
+    assert len(r0["errors"]) == 2
+    assert "sparsify a model before sharding it" in r0["errors"][0]
+    assert "model is already sharded" in r0["errors"][1]
+
+
+def test_errors_before_any_collective(tmp_path):
+    from torch.nn.utils import parametrize
+
+    from nmsparse.training import fsdp
+
+    model = _net("plain")
+    with pytest.raises(ValueError, match="FSDP2 needs a process group: run under 'torchrun"):
+        fsdp.shard(model)
+    with pytest.raises(ValueError, match="is not a torch.distributed.checkpoint folder"):
+        fsdp.load_checkpoint(tmp_path, model)
+    with pytest.raises(ValueError, match="names no FSDP checkpoint folder \\('../elsewhere'\\)"):
+        fsdp.load_run_checkpoint(tmp_path, "../elsewhere", model, _sgd(model))
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[2], "weight", Twice())
+    with pytest.raises(ValueError, match="layer '2': its weight has other parametrizations besides N:M"):
+        fsdp.finalized_state_dict(model)
+
+
+def test_dcp_non_tensor_items_read_as_plain_data_only(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from nmsparse.training.fsdp import read_dcp
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    for name, value in (("good", 0.1), ("evil", Evil())):
+        dcp.save({"x": torch.arange(3.0), "obj": value}, checkpoint_id=str(tmp_path / name), no_dist=True)
+    state = {"x": torch.zeros(3), "obj": None}
+    read_dcp(state, tmp_path / "good", no_dist=True)
+    assert torch.equal(state["x"], torch.arange(3.0)) and state["obj"] == 0.1
+    with pytest.raises(ValueError, match="cannot load the checkpoint .*evil: checkpoint item 'obj' is not plain "
+                                         "data; refusing to unpickle it"):
+        read_dcp({"x": torch.zeros(3), "obj": None}, tmp_path / "evil", no_dist=True)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_dcp_metadata_reader_refuses_code(two_ranks, tmp_path):

@@ -46,7 +46,6 @@ import torch.distributed as dist
 from torch import nn
 
 from nmsparse.layout import layer_mask
-from nmsparse.parametrization import NMParametrization
 from nmsparse.selection import plan
 from nmsparse.sparsify import sparse_layers
 
@@ -216,18 +215,31 @@ def _weights_only_planner():
     return WeightsOnlyPlanner()
 
 
+def read_dcp(state: dict, folder: str | Path, **kwargs) -> None:
+    """``torch.distributed.checkpoint.load(state, ...)`` from ``folder`` without running code from it
+    (see module doc); a failure on any rank is raised as one ValueError naming the folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=_safe_reader(str(folder)), planner=_weights_only_planner(), **kwargs)
+    except CheckpointException as e:
+        causes = [f[0] if isinstance(f, tuple) and f else getattr(f, "exc", f) for f in e.failures.values()]
+        first = str(causes[0]).strip().splitlines()[0] if causes else str(e)
+        raise ValueError(f"cannot load the checkpoint {folder}: {first}") from e
+
+
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load what :func:`save_checkpoint` wrote into the sharded ``model`` (and ``optimizer``), in
     place; each rank reads its own shards (a collective: call on every rank). No code runs from the
     folder (see module doc)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     folder = str(folder)
     if not (Path(folder) / ".metadata").is_file():
         raise ValueError(f"{folder} is not a torch.distributed.checkpoint folder (no .metadata file)")
     state = _state(model, optimizer)
-    dcp.load(state, storage_reader=_safe_reader(folder), planner=_weights_only_planner())
+    read_dcp(state, folder)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -279,18 +291,19 @@ def finalized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """:func:`full_state_dict`, finalized on rank 0: each sparse layer's ``<layer>.weight`` holds
     ``E * W`` and its N:M entries (dense weight, mask, step) are gone, as in
     ``nmsparse.finalize(model).state_dict()`` of an unsharded model. ``{}`` on other ranks."""
+    layers = []
+    for name, mod, _ in sparse_layers(model):
+        plist = mod.parametrizations["weight"]
+        if len(plist) != 1:
+            raise ValueError(f"layer {name!r}: its weight has other parametrizations besides N:M; "
+                             "finalized_state_dict handles N:M only")
+        layers.append(f"{name}." if name else "")
     full = full_state_dict(model)
     if not full:
         return full
-    for name, mod, _ in sparse_layers(model):
-        prefix = f"{name}.parametrizations.weight." if name else "parametrizations.weight."
-        plist = mod.parametrizations["weight"]
-        dense = full.pop(prefix + "original")
-        for i, p in enumerate(plist):
-            if not isinstance(p, NMParametrization):
-                raise ValueError(f"{name}: a weight with other parametrizations than N:M cannot be finalized here")
-            dense = dense * full.pop(f"{prefix}{i}.mask").to(dense.dtype)
-            full.pop(f"{prefix}{i}.step", None)
-        full[f"{name}.weight" if name else "weight"] = dense.contiguous()
+    for prefix in layers:
+        p = f"{prefix}parametrizations.weight."
+        dense = full.pop(p + "original")
+        full[prefix + "weight"] = (dense * full.pop(p + "0.mask").to(dense.dtype)).contiguous()
+        full.pop(p + "0.step", None)
     return full
-
