@@ -104,8 +104,9 @@ def main() -> None:
               f"global batch {a.batch}, FSDP units: {a.units}, {a.steps - 3} timed steps (median, min-max):")
         for k, ts in times.items():
             print(f"  {k:16s} {statistics.median(ts) * 1e3:8.1f} ms  ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f})")
-        print(f"  fsdp 2:4 / ddp 2:4 step time: {statistics.median(times['fsdp 2:4']) / statistics.median(times['ddp 2:4']):.2f}; "
-              f"fsdp 2:4 / fsdp dense: {statistics.median(times['fsdp 2:4']) / statistics.median(times['fsdp dense']):.2f}")
+        med = {k: statistics.median(ts) for k, ts in times.items()}
+        print(f"  fsdp 2:4 / ddp 2:4 step time: {med['fsdp 2:4'] / med['ddp 2:4']:.2f}; "
+              f"fsdp 2:4 / fsdp dense: {med['fsdp 2:4'] / med['fsdp dense']:.2f}")
         print(f"  mask computation: {statistics.median(mask_share):.1%} of an FSDP 2:4 step (median)")
         print(f"  per-rank bytes: FSDP weights+grads+momentum {state_bytes / 2**20:.2f} MiB, masks (unsharded) "
               f"{mask_bytes / 2**20:.2f} MiB; DDP weights+grads+momentum {ddp_bytes / 2**20:.2f} MiB")

@@ -216,6 +216,7 @@ def test_errors_before_any_collective(tmp_path):
         fsdp.finalized_state_dict(model)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 def test_dcp_non_tensor_items_read_as_plain_data_only(tmp_path):
     import torch.distributed.checkpoint as dcp
 
@@ -256,10 +257,12 @@ def test_dcp_metadata_reader_refuses_code(two_ranks, tmp_path):
 
 
 def _metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(s).items() if k != "time"} for s in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(s).items() if k != "time"} for s in lines]
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_cli_fsdp_torchrun_resume(two_ranks, tmp_path):
     dump, (r0, r1) = two_ranks
     full, part = dump / "full", tmp_path / "part"
