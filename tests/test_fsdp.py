@@ -199,6 +199,8 @@ def test_errors_before_any_collective(tmp_path):
 
     from nmsparse.training import fsdp
 
+    with pytest.raises(ValueError, match="fsdp must be true or false, got 'yes'"):
+        TrainConfig(fsdp="yes").validate(check_out=False)
     model = _net("plain")
     with pytest.raises(ValueError, match="FSDP2 needs a process group: run under 'torchrun"):
         fsdp.shard(model)
