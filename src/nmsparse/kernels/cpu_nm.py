@@ -121,46 +121,53 @@ def _dot_row(typingctx, vals, voff, masks, moff, x, xoff, nchunks, per):  # prag
     return sig, codegen
 
 
-TILE = 4  # batch rows sharing one expansion of a weight chunk
+TILE = 4  # batch rows sharing one expansion of a weight chunk (then a tile of 2, then single rows)
 
 
-@intrinsic
-def _dot_tile(typingctx, vals, voff, masks, moff, x, xoff, xstride, nchunks, per, out, ooff, ostride):  # pragma: no cover
-    """For i < TILE: out[ooff + i*ostride] = packed row . x[xoff + i*xstride:]: each weight chunk is
-    expanded once and multiplied with TILE input rows."""
-    _check_array(vals, "values", (types.float32, types.int16))
-    _check_array(masks, "masks", (types.int16,))
-    _check_array(x, "x", (types.float32,))
-    _check_array(out, "out", (types.float32,))
-    bf16 = vals.dtype == types.int16
-    sig = types.void(vals, types.intp, masks, types.intp, x, types.intp, types.intp, types.intp, types.intp,
-                     out, types.intp, types.intp)
+def _make_dot_tile(tile: int):
+    @intrinsic
+    def _dot_tile(typingctx, vals, voff, masks, moff, x, xoff, xstride, nchunks, per, out, ooff, ostride):  # pragma: no cover
+        """For i < tile: out[ooff + i*ostride] = packed row . x[xoff + i*xstride:]: each weight chunk is
+        expanded once and multiplied with ``tile`` input rows."""
+        _check_array(vals, "values", (types.float32, types.int16))
+        _check_array(masks, "masks", (types.int16,))
+        _check_array(x, "x", (types.float32,))
+        _check_array(out, "out", (types.float32,))
+        bf16 = vals.dtype == types.int16
+        sig = types.void(vals, types.intp, masks, types.intp, x, types.intp, types.intp, types.intp, types.intp,
+                         out, types.intp, types.intp)
 
-    def codegen(context, builder, s, args):
-        vd = _data(context, builder, s.args[0], args[0])
-        md = _data(context, builder, s.args[2], args[2])
-        xd = _data(context, builder, s.args[4], args[4])
-        od = _data(context, builder, s.args[9], args[9])
-        voff, moff, xoff, xstride, nch, per, ooff, ostride = (args[i] for i in (1, 3, 5, 6, 7, 8, 10, 11))
-        ffma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(TILE)]
-        with cgutils.for_range(builder, nch) as loop:
-            c = loop.index
-            mk = builder.load(builder.gep(md, [builder.add(moff, c)]))
-            w = _expand_fp32(builder, builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, bf16)
-            col = builder.add(xoff, builder.mul(c, ir.Constant(_I64, CHUNK)))
-            for i in range(TILE):
-                xp = builder.gep(xd, [builder.add(col, builder.mul(xstride, ir.Constant(_I64, i)))])
-                xv = builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4)
-                builder.store(builder.call(ffma, [w, xv, builder.load(accs[i])]), accs[i])
-        fred = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
-                                              "llvm.vector.reduce.fadd.v16f32")
-        for i in range(TILE):
-            r = builder.call(fred, [ir.Constant(_F32, 0.0), builder.load(accs[i])])
-            builder.store(r, builder.gep(od, [builder.add(ooff, builder.mul(ostride, ir.Constant(_I64, i)))]))
-        return context.get_dummy_value()
+        def codegen(context, builder, s, args):
+            vd = _data(context, builder, s.args[0], args[0])
+            md = _data(context, builder, s.args[2], args[2])
+            xd = _data(context, builder, s.args[4], args[4])
+            od = _data(context, builder, s.args[9], args[9])
+            voff, moff, xoff, xstride, nch, per, ooff, ostride = (args[i] for i in (1, 3, 5, 6, 7, 8, 10, 11))
+            ffma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(tile)]
+            with cgutils.for_range(builder, nch) as loop:
+                c = loop.index
+                mk = builder.load(builder.gep(md, [builder.add(moff, c)]))
+                w = _expand_fp32(builder, builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, bf16)
+                col = builder.add(xoff, builder.mul(c, ir.Constant(_I64, CHUNK)))
+                for i in range(tile):
+                    xp = builder.gep(xd, [builder.add(col, builder.mul(xstride, ir.Constant(_I64, i)))])
+                    xv = builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4)
+                    builder.store(builder.call(ffma, [w, xv, builder.load(accs[i])]), accs[i])
+            fred = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
+                                                  "llvm.vector.reduce.fadd.v16f32")
+            for i in range(tile):
+                r = builder.call(fred, [ir.Constant(_F32, 0.0), builder.load(accs[i])])
+                builder.store(r, builder.gep(od, [builder.add(ooff, builder.mul(ostride, ir.Constant(_I64, i)))]))
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    return _dot_tile
+
+
+_dot_tile4 = _make_dot_tile(4)
+_dot_tile2 = _make_dot_tile(2)
 
 
 @intrinsic
@@ -196,11 +203,14 @@ def _matmul_kernel(vals, masks, x, out, batch, rows, per, nchunks):  # pragma: n
     """out[b * rows + r] = row r of the packed weight . x[b, :], for b < batch, r < rows."""
     k = vals.size // max(rows, 1)
     xstride = nchunks * CHUNK
-    tiled = batch - batch % TILE
+    tiled = batch - batch % 4
+    paired = batch - batch % 2
     for r in numba.prange(rows):
-        for b in range(0, tiled, TILE):
-            _dot_tile(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
-        for b in range(tiled, batch):
+        for b in range(0, tiled, 4):
+            _dot_tile4(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
+        for b in range(tiled, paired, 2):
+            _dot_tile2(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
+        for b in range(paired, batch):
             out[b * rows + r] = _dot_row(vals, r * k, masks, r * nchunks, x, b * xstride, nchunks, per)
 
 
