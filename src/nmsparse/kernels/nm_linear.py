@@ -52,7 +52,7 @@ class NMLinear(nn.Module):
     the values (float32 or bfloat16); output ``(..., out_features)`` in the same dtype.
     """
 
-    crossover: int = 16  # rows of input up to which the packed kernel runs (benchmarks/bench_nm_linear.py)
+    crossover: int = 12  # rows of input up to which the packed kernel runs (measured: benchmarks/bench_nm_linear.py)
 
     def __init__(self, in_features: int, out_features: int, n: int, m: int, *, bias: bool = True,
                  dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True):
