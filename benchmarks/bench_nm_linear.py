@@ -46,7 +46,7 @@ def layers(size: int, n: int, m: int, dtype: torch.dtype, seed: int = 0):
 
 
 @torch.inference_mode()
-def one_run(w, mods, batches, budget_s: float, dtype) -> dict[int, dict[str, float]]:
+def one_run(w, mods, batches, budget_s: float, dtype, clock=time.perf_counter) -> dict[int, dict[str, float]]:
     out = {}
     for b in batches:
         x = torch.randn(b, w.shape[1]).to(dtype)
@@ -59,9 +59,9 @@ def one_run(w, mods, batches, budget_s: float, dtype) -> dict[int, dict[str, flo
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(reps):
             for k, f in fns.items():
-                t = time.perf_counter()
+                t = clock()
                 f()
-                times[k].append(time.perf_counter() - t)
+                times[k].append(clock() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[b] = {k: med["dense"] / med[k] for k in VARIANTS} | {"dense_ms": med["dense"] * 1e3}
     return out
@@ -76,20 +76,25 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.6, help="seconds per batch size per run (sets the calls)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time (needs --threads 1; less sensitive to other jobs on a shared machine)")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu needs --threads 1 (with more threads CPU time adds up the threads' spinning)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     import numba
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"size {args.size}, threads {args.threads}, crossover {NMLinear.crossover}, runs {args.runs}")
+    print(f"size {args.size}, threads {args.threads}, clock {args.clock}, crossover {NMLinear.crossover}, runs {args.runs}")
     for name in args.configs.split(","):
         n, m, dtype = CONFIGS[name]
         w, mods = layers(args.size, n, m, dtype)
         runs, loads = [], []
         for r in range(args.runs):
             loads.append(load())
-            runs.append(one_run(w, mods, batches, args.budget, dtype))
+            runs.append(one_run(w, mods, batches, args.budget, dtype, clock))
             print(f"  {name} run {r + 1}/{args.runs} (load {loads[-1]}): "
                   + " ".join(f"b{b}:{runs[-1][b]['nmlinear']:.2f}" for b in batches), flush=True)
         loads.append(load())
