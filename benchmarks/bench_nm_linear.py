@@ -87,7 +87,7 @@ def main() -> None:
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"size {args.size}, threads {args.threads}, clock {args.clock}, crossover {NMLinear.crossover}, runs {args.runs}")
+    print(f"size {args.size}, threads {args.threads}, clock {args.clock}, crossover by dtype {NMLinear.default_crossover}, runs {args.runs}")
     for name in args.configs.split(","):
         n, m, dtype = CONFIGS[name]
         w, mods = layers(args.size, n, m, dtype)

@@ -161,7 +161,7 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
         setattr(modules[parent], child, new)
         e.converted, e.nm = True, f"{ln}:{lm}"
         e.packed_bytes = sum(t.numel() * t.element_size() for t in (new.values, new.masks))
-    settings = {"n": n, "m": m, "crossover": crossover if crossover is not None else NMLinear.crossover,
+    settings = {"n": n, "m": m, "crossover": crossover if crossover is not None else "by dtype",
                 "cache_dense": cache_dense}
     return NMLinearReport(entries, settings)
 

@@ -52,7 +52,10 @@ class NMLinear(nn.Module):
     the values (float32 or bfloat16); output ``(..., out_features)`` in the same dtype.
     """
 
-    crossover: int = 12  # rows of input up to which the packed kernel runs (measured: benchmarks/bench_nm_linear.py)
+    # Rows of input up to which the packed kernel runs, per values dtype (measured with
+    # benchmarks/bench_nm_linear.py on 4096x4096: fp32 beats dense up to 8-12 rows and loses from 16;
+    # bf16 beats dense at 1-2 rows and loses from 4, where oneDNN's bf16 matmul is fast).
+    default_crossover: dict = {torch.float32: 12, torch.bfloat16: 2}
 
     def __init__(self, in_features: int, out_features: int, n: int, m: int, *, bias: bool = True,
                  dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True):
@@ -69,8 +72,7 @@ class NMLinear(nn.Module):
         if crossover is not None and (isinstance(crossover, bool) or not isinstance(crossover, int) or crossover < 0):
             raise ValueError(f"crossover must be an integer >= 0 (rows of input handled by the kernel), got {crossover!r}")
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
-        if crossover is not None:
-            self.crossover = crossover
+        self._crossover = crossover
         self.cache_dense = bool(cache_dense)
         self._dense: tuple[tuple, torch.Tensor] | None = None
         self.register_buffer("values", torch.zeros(out_features, in_features * n // m, dtype=dtype))
@@ -114,6 +116,13 @@ class NMLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The decompressed ``(out, in)`` weight, in the values' dtype (zeros at pruned positions)."""
         return cpu_nm.unpack(self.values, self.masks, self.n, self.m, self.in_features)
+
+    @property
+    def crossover(self) -> int:
+        """Rows of input up to which the kernel runs (the constructor's value, else by dtype)."""
+        if self._crossover is not None:
+            return self._crossover
+        return self.default_crossover.get(self.values.dtype, 0)
 
     def release_dense(self) -> None:
         """Drop the cached decompressed weight (``cache_dense``); the next large batch rebuilds it."""
