@@ -222,7 +222,11 @@ def _unpack_kernel(vals, masks, out, rows, per, nchunks):  # pragma: no cover - 
 
 
 def _numba_call(fn, *args) -> None:
+    """Run a parallel kernel on torch's thread count (capped by numba's pool), then restore torch's."""
     torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
     fn(*args)
     if torch.get_num_threads() != torch_threads:
         # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
