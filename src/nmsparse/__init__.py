@@ -6,6 +6,7 @@ layer's reduction dimension (2:4 keeps 2 of every 4).
 
 from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
 from nmsparse.errors import LoadError
+from nmsparse.kernels import NMLinear, NMLinearReport, to_nm_linear
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
 from nmsparse.prune import PruneReport, prune
@@ -43,6 +44,8 @@ __all__ = [
     "layer_mask",
     "magnitude_masks",
     "mask_diversity",
+    "NMLinear",
+    "NMLinearReport",
     "masks",
     "nm_mask",
     "plan",
@@ -53,6 +56,7 @@ __all__ = [
     "sparse_layers",
     "sparse_tensors",
     "sparsify",
+    "to_nm_linear",
     "to_semi_structured",
     "transposable_count",
     "transposable_layer_mask",

@@ -1,7 +1,15 @@
-"""Back ends that run N:M layers on sparse kernels (CPU and CUDA)."""
+"""Back ends that run N:M layers on sparse kernels.
 
-# --- semi-structured 2:4 (CUDA kernels; CPU emulation) ---
-from nmsparse.kernels.semi_structured import (  # noqa: F401
+N is the number of weights **kept** in every group of M consecutive weights along ``in``.
+
+* CPU inference: :class:`NMLinear` (packed weight, numba kernel), :func:`to_nm_linear` (module conversion).
+* NVIDIA 2:4 semi-structured kernels for training and inference (CUDA; a CPU emulation for tests):
+  :mod:`nmsparse.kernels.semi_structured`, :mod:`nmsparse.kernels.semi_structured_autograd`.
+"""
+
+from nmsparse.kernels.convert import ConvertedLayer, NMLinearReport, to_nm_linear
+from nmsparse.kernels.nm_linear import NMLinear
+from nmsparse.kernels.semi_structured import (
     CudaOps,
     EmulatedOps,
     SemiStructuredOps,
@@ -10,4 +18,8 @@ from nmsparse.kernels.semi_structured import (  # noqa: F401
     ops_for,
     shape_problem,
 )
-from nmsparse.kernels.semi_structured_autograd import compute_dtype, semi_structured_linear  # noqa: F401
+from nmsparse.kernels.semi_structured_autograd import compute_dtype, semi_structured_linear
+
+__all__ = ["ConvertedLayer", "CudaOps", "EmulatedOps", "NMLinear", "NMLinearReport", "SemiStructuredOps",
+           "compute_dtype", "cutlass_supported", "force_emulation", "ops_for", "semi_structured_linear",
+           "shape_problem", "to_nm_linear"]

@@ -1,0 +1,120 @@
+"""NMLinear (packed N:M weight, numba kernel) against dense ``torch.nn.functional.linear``.
+
+One run times, interleaved call by call, for each batch size: dense ``F.linear(x, W)``, the packed
+kernel alone (``NMLinear`` with no fallback), ``NMLinear`` as shipped (kernel up to its crossover,
+then the lazily cached dense weight) and ``NMLinear(cache_dense=False)`` (kernel, then
+decompress-and-matmul on every call: the packed weight only in memory). Each variant's time in a run is the median of its calls; the script reports, over
+``--runs`` runs, the median and range of ``dense_time / variant_time`` (> 1: faster than dense) and
+the load average before each run (the machine may be shared). A weight of ``--size`` x ``--size``
+(fp32: 64 MiB at 4096) fits in a large L3 cache: that is the situation measured.
+
+    python benchmarks/bench_nm_linear.py --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nmsparse
+from nmsparse.kernels import NMLinear
+
+CONFIGS = {"2:4-fp32": (2, 4, torch.float32), "4:8-fp32": (4, 8, torch.float32), "2:4-bf16": (2, 4, torch.bfloat16)}
+VARIANTS = ("kernel", "nmlinear", "no_cache")
+
+
+def load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def layers(size: int, n: int, m: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(size, size, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(size, size, generator=g))
+        lin.weight.mul_(nmsparse.nm_mask(lin.weight, n, m))
+    lin = lin.to(dtype)
+    kernel = NMLinear.from_linear(lin, n, m, crossover=1 << 30)
+    shipped = NMLinear.from_linear(lin, n, m)
+    lean = NMLinear.from_linear(lin, n, m, cache_dense=False)
+    return lin.weight.detach(), {"kernel": kernel, "nmlinear": shipped, "no_cache": lean}
+
+
+@torch.inference_mode()
+def one_run(w, mods, batches, budget_s: float, dtype, clock=time.perf_counter) -> dict[int, dict[str, float]]:
+    out = {}
+    for b in batches:
+        x = torch.randn(b, w.shape[1]).to(dtype)
+        fns = {"dense": lambda: F.linear(x, w), **{k: (lambda mod=mod: mod(x)) for k, mod in mods.items()}}
+        for f in fns.values():  # warm-up (compilation, caches)
+            f()
+        t0 = time.perf_counter()
+        fns["dense"]()
+        reps = int(min(40, max(5, budget_s / max(time.perf_counter() - t0, 1e-6) / len(fns))))
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            for k, f in fns.items():
+                t = clock()
+                f()
+                times[k].append(clock() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[b] = {k: med["dense"] / med[k] for k in VARIANTS} | {"dense_ms": med["dense"] * 1e3}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=0.6, help="seconds per batch size per run (sets the calls)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time (needs --threads 1; less sensitive to other jobs on a shared machine)")
+    args = ap.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu needs --threads 1 (with more threads CPU time adds up the threads' spinning)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"size {args.size}, threads {args.threads}, clock {args.clock}, crossover by dtype {NMLinear.default_crossover}, runs {args.runs}")
+    for name in args.configs.split(","):
+        n, m, dtype = CONFIGS[name]
+        w, mods = layers(args.size, n, m, dtype)
+        runs, loads = [], []
+        for r in range(args.runs):
+            loads.append(load())
+            runs.append(one_run(w, mods, batches, args.budget, dtype, clock))
+            print(f"  {name} run {r + 1}/{args.runs} (load {loads[-1]}): "
+                  + " ".join(f"b{b}:{runs[-1][b]['nmlinear']:.2f}" for b in batches), flush=True)
+        loads.append(load())
+        print(f"\n{name}, {args.size}x{args.size}, dense_time / time: median [min, max] over {args.runs} runs; "
+              f"load average (1/5/15 min) before each run and at the end: {', '.join(loads)}")
+        if args.markdown:
+            print("\n| batch | dense ms (median) | packed kernel only | NMLinear (default) | NMLinear cache_dense=False |")
+            print("|---:|---:|---:|---:|---:|")
+        for b in batches:
+            cells = []
+            for k in VARIANTS:
+                vals = [run[b][k] for run in runs]
+                cells.append(f"{statistics.median(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}]")
+            dense_ms = statistics.median(run[b]["dense_ms"] for run in runs)
+            if args.markdown:
+                print(f"| {b} | {dense_ms:.2f} | " + " | ".join(cells) + " |")
+            else:
+                print(f"  batch {b:4d}: dense {dense_ms:8.2f} ms  " + "  ".join(f"{k} {c}" for k, c in zip(VARIANTS, cells)))
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""``to_nm_linear``: swap a model's finalized N:M ``nn.Linear`` layers for packed :class:`NMLinear` ones.
+
+N is the number of weights **kept** in every group of M consecutive weights along ``in``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from nmsparse.kernels import cpu_nm
+from nmsparse.kernels.nm_linear import NMLinear, unsupported_reason
+from nmsparse.nmmasks import check_nm
+
+AUTO_MAX_DENSITY = 0.75  # auto-detection converts n:m only when n/m <= this (else packing saves little)
+
+
+@dataclasses.dataclass
+class ConvertedLayer:
+    """One weight-bearing module: converted to ``NMLinear`` with ``nm``, or left dense with ``reason``."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    converted: bool
+    nm: str | None = None
+    reason: str = ""
+    dense_bytes: int = 0
+    packed_bytes: int = 0
+
+
+@dataclasses.dataclass
+class NMLinearReport:
+    """What :func:`to_nm_linear` did, layer by layer (printable, like ``SparsityReport``)."""
+
+    layers: list[ConvertedLayer]
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def converted(self) -> list[ConvertedLayer]:
+        return [e for e in self.layers if e.converted]
+
+    @property
+    def dense(self) -> list[ConvertedLayer]:
+        return [e for e in self.layers if not e.converted]
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "layers": [dataclasses.asdict(e) for e in self.layers]}
+
+    def table(self) -> str:
+        rows = [("layer", "type", "shape", "weight bytes", "NMLinear")]
+        for e in self.layers:
+            size = f"{e.dense_bytes} -> {e.packed_bytes}" if e.converted else str(e.dense_bytes)
+            rows.append((e.name, e.kind, "x".join(map(str, e.shape)), size,
+                         f"packed {e.nm}" if e.converted else f"dense: {e.reason}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+        before = sum(e.dense_bytes for e in self.converted)
+        after = sum(e.packed_bytes for e in self.converted)
+        lines.append(f"{len(self.converted)} converted, {len(self.dense)} dense; converted weights "
+                     f"{before} -> {after} bytes ({after / max(before, 1):.1%})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _detect(counts_by_m: dict[int, int]) -> tuple[int, int] | None:
+    """The n:m with the fewest stored values per weight (ties: smaller m) among m's with n < m."""
+    best = None
+    for m, n in counts_by_m.items():
+        n = max(n, 1)
+        if n < m and n / m <= AUTO_MAX_DENSITY and (best is None or n / m < best[0] / best[1]):
+            best = (n, m)
+    return best
+
+
+def _entry(name: str, mod: nn.Module) -> ConvertedLayer:
+    w = mod.weight
+    return ConvertedLayer(name, type(mod).__name__, tuple(w.shape), False,
+                          dense_bytes=w.numel() * w.element_size())
+
+
+def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *,
+                 crossover: int | None = None, cache_dense: bool = True) -> NMLinearReport:
+    """Replace, in place, every finalized N:M ``nn.Linear`` of ``model`` by an :class:`NMLinear`.
+
+    With ``n`` and ``m`` given (both or neither), a Linear converts when every group of m
+    consecutive weights along ``in`` has at most n non-zeros. Without them each layer's pattern is
+    detected: the m in 2, 4, 8, 16 whose largest non-zero count per group n gives the fewest stored
+    values (n/m <= 0.75). Layers that stay dense get a reason in the returned report: not a plain
+    ``nn.Linear`` (subclasses and the Linear inside ``nn.MultiheadAttention`` keep their forward),
+    still parametrized, not N:M, dtype other than float32/bfloat16, not on the CPU. Everything is
+    checked before the model is touched. ``crossover`` and ``cache_dense`` go to every NMLinear.
+    """
+    if (n is None) != (m is None):
+        raise ValueError(f"give both n and m (n kept per group of m) or neither, got n={n!r}, m={m!r}")
+    if n is not None:
+        n, m = check_nm(n, m)
+        cpu_nm.check_kernel_nm(n, m)
+    NMLinear(0, 0, 2, 4, crossover=crossover)  # validates crossover the same way the layers will
+    entries: list[ConvertedLayer] = []
+    plan: list[tuple[ConvertedLayer, nn.Module, str, str, int, int]] = []
+    mha_children = {id(sub) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)
+                    for sub in mod.children()}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (parametrize.ParametrizationList, NMLinear)):
+            continue
+        w = getattr(mod, "weight", None)
+        if not isinstance(mod, nn.Linear):
+            if isinstance(w, torch.Tensor) and w.dim() >= 2:
+                e = _entry(name, mod)
+                e.reason = f"{type(mod).__name__} is not an nn.Linear"
+                entries.append(e)
+            continue
+        e = _entry(name, mod)
+        entries.append(e)
+        if parametrize.is_parametrized(mod):
+            e.reason = "weight is still parametrized (N:M training?); call nmsparse.finalize(model) first"
+            continue
+        if id(mod) in mha_children:
+            e.reason = "inside nn.MultiheadAttention, which reads its .weight directly"
+            continue
+        if type(mod) is not nn.Linear:
+            e.reason = f"{type(mod).__name__} subclasses nn.Linear (its forward may differ)"
+            continue
+        if n is not None:
+            ln, lm = n, m
+        else:
+            if w.dtype not in cpu_nm.KERNEL_DTYPES or w.device.type != "cpu":
+                ln, lm = 2, 4  # only for the dtype/device reason below
+            else:
+                found = _detect({mm: int(cpu_nm.nonzero_counts(w.detach(), mm).max()) if w.numel() else 0
+                                 for mm in cpu_nm.KERNEL_M if w.shape[1] % mm == 0})
+                if found is None:
+                    e.reason = ("not N:M: no m in (2, 4, 8, 16) dividing in_features has groups with at most "
+                                f"{AUTO_MAX_DENSITY:.0%} of m non-zero")
+                    continue
+                ln, lm = found
+        reason = unsupported_reason(mod, ln, lm)
+        if reason is None:
+            counts = cpu_nm.nonzero_counts(w.detach(), lm)
+            if bool((counts > ln).any()):
+                r, g = (int(i) for i in (counts > ln).nonzero()[0])
+                reason = f"not {ln}:{lm}: row {r}, group {g} has {int(counts[r, g])} non-zeros"
+        if reason:
+            e.reason = reason
+            continue
+        parent, _, child = name.rpartition(".")
+        plan.append((e, mod, parent, child, ln, lm))
+    if any(not e.name for e, *_ in plan):
+        raise ValueError("to_nm_linear cannot replace the model itself (an nn.Linear); wrap it in a container "
+                         "(nn.Sequential(linear)) or use NMLinear.from_linear")
+    modules = dict(model.named_modules())
+    for e, mod, parent, child, ln, lm in plan:
+        new = NMLinear.from_linear(mod, ln, lm, name=e.name, crossover=crossover, cache_dense=cache_dense)
+        new.train(mod.training)
+        setattr(modules[parent], child, new)
+        e.converted, e.nm = True, f"{ln}:{lm}"
+        e.packed_bytes = sum(t.numel() * t.element_size() for t in (new.values, new.masks))
+    settings = {"n": n, "m": m, "crossover": crossover if crossover is not None else "by dtype",
+                "cache_dense": cache_dense}
+    return NMLinearReport(entries, settings)
+

@@ -1,0 +1,305 @@
+"""N:M weights packed for the CPU kernel, and the compiled (numba) kernels that use them.
+
+N is the number of weights **kept** in every group of M consecutive weights along ``in`` (2:4 keeps 2).
+
+Layout ("bitmask-16"), for a weight ``W`` of shape ``(out, in)``, ``in`` a multiple of ``m``, and
+``m`` one of 2, 4, 8, 16 (a divisor of 16, so that no group straddles two 16-column chunks):
+
+* ``values``: ``(out, in * n // m)``, contiguous, the weight's dtype (``float32`` or ``bfloat16``).
+  Row ``r`` holds, group after group, exactly ``n`` entries per group in increasing column order:
+  the group's non-zeros (NaN and inf count as non-zero) and, when a group has fewer than ``n``
+  non-zeros, zeros at the lowest unused positions ("padding").
+* ``masks``: ``(out, ceil(in / 16))``, ``int16`` (read as 16 raw bits). Bit ``i`` (``1 << i``) of
+  ``masks[r, c]`` is set when column ``16 * c + i`` holds one of row ``r``'s stored values (kept or
+  padding), so every group has exactly ``n`` bits set, and bits of columns ``>= in`` are 0.
+  Chunk ``c`` of row ``r`` therefore owns ``values[r, c * 16 * n // m : ...]``, in bit order.
+* ``-0.0`` counts as zero (``finalize`` leaves ``-0.0`` at pruned positions of negative weights):
+  unpacking gives ``+0.0`` there. Everything else comes back bit for bit.
+
+This is the same information as "values + ``ceil(log2 m)``-bit positions" (the sparse tensor-core
+layout; ``nmsparse.compress``): a converter sets bit ``(g * m + pos) % 16`` of chunk
+``(g * m + pos) // 16`` for each stored position ``pos`` of group ``g``. Index bytes per row are
+``in / 8``: for 2:4 that equals 2 bits per kept value (the tensor-core figure), for 4:8 it is 2 bits
+(positions would take 3), for 1:4 and 2:8 it is 4 bits (positions: 2 and 3). A 4096x4096 2:4 weight
+reads 32 MiB of fp32 values + 2 MiB of masks = 53.1% of the dense 64 MiB (bf16: 16 + 2 = 56.3%).
+
+The kernel (``nm_matmul``) expands each 16-column chunk of a row straight from ``values`` into a
+16-lane vector under its 16-bit mask (one ``vexpandps`` on AVX-512 CPUs, LLVM's
+``llvm.masked.expandload``; other CPUs get LLVM's portable lowering of the same intrinsic) and
+multiplies it with 16 consecutive entries of ``x``: the weight is never decompressed in memory.
+``bfloat16`` values are expanded as 16-bit lanes and widened to fp32 in registers (a shift), so
+bf16 reads half the value bytes of fp32; accumulation is always fp32.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+CHUNK = 16  # columns per mask word
+KERNEL_M = (2, 4, 8, 16)  # group sizes whose groups never straddle a 16-column chunk
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+_I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
+_I16 = ir.IntType(16)
+_F32 = ir.FloatType()
+_VF = ir.VectorType(_F32, CHUNK)
+_VI16 = ir.VectorType(_I16, CHUNK)
+_VI32 = ir.VectorType(_I32, CHUNK)
+_VM = ir.VectorType(ir.IntType(1), CHUNK)
+_NACC = 2  # independent accumulators (hides the FMA latency)
+
+
+def _data(context, builder, aty, arr):
+    return context.make_array(aty)(context, builder, arr).data
+
+
+def _expand_fp32(builder, vptr, mask_i16, bf16: bool):
+    mod = builder.module
+    mvec = builder.bitcast(mask_i16, _VM)
+    if bf16:
+        fn = cgutils.get_or_insert_function(mod, ir.FunctionType(_VI16, [vptr.type, _VM, _VI16]),
+                                            "llvm.masked.expandload.v16i16")
+        lanes = builder.call(fn, [vptr, mvec, ir.Constant(_VI16, None)])
+        wide = builder.shl(builder.zext(lanes, _VI32), ir.Constant(_VI32, [16] * CHUNK))
+        return builder.bitcast(wide, _VF)
+    fn = cgutils.get_or_insert_function(mod, ir.FunctionType(_VF, [vptr.type, _VM, _VF]),
+                                        "llvm.masked.expandload.v16f32")
+    return builder.call(fn, [vptr, mvec, ir.Constant(_VF, None)])
+
+
+def _check_array(arr, what, dtypes):
+    if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype not in dtypes:
+        raise numba.core.errors.TypingError(f"{what} must be a 1-d array of {dtypes}, got {arr}")
+
+
+@intrinsic
+def _dot_row(typingctx, vals, voff, masks, moff, x, xoff, nchunks, per):  # pragma: no cover - compiled
+    """sum over chunks c < nchunks of expand(vals[voff + c*per:], masks[moff + c]) . x[xoff + 16c:][:16]."""
+    _check_array(vals, "values", (types.float32, types.int16))
+    _check_array(masks, "masks", (types.int16,))
+    _check_array(x, "x", (types.float32,))
+    bf16 = vals.dtype == types.int16
+    sig = types.float32(vals, types.intp, masks, types.intp, x, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, s, args):
+        vd = _data(context, builder, s.args[0], args[0])
+        md = _data(context, builder, s.args[2], args[2])
+        xd = _data(context, builder, s.args[4], args[4])
+        voff, moff, xoff, nch, per = args[1], args[3], args[5], args[6], args[7]
+        ffma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(_NACC)]
+
+        def step(c, acc):
+            mk = builder.load(builder.gep(md, [builder.add(moff, c)]))
+            w = _expand_fp32(builder, builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, bf16)
+            xp = builder.gep(xd, [builder.add(xoff, builder.mul(c, ir.Constant(_I64, CHUNK)))])
+            xv = builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4)
+            builder.store(builder.call(ffma, [w, xv, builder.load(acc)]), acc)
+
+        outer = builder.sdiv(nch, ir.Constant(_I64, _NACC))
+        with cgutils.for_range(builder, outer) as loop:
+            base = builder.mul(loop.index, ir.Constant(_I64, _NACC))
+            for a in range(_NACC):
+                step(builder.add(base, ir.Constant(_I64, a)), accs[a])
+        start = builder.mul(outer, ir.Constant(_I64, _NACC))
+        with cgutils.for_range_slice(builder, start, nch, ir.Constant(_I64, 1)) as (c, _):
+            step(c, accs[0])
+        total = builder.load(accs[0])
+        for a in range(1, _NACC):
+            total = builder.fadd(total, builder.load(accs[a]))
+        fred = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
+                                              "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fred, [ir.Constant(_F32, 0.0), total])
+
+    return sig, codegen
+
+
+TILE = 4  # batch rows sharing one expansion of a weight chunk (then a tile of 2, then single rows)
+
+
+def _make_dot_tile(tile: int):
+    @intrinsic
+    def _dot_tile(typingctx, vals, voff, masks, moff, x, xoff, xstride, nchunks, per, out, ooff, ostride):  # pragma: no cover
+        """For i < tile: out[ooff + i*ostride] = packed row . x[xoff + i*xstride:]: each weight chunk is
+        expanded once and multiplied with ``tile`` input rows."""
+        _check_array(vals, "values", (types.float32, types.int16))
+        _check_array(masks, "masks", (types.int16,))
+        _check_array(x, "x", (types.float32,))
+        _check_array(out, "out", (types.float32,))
+        bf16 = vals.dtype == types.int16
+        sig = types.void(vals, types.intp, masks, types.intp, x, types.intp, types.intp, types.intp, types.intp,
+                         out, types.intp, types.intp)
+
+        def codegen(context, builder, s, args):
+            vd = _data(context, builder, s.args[0], args[0])
+            md = _data(context, builder, s.args[2], args[2])
+            xd = _data(context, builder, s.args[4], args[4])
+            od = _data(context, builder, s.args[9], args[9])
+            voff, moff, xoff, xstride, nch, per, ooff, ostride = (args[i] for i in (1, 3, 5, 6, 7, 8, 10, 11))
+            ffma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(tile)]
+            with cgutils.for_range(builder, nch) as loop:
+                c = loop.index
+                mk = builder.load(builder.gep(md, [builder.add(moff, c)]))
+                w = _expand_fp32(builder, builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, bf16)
+                col = builder.add(xoff, builder.mul(c, ir.Constant(_I64, CHUNK)))
+                for i in range(tile):
+                    xp = builder.gep(xd, [builder.add(col, builder.mul(xstride, ir.Constant(_I64, i)))])
+                    xv = builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4)
+                    builder.store(builder.call(ffma, [w, xv, builder.load(accs[i])]), accs[i])
+            fred = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
+                                                  "llvm.vector.reduce.fadd.v16f32")
+            for i in range(tile):
+                r = builder.call(fred, [ir.Constant(_F32, 0.0), builder.load(accs[i])])
+                builder.store(r, builder.gep(od, [builder.add(ooff, builder.mul(ostride, ir.Constant(_I64, i)))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _dot_tile
+
+
+_dot_tile4 = _make_dot_tile(4)
+_dot_tile2 = _make_dot_tile(2)
+
+
+@intrinsic
+def _expand_row(typingctx, vals, voff, masks, moff, out, ooff, nchunks, per):  # pragma: no cover - compiled
+    """Write the dense row: out[ooff + 16c:][:16] = expand(vals[voff + c*per:], masks[moff + c])."""
+    _check_array(vals, "values", (types.float32, types.int16))
+    _check_array(masks, "masks", (types.int16,))
+    _check_array(out, "out", (vals.dtype,))
+    bf16 = vals.dtype == types.int16
+    sig = types.void(vals, types.intp, masks, types.intp, out, types.intp, types.intp, types.intp)
+    vt = _VI16 if bf16 else _VF
+    name = "llvm.masked.expandload.v16i16" if bf16 else "llvm.masked.expandload.v16f32"
+
+    def codegen(context, builder, s, args):
+        vd = _data(context, builder, s.args[0], args[0])
+        md = _data(context, builder, s.args[2], args[2])
+        od = _data(context, builder, s.args[4], args[4])
+        voff, moff, ooff, nch, per = args[1], args[3], args[5], args[6], args[7]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vd.type, _VM, vt]), name)
+        with cgutils.for_range(builder, nch) as loop:
+            c = loop.index
+            mk = builder.bitcast(builder.load(builder.gep(md, [builder.add(moff, c)])), _VM)
+            w = builder.call(fn, [builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, ir.Constant(vt, None)])
+            op = builder.gep(od, [builder.add(ooff, builder.mul(c, ir.Constant(_I64, CHUNK)))])
+            builder.store(w, builder.bitcast(op, vt.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def _matmul_kernel(vals, masks, x, out, batch, rows, per, nchunks):  # pragma: no cover - compiled
+    """out[b * rows + r] = row r of the packed weight . x[b, :], for b < batch, r < rows."""
+    k = vals.size // max(rows, 1)
+    xstride = nchunks * CHUNK
+    tiled = batch - batch % 4
+    paired = batch - batch % 2
+    for r in numba.prange(rows):
+        for b in range(0, tiled, 4):
+            _dot_tile4(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
+        for b in range(tiled, paired, 2):
+            _dot_tile2(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
+        for b in range(paired, batch):
+            out[b * rows + r] = _dot_row(vals, r * k, masks, r * nchunks, x, b * xstride, nchunks, per)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+def _unpack_kernel(vals, masks, out, rows, per, nchunks):  # pragma: no cover - compiled
+    k = vals.size // max(rows, 1)
+    for r in numba.prange(rows):
+        _expand_row(vals, r * k, masks, r * nchunks, out, r * nchunks * CHUNK, nchunks, per)
+
+
+def _numba_call(fn, *args) -> None:
+    """Run a parallel kernel on torch's thread count (capped by numba's pool), then restore torch's."""
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    fn(*args)
+    if torch.get_num_threads() != torch_threads:
+        # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
+        # that would silently change torch's thread count under the caller (as in nmsparse._kernels).
+        torch.set_num_threads(torch_threads)
+
+
+def _flat_np(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous().view(-1)
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def padded_in(in_features: int) -> int:
+    """``in`` rounded up to whole 16-column chunks (the kernel's x row stride)."""
+    return -(-in_features // CHUNK) * CHUNK
+
+
+def check_kernel_nm(n: int, m: int) -> None:
+    """ValueError unless the CPU kernel handles n:m (m in 2, 4, 8, 16; 0 < n < m)."""
+    if m not in KERNEL_M:
+        raise ValueError(f"the CPU N:M kernel supports m in {KERNEL_M} (a divisor of 16), got m={m}")
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m (n = weights kept per group of m), got n={n}, m={m}")
+
+
+def nonzero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Non-zeros per group of m along ``in`` of a 2-d weight (NaN counts; -0.0 does not): ``(out, in/m)``."""
+    return (weight != 0).view(weight.shape[0], -1, m).sum(-1)
+
+
+def pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a 2-d N:M weight ``(out, in)`` (groups of m along ``in``) into ``(values, masks)`` (see the
+    module docstring). The caller has checked the shape and that no group holds more than n non-zeros."""
+    out_f, in_f = weight.shape
+    w = weight.detach().contiguous()
+    nz = (w != 0).view(out_f, -1, m)
+    need = (n - nz.sum(-1, keepdim=True)).clamp_min(0)
+    pad = ~nz & (torch.cumsum(~nz, -1, dtype=torch.int32) <= need)
+    keep = (nz | pad).view(out_f, in_f)
+    values = torch.where(pad.view(out_f, in_f), torch.zeros((), dtype=w.dtype), w)[keep].view(out_f, in_f * n // m)
+    kp = torch.zeros(out_f, padded_in(in_f), dtype=torch.int32)
+    kp[:, :in_f] = keep
+    bits = (kp.view(out_f, -1, CHUNK) << torch.arange(CHUNK, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    masks = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
+    return values.contiguous(), masks.contiguous()
+
+
+def unpack(values: torch.Tensor, masks: torch.Tensor, n: int, m: int, in_features: int,
+           padded: bool = False) -> torch.Tensor:
+    """The dense ``(out, in)`` weight of a packed one (``(out, padded_in(in))`` with ``padded=True``:
+    zero columns past ``in``), in ``values``' dtype."""
+    rows, nchunks = masks.shape
+    out = torch.empty(rows, nchunks * CHUNK, dtype=values.dtype)
+    if out.numel():
+        _numba_call(_unpack_kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows,
+                    CHUNK * n // m, nchunks)
+    return out if padded or out.shape[1] == in_features else out[:, :in_features].contiguous()
+
+
+def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int, m: int,
+              in_features: int) -> torch.Tensor:
+    """``x @ W.T`` for a 2-d fp32 ``x`` ``(batch, in)`` and a packed weight, as fp32 ``(batch, out)``."""
+    batch = x.shape[0]
+    rows, nchunks = masks.shape
+    out = torch.empty(batch, rows, dtype=torch.float32)
+    if batch == 0 or rows == 0:
+        return out
+    pin = nchunks * CHUNK
+    if pin != in_features:
+        xp = torch.zeros(batch, pin, dtype=torch.float32)
+        xp[:, :in_features] = x
+    else:
+        xp = x.contiguous()
+    _numba_call(_matmul_kernel, _flat_np(values), _flat_np(masks), _flat_np(xp), out.view(-1).numpy(), batch, rows,
+                CHUNK * n // m, nchunks)
+    return out
