@@ -35,3 +35,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+# Everything CUDA-specific: the CUDA tests, then the GPU benchmarks -> docs/results/gpu/gpu_check.{json,md}
+# (see docs/gpu.md). No install step: GPU machines may be offline; GPU_PYTHON must have a CUDA torch.
+.PHONY: gpu-check
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py

@@ -215,10 +215,9 @@ def test_unsupported_layers_are_reported_not_skipped():
     rep = sparsify(M(), 2, 4)
     reasons = {e.param: e.reason for e in rep.dense}
     assert reasons["emb.weight"].startswith("Embedding is not supported")
-    assert reasons["attn.in_proj_weight"].startswith("MultiheadAttention is not supported")
-    # attn.out_proj is a Linear subclass: it is the first Linear, so kept dense by keep_dense
-    assert reasons["attn.out_proj.weight"] == "first weight layer (keep_dense)"
-    assert [e.param for e in rep.sparse] == ["a.weight", "b.weight"]
+    # the packed attention projection is the first weight layer, so kept dense by keep_dense
+    assert reasons["attn.in_proj_weight"] == "first weight layer (keep_dense)"
+    assert [e.param for e in rep.sparse] == ["attn.out_proj.weight", "a.weight", "b.weight"]
 
 
 def test_nothing_sparsified_warns():

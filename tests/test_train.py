@@ -190,10 +190,13 @@ def test_srste_decay_lowers_sad(tmp_path):
 
 def test_progress_and_summary_lines(tmp_path, capsys):
     lines = []
-    train(TrainConfig(model="mlp", out=str(tmp_path / "p"), **SMALL), progress=True, log=lines.append)
+    train(TrainConfig(model="mlp", out=str(tmp_path / "p"), **SMALL), progress="bar", log=lines.append)
     assert lines[0].startswith("epoch   1/1  loss ") and "test " in lines[0] and "SAD " in lines[0]
     assert lines[-1].startswith("done: test accuracy")
     assert "epoch 1/1" in capsys.readouterr().err  # the tqdm bar
+    # stderr is not a terminal here: auto means plain lines, and the summary line is the epoch's line
+    train(TrainConfig(model="mlp", out=str(tmp_path / "p"), **SMALL), progress=True, log=lines.append)
+    assert capsys.readouterr().err == ""
 
 
 # --- the CLI ---------------------------------------------------------------------------------

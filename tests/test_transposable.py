@@ -406,7 +406,14 @@ def test_cuda_matches_cpu(dtype, method):
     for n, m in ((2, 4), (4, 8), (8, 16)):
         gpu = transposable_mask(w.cuda(), n, m, method=method)
         assert gpu.is_cuda and gpu.dtype == torch.bool
-        assert torch.equal(gpu.cpu(), transposable_mask(w, n, m, method=method))
+        cpu = transposable_mask(w, n, m, method=method)
+        if (n, m, method) == (2, 4, "optimal"):  # CUDA scores the 90 patterns: ties may pick another optimum
+            assert_balanced(gpu.cpu(), n, m)
+            a = w.abs().double()
+            assert torch.allclose((a * gpu.cpu()).sum(), (a * cpu).sum(), rtol=1e-12, atol=0)
+            assert (gpu.cpu() != cpu).float().mean() < 0.01
+        else:
+            assert torch.equal(gpu.cpu(), cpu)
 
 
 # ------------------------------------------------------------------------------------------------

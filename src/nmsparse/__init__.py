@@ -5,23 +5,32 @@ layer's reduction dimension (2:4 keeps 2 of every 4).
 """
 
 from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
+from nmsparse.errors import LoadError
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
 from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
-from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparsify
+from nmsparse.semi import semi_structured_plan, to_semi_structured
+from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparse_tensors, sparsify
 from nmsparse.transposable import (
     is_transposable_nm,
     layer_is_transposable_nm,
     transposable_layer_mask,
     transposable_mask,
 )
+from nmsparse.export import NMCompressed, compress, decompress, load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NMCompressed",
+    "compress",
+    "decompress",
+    "load_compressed",
+    "save_compressed",
     "LayerEntry",
+    "LoadError",
     "SADRecord",
     "SADTracker",
     "SparsityReport",
@@ -40,8 +49,11 @@ __all__ = [
     "prune",
     "PruneReport",
     "sad",
+    "semi_structured_plan",
     "sparse_layers",
+    "sparse_tensors",
     "sparsify",
+    "to_semi_structured",
     "transposable_count",
     "transposable_layer_mask",
     "transposable_mask",

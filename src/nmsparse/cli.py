@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["nmsparse.training.cli", "nmsparse.reproduce.cli", "nmsparse.prune.cli"]
+COMMANDS = ["nmsparse.training.cli", "nmsparse.reproduce.cli", "nmsparse.prune.cli", "nmsparse.export.cli"]
 
 
 class _Parser(argparse.ArgumentParser):

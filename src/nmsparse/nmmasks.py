@@ -79,7 +79,8 @@ def _rank_mask_torch(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep mask for keys of shape (G, m): rank < n, ties to the lower index."""
     out = torch.empty(keys.shape, dtype=torch.bool, device=keys.device)
     lower = torch.ones(m, m, dtype=torch.bool, device=keys.device).tril_(-1)  # [i, j]: j < i
-    step = max(1, (1 << 22) // (m * m))  # bound the (G, m, m) temporaries
+    # bound the (G, m, m) temporaries; on CUDA a larger bound saves kernel launches (16x fewer at 4096^2)
+    step = max(1, (1 << (26 if keys.is_cuda else 22)) // (m * m))
     for s in range(0, keys.shape[0], step):
         g = keys[s : s + step]
         ki, kj = g.unsqueeze(2), g.unsqueeze(1)

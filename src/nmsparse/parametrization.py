@@ -9,6 +9,12 @@ sees ``E * W`` with ``E`` the keep-mask held in the ``mask`` buffer. Gradients, 
 
 The mask is recomputed from the current ``W`` by :meth:`NMParametrization.refresh`, which
 :mod:`nmsparse.sparsify` calls from a forward pre-hook on training-mode forward passes.
+
+A weight shared by several modules (tied embeddings) gets one :class:`NMParametrization` on its
+owner and a :class:`SharedNM` on every other user: they read the owner's mask, so every use sees the
+same ``E * W``; SR-STE's decay term is added once (by the owner), and the mask is refreshed by
+whichever user runs first after ``W`` changed (for a shared weight ``step`` counts updates of ``W``
+seen by training-mode passes rather than passes).
 """
 
 from __future__ import annotations
@@ -84,14 +90,25 @@ class NMParametrization(nn.Module):
         with torch.no_grad():
             self.register_buffer("mask", mask_fn(weight.detach()))
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=weight.device))
+        self.shared = False  # set by sparsify when other modules use this weight (see module doc)
+        self._seen: tuple[int, int] | None = None
 
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor) -> None:
         """Count one training-mode forward pass; recompute the mask when the schedule says so."""
         if self.method == "fixed":
             return
+        if getattr(self, "shared", False):  # several users call this per pass: act once per value of W
+            seen = (weight.data_ptr(), weight._version)
+            if seen == self._seen:
+                return
+            self._seen = seen
         if self.update_every == 1 or int(self.step) % self.update_every == 0:
-            self.mask.copy_(self.mask_fn(weight.detach()))
+            new = self.mask_fn(weight.detach())
+            # write only on change: a module called twice in one pass must not modify the mask that
+            # the first call's backward saved (autograd checks the version of saved tensors)
+            if not torch.equal(new, self.mask):
+                self.mask.copy_(new)
         self.step.add_(1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -103,3 +120,21 @@ class NMParametrization(nn.Module):
             f"{self.n}:{self.m}, layout={self.layout}, method={self.method}, decay={self.decay}, "
             f"update_every={self.update_every}{t}"
         )
+
+
+class SharedNM(nn.Module):
+    """The parametrization of a shared weight's other users: ``owner.mask * W`` with the owner's
+    straight-through backward (no decay: the owner adds it once). Holds no state of its own (the
+    owner is referenced, not registered, so its buffers are saved once, under the owner)."""
+
+    def __init__(self, owner: NMParametrization) -> None:
+        super().__init__()
+        self.__dict__["owner"] = owner  # a plain reference, not a submodule
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        owner = self.__dict__["owner"]
+        return sparse_weight(weight, owner.mask, "fixed" if owner.method == "fixed" else "ste")
+
+    def extra_repr(self) -> str:
+        owner = self.__dict__["owner"]
+        return f"shares the mask of a {owner.n}:{owner.m} NMParametrization"

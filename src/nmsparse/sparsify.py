@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmsparse.layout import check_layout, layer_mask, unsupported_reason
+from nmsparse.backends import attach, check_backend, detach
+from nmsparse.layout import check_layout, layer_mask, oriented, target_mask
 from nmsparse.nmmasks import check_nm
-from nmsparse.parametrization import METHODS, NMParametrization
+from nmsparse.parametrization import METHODS, NMParametrization, SharedNM
 from nmsparse.selection import KEEP_DENSE, Patterns, SparsityReport, plan
 from nmsparse.transposable import METHODS as MASK_METHODS
 from nmsparse.transposable import transposable_layer_mask
@@ -54,13 +55,16 @@ def _check_transposable(transposable: object, mask_method: object, mask_fn: obje
 
 
 def _refresh_hook(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: on training-mode passes, let each N:M parametrization update its mask."""
+    """Forward pre-hook: on training-mode passes, let each N:M parametrization update its mask
+    (a shared weight's other users refresh the owner's, which acts once per value of the weight)."""
     if not module.training:
         return
-    plist = module.parametrizations["weight"]
-    for p in plist:
-        if isinstance(p, NMParametrization):
-            p.refresh(plist.original)
+    for plist in module.parametrizations.values():
+        for p in plist:
+            if isinstance(p, NMParametrization):
+                p.refresh(plist.original)
+            elif isinstance(p, SharedNM):
+                p.owner.refresh(plist.original)
 
 
 def sparsify(
@@ -78,6 +82,8 @@ def sparsify(
     mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     transposable: bool = False,
     mask_method: str = "approx",
+    shared: str = "dense",
+    backend: str = "dense",
 ) -> SparsityReport:
     """Make ``model`` N:M sparse in place (N weights kept in every group of M) and return a report.
 
@@ -86,7 +92,14 @@ def sparsify(
     ``"ste"``, ``"srste"`` (adds ``decay * (~E) * W`` to W's gradient) or ``"fixed"`` (frozen mask,
     pruned weights get no gradient). Groups run along each layer's reduction dimension in ``layout``
     (``"channels"`` or ``"flat"``, see :mod:`nmsparse.layout`). Layers that cannot or should not be
-    sparsified are listed in the report with their reason. ``mask_fn`` overrides the mask rule.
+    sparsified are listed in the report with their reason. ``mask_fn`` overrides the mask rule; it
+    gets the weight as ``(out, in, ...)`` (transposed for ``transformers``' ``Conv1D``).
+
+    Supported tensors: ``weight`` of Linear, Conv1d/2d/3d and ``transformers``' ``Conv1D``, and
+    ``nn.MultiheadAttention.in_proj_weight`` (see :mod:`nmsparse.layout`). ``shared``: a weight that
+    several modules hold (tied embeddings) stays dense by default (``"dense"``, the report says
+    which module shares it); ``"sparsify"`` makes it N:M consistently for every module that uses it
+    (see :mod:`nmsparse.selection`).
 
     ``transposable=True`` makes every mask transposable N:M (see :mod:`nmsparse.transposable`): in each
     aligned m x m tile of the layer's ``(out, in)`` matrix (per kernel position for convolutions in
@@ -95,60 +108,83 @@ def sparsify(
     2-approximation, completed) or ``"optimal"``; the paper recomputes every 40 iterations
     (``update_every=40``). Layers whose output channels (per group) are not a multiple of m stay dense,
     with that reason in the report.
+    ``backend="semi-structured"`` (2:4 only) runs sparse Linear layers on 2:4 sparse kernels (forward,
+    and the input gradient with transposable masks); see :mod:`nmsparse.backends`.
     All arguments are checked before the model is touched.
     """
     n, m = check_nm(n, m)
+    check_backend(backend, n, m)
     check_method(method)
     check_layout(layout)
     decay, update_every = _check_settings(decay, update_every)
     _check_transposable(transposable, mask_method, mask_fn)
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
+                   shared=shared, transposable=transposable)
     modules = dict(model.named_modules())
-    if transposable:
-        for e in entries:
-            reason = e.sparse and unsupported_reason(modules[e.name], n, m, layout, transposable=True)
-            if reason:
-                e.sparse, e.reason = False, reason
     fn = mask_fn or mask_function(n, m, layout, transposable, mask_method)
+    notes: dict[str, str] = {}
     for e in entries:
         if not e.sparse:
             continue
-        mod = modules[e.name]
+        mod, tname = modules[e.name], e.tensor_name
         p = NMParametrization(
-            mod.weight, n=n, m=m, layout=layout, method=method, decay=decay,
-            update_every=update_every, mask_fn=fn, transposable=transposable,
+            getattr(mod, tname), n=n, m=m, layout=layout, method=method, decay=decay,
+            update_every=update_every, mask_fn=oriented(fn, mod, tname), transposable=transposable,
         )
-        parametrize.register_parametrization(mod, "weight", p, unsafe=True)
+        parametrize.register_parametrization(mod, tname, p, unsafe=True)
         mod.register_forward_pre_hook(_refresh_hook)
+        notes[e.param] = attach(mod, p, backend)
+        if e.shared_with:
+            p.shared = True
+            for full in e.shared_with:
+                other_name, _, other_tensor = full.rpartition(".")
+                other = modules[other_name]
+                parametrize.register_parametrization(other, other_tensor, SharedNM(p), unsafe=True)
+                other.register_forward_pre_hook(_refresh_hook)
     settings = dict(method=method, decay=decay, layout=layout, update_every=update_every)
     if transposable:
         settings.update(transposable=True, mask_method=mask_method)
+    if shared != "dense":
+        settings["shared"] = shared
+    if backend != "dense":
+        settings.update(backend=backend, backend_layers=notes)
     report = SparsityReport(n, m, entries, settings)
     if not report.sparse:
         warnings.warn(f"sparsify made no layer sparse:\n{report.table()}", stacklevel=2)
     return report
 
 
-def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, NMParametrization]]:
-    """Yield ``(module name, module, parametrization)`` for every N:M sparse layer of ``model``."""
+def sparse_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, NMParametrization]]:
+    """Yield ``(full tensor name, module, tensor name, parametrization)`` for every N:M sparse tensor
+    of ``model``, e.g. ``("layers.0.self_attn.in_proj_weight", mha, "in_proj_weight", p)``; a shared
+    weight once, under its owner."""
     for name, mod in model.named_modules():
-        if parametrize.is_parametrized(mod, "weight"):
-            for p in mod.parametrizations["weight"]:
-                if isinstance(p, NMParametrization):
-                    yield name, mod, p
+        if parametrize.is_parametrized(mod):
+            for tname, plist in mod.parametrizations.items():
+                for p in plist:
+                    if isinstance(p, NMParametrization):
+                        yield (f"{name}.{tname}" if name else tname), mod, tname, p
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, NMParametrization]]:
+    """Yield ``(module name, module, parametrization)`` for every N:M sparse tensor of ``model``
+    (see :func:`sparse_tensors` for the tensor's name)."""
+    for full, mod, tname, p in sparse_tensors(model):
+        yield full[: -len(tname) - 1] if full != tname else "", mod, p
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Current keep-masks, keyed by the dense weight's name in the original model
-    (e.g. ``"layer1.0.conv1.weight"``). Returns copies: later training does not change them."""
-    return {(f"{name}.weight" if name else "weight"): p.mask.clone() for name, _, p in sparse_layers(model)}
+    """Current keep-masks, keyed by the dense tensor's name in the original model
+    (e.g. ``"layer1.0.conv1.weight"``, ``"layers.0.self_attn.in_proj_weight"``). Returns copies:
+    later training does not change them."""
+    return {full: p.mask.clone() for full, _, _, p in sparse_tensors(model)}
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The trained dense weight of a layer, sparsified or not."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight
+def dense_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The trained dense tensor ``module.<name>``, sparsified or not."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 def magnitude_masks(
@@ -160,46 +196,54 @@ def magnitude_masks(
     include: Patterns = None,
     exclude: Patterns = None,
     keep_dense: Iterable[str] = KEEP_DENSE,
+    shared: str = "dense",
 ) -> dict[str, torch.Tensor]:
     """N:M masks of the current dense weights of the layers :func:`sparsify` would select, without
     modifying ``model`` (for example to track SAD of a densely trained net)."""
-    if any(True for _ in sparse_layers(model)):
-        return {k: layer_mask(w, n, m, layout) for k, w in _dense_weights_of_sparse(model)}
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    if any(True for _ in sparse_tensors(model)):
+        return {full: target_mask(dense_weight(mod, t).detach(), mod, t, n, m, layout)
+                for full, mod, t, _ in sparse_tensors(model)}
+    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
+                   shared=shared)
     modules = dict(model.named_modules())
-    return {e.param: layer_mask(modules[e.name].weight.detach(), n, m, layout) for e in entries if e.sparse}
-
-
-def _dense_weights_of_sparse(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, mod, _ in sparse_layers(model):
-        yield (f"{name}.weight" if name else "weight"), dense_weight(mod).detach()
+    return {e.param: target_mask(getattr(modules[e.name], e.tensor_name).detach(), modules[e.name], e.tensor_name,
+                                 n, m, layout)
+            for e in entries if e.sparse}
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Remove the N:M machinery in place: each sparse layer's ``weight`` becomes a plain parameter
-    holding ``E * W`` (zeros where pruned; the same ``Parameter`` object as the dense weight, so an
-    optimizer holding it stays valid). The result's ``state_dict`` loads into a fresh copy of the
-    original architecture and gives the same outputs as the sparse model. Returns ``model``."""
-    for _, mod, _ in list(sparse_layers(model)):
+    """Remove the N:M machinery in place: each sparse tensor (``weight``, ``in_proj_weight``)
+    becomes a plain parameter holding ``E * W`` (zeros where pruned; the same ``Parameter`` object as
+    the dense weight, so an optimizer holding it stays valid, and a shared weight stays shared). The
+    result's ``state_dict`` loads into a fresh copy of the original architecture and gives the same
+    outputs as the sparse model. Returns ``model``."""
+    todo = []
+    for _, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            for tname, plist in mod.parametrizations.items():
+                if any(isinstance(p, (NMParametrization, SharedNM)) for p in plist):
+                    todo.append((mod, tname))
+    for mod, tname in todo:
         for key, hook in list(mod._forward_pre_hooks.items()):
             if hook is _refresh_hook:
                 del mod._forward_pre_hooks[key]
-        _remove_weight_parametrization(mod)
+        detach(mod)
+        _remove_parametrization(mod, tname)
     return model
 
 
-def _remove_weight_parametrization(mod: nn.Module) -> None:
-    """Like ``parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)``, but
+def _remove_parametrization(mod: nn.Module, tname: str) -> None:
+    """Like ``parametrize.remove_parametrizations(mod, tname, leave_parametrized=True)``, but
     without deleting the property from the parametrized class: ``copy.deepcopy`` shares that class
     between a model and its copies, so finalizing a copy must not break the original."""
-    if set(mod.parametrizations.keys()) != {"weight"}:  # other tensors parametrized too: the stock path
+    if set(mod.parametrizations.keys()) != {tname}:  # other tensors parametrized too: the stock path
         with torch.no_grad():
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
+            parametrize.remove_parametrizations(mod, tname, leave_parametrized=True)
         return
     with torch.no_grad():
-        value = mod.weight
-        original = mod.parametrizations["weight"].original
+        value = getattr(mod, tname)
+        original = mod.parametrizations[tname].original
         original.set_(value.detach().clone())
     delattr(mod, "parametrizations")
     mod.__class__ = type(mod).__bases__[0]  # the class parametrize derived this module's class from
-    mod.register_parameter("weight", original)
+    mod.register_parameter(tname, original)

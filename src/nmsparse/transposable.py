@@ -44,7 +44,9 @@ magnitude (as in :func:`nmsparse.nm_mask`): in a tile holding any, they are give
 
 CPU tensors run in compiled numba kernels (parallel over tiles); other devices (CUDA) run a vectorised
 torch version of the same algorithms, with the same float operations in the same order and the same
-tie-breaking, so both give identical masks.
+tie-breaking, so both give identical masks. Exception: ``"optimal"`` 2:4 on CUDA scores each tile's 90
+transposable patterns in one batched matmul (:func:`_optimal_24`): the same optimum, no host round
+trip; on exact ties between optimal masks it may pick another one than the CPU.
 """
 
 from __future__ import annotations
@@ -733,7 +735,54 @@ def _masks(w: torch.Tensor, n: int, m: int, method: str) -> tuple[torch.Tensor, 
     greedy = method == "approx"
     if w.device.type == "cpu" and numba is not None and not _FORCE_TORCH:
         return _kernel_masks(w.detach(), n, m, greedy)
+    if w.device.type == "cuda" and not greedy and (n, m) == (2, 4):
+        return _optimal_24(w.detach()), 0, 0
     return _torch_masks(w.detach(), n, m, greedy)
+
+
+# --------------------------------------------------------------------------------------------------
+# exact 2:4 on CUDA: the best of the 90 transposable 4x4 patterns of every tile, in batched matmuls
+# --------------------------------------------------------------------------------------------------
+
+
+def _patterns_24() -> torch.Tensor:
+    """The 90 bool 4x4 patterns with two True in every row and column, as (90, 16). The first is the
+    solver's own answer for a constant tile (row i keeps columns i and i+1 mod 4), so zero and constant
+    tiles get the same mask as on the CPU."""
+    import itertools
+
+    pairs = list(itertools.combinations(range(4), 2))
+    first = [[1 if j in (i, (i + 1) % 4) else 0 for j in range(4)] for i in range(4)]
+    pats = [first]
+    for rows in itertools.product(pairs, repeat=4):
+        p = [[1 if j in r else 0 for j in range(4)] for r in rows]
+        if all(sum(p[i][j] for i in range(4)) == 2 for j in range(4)) and p != first:
+            pats.append(p)
+    return torch.tensor(pats, dtype=torch.bool).reshape(len(pats), 16)
+
+
+_PATTERNS_24: torch.Tensor | None = None
+_OPT24_CHUNK = 1 << 18  # tiles per matmul: bounds the (tiles, 90) float64 scores to 189 MB
+
+
+def _optimal_24(w: torch.Tensor) -> torch.Tensor:
+    """Exact transposable 2:4 masks of a (B, R, C) tensor on any device, without a host round trip:
+    every tile's kept ``sum |w|`` under each of the 90 patterns is one float64 matmul, and the best
+    pattern wins (ties to the earlier pattern, so a tie may pick another optimal mask than the
+    min-cost-flow solver; the kept sum is the same up to float64 rounding). Non-finite entries get the
+    value ``2*m*m*(F+1)`` as in the solver."""
+    global _PATTERNS_24
+    if _PATTERNS_24 is None:
+        _PATTERNS_24 = _patterns_24()
+    nb, nr, nc = w.shape
+    a = w.abs().to(torch.float64).reshape(nb, nr // 4, 4, nc // 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 16)
+    bad = ~torch.isfinite(a)
+    top = a.masked_fill(bad, 0.0).amax(1, keepdim=True)
+    a = torch.where(bad, (top + 1.0) * 32.0, a)
+    pats = _PATTERNS_24.to(w.device)
+    pf = pats.to(torch.float64).t()
+    best = torch.cat([(a[s : s + _OPT24_CHUNK] @ pf).argmax(1) for s in range(0, a.shape[0], _OPT24_CHUNK)])
+    return _untile(pats[best].reshape(-1, 4, 4), w.shape, 4)
 
 
 def _check_float(w: torch.Tensor, what: str) -> None:

@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from nmsparse.layout import check_layout, layer_is_nm
+from nmsparse.layout import check_layout, target_is_nm
 from nmsparse.nmmasks import check_nm
 from nmsparse.prune import calibration
 from nmsparse.prune.adaprune import adam_solve, exact_solve
@@ -158,7 +158,8 @@ def prune(
     blocksize: int = 128,
     transposable_method: str | None = None,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | str = False,
+    shared: str = "dense",
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
 
@@ -175,7 +176,14 @@ def prune(
     (SparseGPT), ``keep_zeros`` (weights that are already zero stay zero: an unstructured-sparse
     model's zeros are never kept over its non-zeros nor revived), ``transposable_method`` (passed to
     ``nmsparse.transposable.transposable_mask``), ``seed`` (Adam's mini-batch order), ``progress``
-    (a progress bar over layers).
+    (over layers: a :mod:`nmsparse.progress` mode; ``True`` = ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar on
+    a terminal and one closing line otherwise), ``shared`` (a weight several modules hold, such as tied embeddings:
+    ``"dense"`` keeps it dense, ``"sparsify"`` prunes it, by its first supported user's inputs, for
+    every module that uses it; see :mod:`nmsparse.selection`).
+
+    Supported tensors: ``weight`` of Linear, Conv1d/2d/3d and ``transformers``' ``Conv1D``, and
+    ``nn.MultiheadAttention.in_proj_weight`` (its query/key/value projections are calibrated on the
+    layer's query/key/value inputs).
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
@@ -193,15 +201,9 @@ def prune(
         raise ValueError(f"transposable must be True or False, got {transposable!r}")
     if transposable:
         transposable_fn()  # fail now, before touching the model, if it is unavailable
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
+                   shared=shared, transposable=transposable)
     modules = dict(model.named_modules())
-    if transposable:
-        for e in entries:
-            mod = modules[e.name]
-            if e.sparse:
-                out_g = mod.weight.shape[0] // getattr(mod, "groups", 1)
-                if out_g % m:
-                    e.sparse, e.reason = False, f"output size {out_g} is not a multiple of m={m} (transposable)"
     calib = calibration.prepare(calib)
     if method in NEEDS_CALIB and calib is None:
         raise ValueError(
@@ -213,6 +215,8 @@ def prune(
     if not sparse:
         warnings.warn("prune made no layer sparse:\n" + SparsityReport(n, m, entries).table(), stacklevel=2)
     settings = dict(method=method, layout=layout, transposable=transposable, keep_zeros=keep_zeros)
+    if shared != "dense":
+        settings["shared"] = shared
     if method == "adaprune":
         settings["solver"] = solver
         if solver == "adam":
@@ -244,7 +248,8 @@ def prune(
             collectors = None
             if calib is not None and group[0] in reached:
                 device = calibration._device(model)
-                collectors = {k: calibration.LayerCollector(LayerGeometry(modules[k], layout), device, bin_size)
+                collectors = {k: calibration.LayerCollector(LayerGeometry(modules[k], layout, sparse[k].tensor_name),
+                                                            device, bin_size)
                               for k in group}
                 calibration.collect(model, collectors, calib)
             t_calib = (time.perf_counter() - t0) / len(group)
@@ -255,7 +260,7 @@ def prune(
                 if grams is None and method in NEEDS_CALIB:
                     note = "not reached by the calibration forward pass: pruned by magnitude"
                     warnings.warn(f"layer {k}: {note}", stacklevel=2)
-                res = _prune_layer(modules[k], n, m, layout, grams, opts)
+                res = _prune_layer(modules[k], sparse[k].tensor_name, n, m, layout, grams, opts)
                 res.param, res.note = sparse[k].param, note
                 res.time_s = t_calib + time.perf_counter() - t1
                 results[sparse[k].param] = res
@@ -266,20 +271,10 @@ def prune(
     return PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
 
 
-class _NoBar:
-    def update(self, k: int) -> None:
-        pass
+def _progress(total: int, mode: bool | str, desc: str):
+    from nmsparse.progress import Progress
 
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer")
+    return Progress(total, desc, mode=mode, unit="layer", leave=True)
 
 
 def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
@@ -287,8 +282,8 @@ def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _prune_layer(module: nn.Module, n: int, m: int, layout: str, grams, opts: dict) -> LayerResult:
-    geom = LayerGeometry(module, layout)
+def _prune_layer(module: nn.Module, name: str, n: int, m: int, layout: str, grams, opts: dict) -> LayerResult:
+    geom = LayerGeometry(module, layout, name)
     method = opts["method"] if grams is not None or opts["method"] == "magnitude" else "magnitude"
     sel = lambda s: select(s, n, m, transposable=opts["transposable"],  # noqa: E731
                            transposable_method=opts["transposable_method"])
@@ -341,10 +336,12 @@ def _prune_layer(module: nn.Module, n: int, m: int, layout: str, grams, opts: di
         new_w.append(final[:, :d])
         new_b.append(None if B is None else final[:, d])
     weight = geom.assemble(new_w)
-    module.weight.copy_(weight.to(device=module.weight.device, dtype=module.weight.dtype))
+    param = getattr(module, name)
+    param.copy_(weight.to(device=param.device, dtype=param.dtype))
     if geom.has_bias:
-        module.bias.copy_(torch.cat(new_b).to(device=module.bias.device, dtype=module.bias.dtype))
-    if not layer_is_nm(module.weight, n, m, layout):  # pragma: no cover - a bug if it happens
+        bias = getattr(module, geom.bias_name)
+        bias.copy_(torch.cat(new_b).to(device=bias.device, dtype=bias.dtype))
+    if not target_is_nm(param, module, name, n, m, layout):  # pragma: no cover - a bug if it happens
         raise AssertionError(f"internal error: pruned {type(module).__name__} weight is not {n}:{m}")
     has_h = grams is not None
     return LayerResult(

@@ -29,7 +29,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from nmsparse.prune import PruneReport, _progress, calibration, prune
+from nmsparse.progress import Progress
+from nmsparse.prune import PruneReport, calibration, prune
 from nmsparse.prune.streaming import BlockStream, run_block
 from nmsparse.selection import KEEP_DENSE, Patterns, plan
 
@@ -67,7 +68,7 @@ def prune_pretrained(
     exclude: Patterns = None,
     keep_dense: Iterable[str] = KEEP_DENSE,
     dtype: torch.dtype | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     **options: Any,
 ) -> PruneReport:
     """Prune the ``transformers`` model saved in ``path`` to N:M (N kept per group of M) block by block
@@ -107,7 +108,8 @@ def prune_pretrained(
     try:
         from safetensors.torch import save_file
 
-        bar = _progress(stream.num_blocks, progress, f"prune {n}:{m} {method} block by block")
+        bar = Progress(stream.num_blocks, f"prune {n}:{m} {method} block by block", mode=progress, unit="block",
+                       leave=True)
         for i in range(stream.num_blocks):
             t0 = time.perf_counter()
             block = stream.load_block(i)

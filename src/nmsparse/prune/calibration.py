@@ -13,12 +13,20 @@ the input. Inputs are a tensor (``model(x)``) or a mapping of keyword arguments 
 as a Hugging Face tokenizer returns). When the mapping has an ``attention_mask`` of shape
 ``(batch, tokens)``, padded tokens are left out of the statistics of every Linear layer whose input
 is ``(batch, tokens, features)``.
+
+``nn.MultiheadAttention`` (its ``in_proj_weight``) reads three inputs, ``query``, ``key`` and
+``value``; each of its query/key/value projections gets the Gram matrix of its own input (inputs
+are taken batch-first). PyTorch's fused attention fast path, which skips the module's hooks in
+inference, is switched off during calibration passes. Its ``out_proj`` Linear is never called as a
+module (the attention reads its weight): its input is taken by running the attention once more with
+an identity ``out_proj``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -66,18 +74,34 @@ class LayerCollector:
         self.bin_size = bin_size
         self.samples = 0
 
-    @torch.no_grad()
-    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+    def _batched(self, x: torch.Tensor | tuple) -> list[torch.Tensor]:
         geom = self.geom
-        x = x.detach()
-        if not geom.is_conv and x.dim() == 1:
-            x = x.unsqueeze(0)
-        if geom.is_conv and x.dim() == len(geom.module.kernel_size) + 1:
-            x = x.unsqueeze(0)
-        if token_mask is not None and not (not geom.is_conv and x.dim() >= 3 and tuple(token_mask.shape) == tuple(x.shape[:2])):
-            token_mask = None
-        b = x.shape[0]
-        per_sample = max(1, x[0].numel() * geom.k)
+        xs = list(x) if isinstance(x, (tuple, list)) else [x]
+        out: list[torch.Tensor] = []
+        for i, t in enumerate(xs):
+            if i and t is xs[i - 1]:
+                out.append(out[-1])
+                continue
+            t = t.detach()
+            if not geom.is_conv and t.dim() == 1:
+                t = t.unsqueeze(0)
+            if geom.is_conv and t.dim() == len(geom.module.kernel_size) + 1:
+                t = t.unsqueeze(0)
+            if geom.kind == "in_proj":
+                if t.dim() == 2:  # unbatched (L, E)
+                    t = t.unsqueeze(0)
+                elif not geom.module.batch_first:  # (L, N, E) -> (N, L, E)
+                    t = t.transpose(0, 1)
+            out.append(t)
+        return out
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor | tuple, token_mask: torch.Tensor | None = None) -> None:
+        """Add one batch of the layer's input (for ``in_proj_weight``: ``(query, key, value)``)."""
+        geom = self.geom
+        xs = self._batched(x)
+        b = xs[0].shape[0]
+        per_sample = max(1, max(t[0].numel() for t in xs) * geom.k)
         chunk = max(1, CHUNK_ELEMS // per_sample)
         start = 0
         while start < b:
@@ -88,12 +112,18 @@ class LayerCollector:
                 end, bin_index = b, None
             for c0 in range(start, end, chunk):
                 c1 = min(end, c0 + chunk)
-                xs = x[c0:c1]
-                if token_mask is not None:
-                    xs = xs[token_mask[c0:c1].to(device=xs.device, dtype=torch.bool)]
-                f = geom.features(xs)
+                feats: list[torch.Tensor] = []
+                for i, t in enumerate(xs):
+                    if i and t is xs[i - 1]:
+                        feats.append(feats[-1])
+                        continue
+                    part = t[c0:c1]
+                    if (token_mask is not None and not geom.is_conv and t.dim() >= 3
+                            and tuple(token_mask.shape) == tuple(t.shape[:2])):
+                        part = part[token_mask[c0:c1].to(device=part.device, dtype=torch.bool)]
+                    feats.append(geom.features(part))
                 for g, gram in enumerate(self.grams):
-                    gram.add(geom.problem_features(f, g), bin_index)
+                    gram.add(geom.problem_features(feats[g if geom.inputs > 1 else 0], g), bin_index)
             start = end
         self.samples += b
 
@@ -154,7 +184,67 @@ def _device(model: nn.Module) -> torch.device:
 def _input_of(args: tuple, kwargs: dict) -> torch.Tensor:
     if args:
         return args[0]
-    return kwargs["input"]
+    if "input" in kwargs:
+        return kwargs["input"]
+    return next(iter(kwargs.values()))
+
+
+def layer_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | tuple:
+    """A layer's input from a forward pre-hook's arguments: ``(query, key, value)`` for
+    ``nn.MultiheadAttention``, else its first argument."""
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("query", "key", "value")
+        given = list(args[:3])
+        return tuple(given + [kwargs[k] for k in names[len(given):]])
+    return _input_of(args, kwargs)
+
+
+@contextlib.contextmanager
+def no_attention_fastpath() -> Iterator[None]:
+    """Switch off PyTorch's fused attention fast path (``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoder(Layer)`` in inference), which skips the hooks of the modules inside."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - older torch
+        yield
+        return
+    old = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(old)
+
+
+def _out_proj_input(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input of ``mha.out_proj`` for this call: ``mha`` run again with an identity ``out_proj``
+    (``nn.MultiheadAttention`` reads ``out_proj``'s weight and never calls the Linear itself)."""
+    params = mha.out_proj._parameters
+    saved = dict(params)
+    w = params["weight"]
+    try:
+        params["weight"] = nn.Parameter(torch.eye(w.shape[1], dtype=w.dtype, device=w.device), requires_grad=False)
+        if saved.get("bias") is not None:
+            params["bias"] = nn.Parameter(torch.zeros_like(saved["bias"]), requires_grad=False)
+        if len(args) <= 4:
+            kwargs = dict(kwargs, need_weights=False)
+        return mha.forward(*args, **kwargs)[0]
+    finally:
+        params.update(saved)
+
+
+def _on_input(model_modules: dict[str, nn.Module], name: str, fn: Callable[[Any], None]):
+    """Hook that calls ``fn(layer input)`` whenever the layer ``name`` runs; for an
+    ``nn.MultiheadAttention``'s ``out_proj`` (never called as a module) after its parent runs."""
+    mod = model_modules[name]
+    parent = model_modules.get(name.rpartition(".")[0]) if name else None
+    if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is mod:
+        def post(p, args, kwargs, output):
+            fn(_out_proj_input(p, args, kwargs))
+        return parent.register_forward_hook(post, with_kwargs=True)
+
+    def pre(m, args, kwargs):
+        fn(layer_input(m, args, kwargs))
+    return mod.register_forward_pre_hook(pre, with_kwargs=True)
 
 
 def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterable) -> list[list[str]]:
@@ -167,17 +257,18 @@ def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterab
     handles = []
 
     def hook_for(name: str) -> Callable:
-        def hook(mod, args, kwargs):
+        def hook(x):
             if name not in order:
                 order.append(name)
-                seen_inputs.append(_input_of(args, kwargs))
+                seen_inputs.append(x[0] if isinstance(x, tuple) else x)
         return hook
 
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    everything = dict(model.named_modules())
+    for name in modules:
+        handles.append(_on_input(everything, name, hook_for(name)))
     try:
         first = _inputs(next(iter(calib)))
-        with torch.no_grad():
+        with torch.no_grad(), no_attention_fastpath():
             _call(model, _to(first, device))
     finally:
         for h in handles:
@@ -204,19 +295,19 @@ def collect(
     handles = []
 
     def hook_for(name: str) -> Callable:
-        def hook(mod, args, kwargs):
+        def hook(x):
             if name in state["fired"]:
                 return
-            collectors[name].add(_input_of(args, kwargs), state["mask"])
+            collectors[name].add(x, state["mask"])
             state["fired"].add(name)
             if len(state["fired"]) == len(collectors):
                 raise _Stop
         return hook
 
     for name in collectors:
-        handles.append(modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True))
+        handles.append(_on_input(modules, name, hook_for(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_attention_fastpath():
             for item in calib:
                 inputs = _to(_inputs(item), device)
                 state["fired"], state["mask"] = set(), _token_mask(inputs)

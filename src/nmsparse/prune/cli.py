@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from nmsparse import progress
 from nmsparse.clihelp import HelpFormatter
+from nmsparse.io import state_dict_mismatch
 from nmsparse.layout import LAYOUTS
 from nmsparse.prune import hf_cli
 from nmsparse.prune.recipe import finetune_recipe
@@ -87,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:K")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    progress.add_argument(p, "progress of the pruning (over layers or blocks) and of fine-tuning epochs")
     hf_cli.add_arguments(p)
     p.set_defaults(func=_main)
 
@@ -97,19 +99,33 @@ def _error(msg: str) -> int:
     return 2
 
 
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and the training config recorded in a final.safetensors (``{}`` if none)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+CHECKPOINT_HINT = "pass the final.safetensors written by 'nmsparse train' or 'nmsparse prune'"
 
-    tensors = load_file(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and the training config recorded in a final.safetensors (``{}`` if none).
+
+    Raises :class:`nmsparse.errors.LoadError` for a file that is missing, a directory, empty,
+    truncated, corrupted, not safetensors, or whose recorded config is not a JSON object.
+    """
+    from nmsparse.errors import LoadError
+    from nmsparse.io import read_safetensors
+
     try:
-        config = json.loads(meta.get("config", "{}"))
-    except json.JSONDecodeError:
-        config = {}
-    return tensors, config if isinstance(config, dict) else {}
+        tensors, meta = read_safetensors(path)
+    except LoadError as e:
+        raise e.with_hint(CHECKPOINT_HINT) from e
+    if "config" not in meta:
+        return tensors, {}
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise LoadError(path, f"its recorded training config (metadata 'config') is not valid JSON ({e.msg})",
+                        "the file is damaged: write it again, or pass a good copy") from e
+    if not isinstance(config, dict):
+        raise LoadError(path, f"its recorded training config (metadata 'config') is a {type(config).__name__}, "
+                              "not a JSON object", "the file is damaged: write it again, or pass a good copy")
+    return tensors, config
 
 
 def balanced_indices(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -174,7 +190,7 @@ def _main(args: argparse.Namespace) -> int:
         return hf_cli.run(args, n, m)
     if args.checkpoint is None:
         return _error("pass --checkpoint (final.safetensors of 'nmsparse train') or --hf-model (a transformers folder)")
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():
         return _error(f"checkpoint {args.checkpoint!r} not found (expected final.safetensors of 'nmsparse train')")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -186,9 +202,10 @@ def _main(args: argparse.Namespace) -> int:
     from nmsparse.training.models import build_model, model_names
 
     try:
+        mode = progress.from_args(args)
         tensors, src = read_checkpoint(args.checkpoint)
-    except Exception as e:  # noqa: BLE001 - any unreadable file
-        return _error(f"cannot read {args.checkpoint}: {e}")
+    except ValueError as e:  # LoadError included: one line naming the file and the problem
+        return _error(str(e))
     if args.finetune_epochs:
         try:
             recipe = finetune_recipe(src, **{k[len("finetune_"):]: getattr(args, k) for k in FINETUNE_FLAGS})
@@ -210,10 +227,12 @@ def _main(args: argparse.Namespace) -> int:
         return _error(str(e))
     model = build_model(model_name, image_size=data.image_size, in_channels=data.in_channels,
                         num_classes=data.num_classes)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        return _error(f"the checkpoint does not fit model {model_name!r}: {str(e).splitlines()[0]}")
+    why = state_dict_mismatch(model.state_dict(), tensors)  # checked before the model is touched
+    if why:
+        recorded = f"; it records model {src['model']!r} on {src.get('data')!r}" if "model" in src else ""
+        return _error(f"cannot load {args.checkpoint}: does not fit model {model_name!r} on {data_name!r} "
+                      f"({why}){recorded}; pass the --model and --data it was trained with")
+    model.load_state_dict(tensors)
     device = torch.device(args.device)
     model.to(device)
     xte, yte = data.x_test.to(device), data.y_test.to(device)
@@ -230,7 +249,7 @@ def _main(args: argparse.Namespace) -> int:
     kwargs = dict(method=args.method, calib=calib, transposable=args.transposable, layout=layout,
                   include=args.include, exclude=args.exclude, keep_dense=keep_dense, solver=args.solver,
                   damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
-                  transposable_method=args.mask_method, seed=args.seed, progress=not args.no_progress)
+                  transposable_method=args.mask_method, seed=args.seed, progress=mode)
     t0 = time.perf_counter()
     try:
         report = nmsparse.prune(model, n, m, **kwargs)
@@ -320,4 +339,4 @@ def _finetune(model, args, model_name, data_name, layout, n, m, report, recipe):
                                 keep_dense=(), mask_fn=support_mask)
         return fresh, rep
 
-    return loop.train(config, resume=False, progress=not args.no_progress, model_fn=build)
+    return loop.train(config, resume=False, progress=progress.from_args(args), model_fn=build)

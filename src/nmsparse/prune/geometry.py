@@ -5,6 +5,10 @@ and on the layer's inputs ``X`` as rows of ``D`` features in the same column ord
 computes ``X @ W2.T (+ b)``:
 
 * ``nn.Linear``: ``W2`` is the weight, ``X`` its input flattened to ``(rows, in)``.
+* ``transformers``' ``Conv1D`` (weight stored ``(in, out)``): ``W2`` is ``weight.T``, ``X`` as for Linear.
+* ``nn.MultiheadAttention.in_proj_weight`` ``(3E, E)``: three problems, the query, key and value
+  projections (rows ``[0, E)``, ``[E, 2E)``, ``[2E, 3E)``, biases from ``in_proj_bias``), each with its
+  own input (the layer's ``query``, ``key`` and ``value``; the same tensor for self-attention).
 * Convolutions: ``X`` is the unfolded input (im2col): one row per output position, columns
   ``(in_channel, kernel position)`` in the order of ``weight.reshape(out, -1)``. For
   ``layout="flat"`` that is already the grouped order; for ``layout="channels"`` (groups along input
@@ -21,25 +25,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from nmsparse.layout import target_kind
 
 
 class LayerGeometry:
-    """Maps a Linear/Conv layer's weight to per-group ``(out_g, D)`` matrices and its inputs to
-    feature rows. ``problems`` is the number of independent problems (convolution groups)."""
+    """Maps a layer's tensor ``module.<name>`` to per-problem ``(out_g, D)`` matrices and its inputs
+    to feature rows. ``problems`` is the number of independent problems (convolution groups, or the
+    query/key/value blocks of ``in_proj_weight``); ``inputs`` the number of layer inputs they read
+    (3 for ``in_proj_weight``: problem ``g`` reads input ``g``; else 1)."""
 
-    def __init__(self, module: nn.Module, layout: str) -> None:
+    def __init__(self, module: nn.Module, layout: str, name: str = "weight") -> None:
         self.module = module
         self.layout = layout
-        w = module.weight
-        self.is_conv = isinstance(module, _CONV)
-        self.problems = module.groups if self.is_conv else 1
-        self.out = w.shape[0]
+        self.name = name
+        self.kind = target_kind(module, name)
+        if self.kind is None:
+            raise ValueError(f"{type(module).__name__}.{name} is not a tensor nmsparse can prune")
+        w = getattr(module, name)
+        self.is_conv = self.kind == "conv"
+        self.transposed = self.kind == "transposed"
+        self.inputs = 3 if self.kind == "in_proj" else 1
+        self.problems = module.groups if self.is_conv else self.inputs
+        self.out = w.shape[1] if self.transposed else w.shape[0]
         self.out_g = self.out // self.problems
-        self.cin_g = w.shape[1]  # input channels (or features) per problem
+        self.cin_g = w.shape[0] if self.transposed else w.shape[1]  # input channels (features) per problem
         self.k = math.prod(w.shape[2:]) if self.is_conv else 1
         self.d = self.cin_g * self.k  # features per problem
-        self.has_bias = getattr(module, "bias", None) is not None
+        self.bias_name = "in_proj_bias" if self.kind == "in_proj" else "bias"
+        self.has_bias = getattr(module, self.bias_name, None) is not None
         if self.is_conv and layout == "channels" and self.k > 1:
             # grouped column j = kpos * cin_g + c  <-  flat column c * k + kpos
             self.perm = torch.arange(self.d).view(self.cin_g, self.k).t().reshape(-1)
@@ -50,7 +63,8 @@ class LayerGeometry:
     # -- weights --------------------------------------------------------------------------------
     def weight2d(self, weight: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The weight as one ``(out_g, D)`` matrix per problem, groups consecutive (copies)."""
-        w = (self.module.weight if weight is None else weight).detach().reshape(self.out, -1)
+        w = (getattr(self.module, self.name) if weight is None else weight).detach()
+        w = w.t() if self.transposed else w.reshape(self.out, -1)
         out = []
         for g in range(self.problems):
             wg = w[g * self.out_g:(g + 1) * self.out_g]
@@ -58,13 +72,16 @@ class LayerGeometry:
         return out
 
     def bias2d(self) -> list[torch.Tensor | None]:
-        b = self.module.bias.detach() if self.has_bias else None
+        b = getattr(self.module, self.bias_name).detach() if self.has_bias else None
         return [None if b is None else b[g * self.out_g:(g + 1) * self.out_g].clone() for g in range(self.problems)]
 
     def assemble(self, mats: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`weight2d`: per-problem matrices back to the module's weight shape."""
         parts = [(w[:, self.inv] if self.inv is not None else w) for w in mats]
-        return torch.cat(parts, 0).reshape(self.module.weight.shape)
+        full = torch.cat(parts, 0)
+        if self.transposed:
+            return full.t().contiguous()
+        return full.reshape(getattr(self.module, self.name).shape)
 
     # -- inputs ---------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +91,9 @@ class LayerGeometry:
         return im2col(self.module, x)
 
     def problem_features(self, f: torch.Tensor, g: int) -> torch.Tensor:
-        """Columns of problem ``g`` from :meth:`features` output, in grouped order."""
-        fg = f[:, g * self.d:(g + 1) * self.d] if self.problems > 1 else f
+        """Columns of problem ``g`` from :meth:`features` output (of input ``g`` when
+        ``inputs > 1``), in grouped order."""
+        fg = f[:, g * self.d:(g + 1) * self.d] if self.problems > 1 and self.inputs == 1 else f
         return fg[:, self.perm] if self.perm is not None else fg
 
 

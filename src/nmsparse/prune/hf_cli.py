@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from nmsparse import progress
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # flags of the image-model path that mean nothing for a transformers folder
 IMAGE_ONLY = ("checkpoint", "model", "data", "data_dir", "recalibrate_bn", "bn_samples", "finetune_optimizer",
@@ -77,6 +79,10 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         return _error(f"{out} is not empty; pass --overwrite to replace it")
+    try:
+        mode = progress.from_args(args)
+    except ValueError as e:
+        return _error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     kwargs = dict(method=args.method, calib=calib, include=args.include, exclude=args.exclude,
                   keep_dense=_keep_dense(args.keep_dense), transposable=args.transposable, solver=args.solver,
                   damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
-                  transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=not args.no_progress)
+                  transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=mode)
     replace = out.exists() and any(out.iterdir())  # --overwrite: write beside it, swap at the end
     target = out.with_name(f".{out.name}.new") if replace else out
     if replace:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from nmsparse import progress
 from nmsparse.reproduce.grid import EXPERIMENTS, NMS, Cell, Scale, build_grid, check_experiments, demo_cells
 from nmsparse.reproduce.results import as_percent, load_runs
 from nmsparse.reproduce.runner import run_grid
@@ -97,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-dir", default=None, help="write report.md and plots here (default OUT)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the runs in OUT")
     p.add_argument("--list", action="store_true", help="print the grid's runs and their status, train nothing")
-    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
+    progress.add_argument(p, "progress within each run's epochs (each epoch's summary line stays)")
     p.set_defaults(func=main)
 
 
@@ -125,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
             path = write_report(out, args.report_dir)
             print(f"report: {path}")
             return 0
+        mode = progress.from_args(args)
         scale = _scale(args)
         experiments = ["demo"] if args.demo else (args.experiments or list(EXPERIMENTS))
         cells = demo_cells(scale) if args.demo else build_grid(experiments, scale)
@@ -134,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         return _list(cells, scale, out)
     t0 = time.perf_counter()
     try:
-        outcomes = run_grid(cells, scale, out, experiments=experiments, progress=not args.no_progress, shard=args.shard,
+        outcomes = run_grid(cells, scale, out, experiments=experiments, progress=mode, shard=args.shard,
                             command="nmsparse " + " ".join(sys.argv[1:]) if sys.argv[1:] else None)
     except ValueError as e:
         return _error(str(e))

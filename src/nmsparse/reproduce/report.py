@@ -16,6 +16,7 @@ from nmsparse.reproduce import plots
 from nmsparse.reproduce.grid import (
     DECAYS, EXPERIMENTS, MASK_METHODS, TRANSPOSABLE_NMS, TRANSPOSABLE_UPDATE_EVERY, cell_key, transposable_missing,
 )
+from nmsparse.reproduce.runner import read_grid
 from nmsparse.reproduce.results import as_percent, final_sad, final_values, layer_sad, load_runs, mean_std
 
 # Published ImageNet ResNet-50 top-1 (SR-STE paper / its model zoo; see docs/reproduce.md).
@@ -31,10 +32,17 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mu:.{digits}f} ± {sd:.{digits}f}" + ("" if n == 3 else f" (n={n})")
 
 
+def _json_line(line: str) -> object:
+    """One line of a JSON-lines log, ``None`` if torn or damaged (a run killed mid-write)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class _Report:
-    def __init__(self, out: Path, figdir: Path) -> None:
+    def __init__(self, out: Path, figdir: Path, grid: dict) -> None:
         self.out, self.figdir = out, figdir
-        grid = json.loads((out / "grid.json").read_text())
         self.grid = grid
         self.scale = grid["scale"]
         self.epochs = self.scale["epochs"]
@@ -81,7 +89,7 @@ class _Report:
         events = []
         p = self.out / "invocations.jsonl"
         if p.exists():
-            events = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            events = [e for e in map(_json_line, p.read_text(errors="replace").splitlines()) if isinstance(e, dict)]
         ends = [e for e in events if e.get("event") == "end"]
         total = sum(e.get("wall_s", 0) for e in ends)
         done = sum(r["status"] == "done" for r in self.runs.values())
@@ -307,13 +315,15 @@ class _Report:
 def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``report_dir`` (default ``out``) from the grid in
     ``out``; also ``results.json`` (the per-epoch metrics of every finished run). Returns the path of
-    report.md. Raises ValueError if ``out`` holds no grid."""
+    report.md. Raises ValueError if ``out`` holds no grid, :class:`~nmsparse.errors.LoadError` if its
+    grid.json is damaged (nothing written either way)."""
     out = Path(out)
-    if not (out / "grid.json").exists():
+    grid = read_grid(out)
+    if grid is None:
         raise ValueError(f"{out} holds no grid (no grid.json): run `nmsparse reproduce --out {out}` first")
     figdir = Path(report_dir) if report_dir is not None else out
     figdir.mkdir(parents=True, exist_ok=True)
-    rep = _Report(out, figdir)
+    rep = _Report(out, figdir, grid)
     rep.header()
     rep.claims()
     for exp in rep.experiments:

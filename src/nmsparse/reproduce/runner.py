@@ -22,11 +22,37 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from nmsparse.errors import LoadError
+from nmsparse.io import read_json
 from nmsparse.reproduce.grid import Cell, Scale, transposable_missing
 from nmsparse.training.checkpoint import atomic_write
 
 TrainFn = Callable[..., list]
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "final.safetensors", "error.txt")
+GRID_HINT = "delete it (finished runs in OUT/runs are picked up again) or use another --out"
+RUN_HINT = "delete the run's folder to train it again from the start"
+
+
+def read_grid(out: str | os.PathLike, hint: str = GRID_HINT) -> dict | None:
+    """The manifest ``<out>/grid.json`` as a dict, ``None`` if there is none; a damaged one raises
+    :class:`~nmsparse.errors.LoadError` (with ``hint``)."""
+    path = Path(out) / "grid.json"
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        data = read_json(path)
+    except LoadError as e:
+        raise e.with_hint(hint) from e
+    if not isinstance(data, dict):
+        raise LoadError(path, f"holds a JSON {type(data).__name__}, not an nmsparse reproduce grid manifest", hint)
+    bad = [k for k in ("cells", "seeds", "nms", "experiments") if not isinstance(data.get(k), list)]
+    scale = data.get("scale")
+    if not isinstance(scale, dict) or not isinstance(scale.get("epochs"), int):
+        bad.insert(0, "scale")
+    if bad:
+        raise LoadError(path, f"is not a complete nmsparse reproduce grid manifest ({', '.join(bad)} missing "
+                              f"or of the wrong type)", hint)
+    return data
 
 
 @dataclasses.dataclass
@@ -46,20 +72,23 @@ def run_dir(out: str | os.PathLike, cell: Cell) -> Path:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The per-epoch records of a run's ``metrics.jsonl`` (empty if missing); a torn last line
-    (a run killed mid-write) is ignored."""
+    (a run killed mid-write) and anything after a damaged line are ignored."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.jsonl"
-    if not p.exists():
+    if not p.is_file():
         return []
     rows = []
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
     return rows
 
 
@@ -88,10 +117,10 @@ def _comparable(d: dict) -> dict:
 
 def check_grid(out: str | os.PathLike, scale: Scale) -> None:
     """Refuse to continue a grid in ``out`` that was made with other settings (ValueError)."""
-    path = Path(out) / "grid.json"
-    if not path.exists():
+    grid = read_grid(out)
+    if grid is None:
         return
-    saved = json.loads(path.read_text()).get("scale", {})
+    saved = grid.get("scale", {})
     now = json.loads(json.dumps(scale.results_key()))
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
@@ -103,7 +132,7 @@ def check_grid(out: str | os.PathLike, scale: Scale) -> None:
 def write_manifest(out: str | os.PathLike, scale: Scale, cells: list[Cell], experiments: list[str]) -> None:
     """Create or extend ``<out>/grid.json`` (settings, experiments and cells asked for so far)."""
     path = Path(out) / "grid.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = read_grid(out) or {}
     ids = list(dict.fromkeys([*old.get("cells", []), *(c.run_id for c in cells)]))
     exps = [*dict.fromkeys([*old.get("experiments", []), *experiments])]
     seeds = sorted(set(old.get("seeds", [])) | set(scale.seeds))
@@ -129,10 +158,50 @@ def _default_train() -> tuple[TrainFn, Callable[[dict], object]]:
     return train, TrainConfig.from_dict
 
 
+def _check_saved_config(d: Path, fields: dict) -> None:
+    """Refuse a run folder whose ``config.json`` is damaged or records other settings."""
+    saved = d / "config.json"
+    if not saved.exists() and not saved.is_symlink():
+        return
+    try:
+        old = read_json(saved)
+    except LoadError as e:
+        raise e.with_hint(RUN_HINT) from e
+    if not isinstance(old, dict):
+        raise LoadError(saved, f"holds a {type(old).__name__}, not a training config", RUN_HINT)
+    old = _comparable(old)
+    new = _comparable(json.loads(json.dumps(fields)))
+    diff = {k: (old.get(k), v) for k, v in new.items() if k in old and old[k] != v}
+    if diff:
+        raise ValueError(f"{d} was trained with other settings {diff}: use another --out")
+
+
+def check_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, make_config: Callable[[dict], object],
+               check_resume: Callable[[object], object] | None = None) -> None:
+    """Everything :func:`run_cell` would refuse, checked without writing: invalid settings, a run
+    folder with other settings, and (with ``check_resume``, e.g.
+    :func:`nmsparse.training.resume.read_resume_state`) a checkpoint to resume that is damaged or does
+    not fit. Raises ValueError (:class:`~nmsparse.errors.LoadError` for a file)."""
+    if cell.transposable and transposable_missing():
+        return
+    fields = cell_config(cell, scale, out)
+    config = make_config(fields)
+    if hasattr(config, "validate"):
+        config.validate()
+    d = run_dir(out, cell)
+    _check_saved_config(d, fields)
+    if check_resume is not None and cell_status(d, scale.epochs) == "partial":
+        try:
+            check_resume(config)
+        except LoadError as e:
+            raise e.with_hint(RUN_HINT) from e
+
+
 def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: TrainFn,
-             make_config: Callable[[dict], object], progress: bool = False) -> CellOutcome:
+             make_config: Callable[[dict], object], progress: bool | str = False) -> CellOutcome:
     """Run (or resume, or skip) one cell. Training errors are caught, kept in ``error.txt`` and
-    reported as ``"failed"``; invalid settings raise ValueError before anything is written."""
+    reported as ``"failed"``; invalid settings raise ValueError, and a file that cannot be loaded
+    :class:`~nmsparse.errors.LoadError`, before anything is written."""
     d = run_dir(out, cell)
     if cell.transposable and (why := transposable_missing()):
         return CellOutcome(cell, "not run", reason=why)
@@ -140,13 +209,7 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
     config = make_config(fields)
     if hasattr(config, "validate"):
         config.validate()
-    saved = d / "config.json"
-    if saved.exists():
-        old = _comparable(json.loads(saved.read_text()))
-        new = _comparable(json.loads(json.dumps(fields)))
-        diff = {k: (old.get(k), v) for k, v in new.items() if k in old and old[k] != v}
-        if diff:
-            raise ValueError(f"{d} was trained with other settings {diff}: use another --out")
+    _check_saved_config(d, fields)
     status = cell_status(d, scale.epochs)
     if status == "done":
         return CellOutcome(cell, "done")
@@ -161,6 +224,8 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
         train_fn(config, resume=resume, progress=progress)
     except KeyboardInterrupt:
         raise
+    except LoadError as e:  # raised before the run changed anything: the user has to act
+        raise e.with_hint(RUN_HINT) from e
     except Exception as e:  # keep going with the other cells; the report lists the failure
         (d / "error.txt").write_text(traceback.format_exc())
         return CellOutcome(cell, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
@@ -172,10 +237,17 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
     return CellOutcome(cell, "resumed" if resume else "ran", secs)
 
 
+def _default_check(train_fn: TrainFn) -> Callable[[object], object] | None:
+    from nmsparse.training import loop, resume
+
+    return resume.read_resume_state if train_fn is loop.train else None
+
+
 def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experiments: list[str],
              train_fn: TrainFn | None = None, make_config: Callable[[dict], object] | None = None,
-             progress: bool = False, log: Callable[[str], None] | None = None,
-             command: str | None = None, shard: tuple[int, int] | None = None) -> list[CellOutcome]:
+             progress: bool | str = False, log: Callable[[str], None] | None = None,
+             command: str | None = None, shard: tuple[int, int] | None = None,
+             check_resume: Callable[[object], object] | None = None) -> list[CellOutcome]:
     """Run every cell of ``cells`` that is not done yet, in order, and return one outcome per cell.
 
     ``shard=(i, k)`` runs only cells ``i-1, i-1+k, ...`` (K processes can share one grid folder; the
@@ -183,26 +255,29 @@ def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experim
 
     ``train_fn(config, resume=..., progress=...)`` and ``make_config(dict)`` default to
     :func:`nmsparse.training.loop.train` and ``TrainConfig.from_dict`` (tests inject fakes).
+    ``check_resume(config)`` (default: :func:`nmsparse.training.resume.read_resume_state` with the
+    default trainer) vets each checkpoint this invocation would resume.
     Raises ValueError (nothing written) if ``out`` holds a grid with other settings or a cell's
-    settings are invalid.
+    settings are invalid, and :class:`~nmsparse.errors.LoadError` (nothing written) if ``grid.json``,
+    a run's ``config.json`` or a checkpoint to resume is damaged or does not fit.
     """
     if train_fn is None or make_config is None:
         t, mc = _default_train()
         train_fn, make_config = train_fn or t, make_config or mc
+    if check_resume is None:
+        check_resume = _default_check(train_fn)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     check_grid(out, scale)
-    for c in cells:  # validate every config before writing anything
-        if c.transposable and transposable_missing():
-            continue
-        cfg = make_config(cell_config(c, scale, out))
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-    write_manifest(out, scale, cells, experiments)
+    mine = cells
     if shard is not None:
         i, k = shard
         if not 1 <= i <= k:
             raise ValueError(f"shard must be (i, k) with 1 <= i <= k, got {shard}")
-        cells = cells[i - 1::k]
+        mine = cells[i - 1::k]
+    for c in cells:  # validate every config, and the files this process will read, before writing anything
+        check_cell(c, scale, out, make_config=make_config, check_resume=check_resume if c in mine else None)
+    write_manifest(out, scale, cells, experiments)
+    cells = mine
     cmd = command or " ".join(sys.argv)
     log_event(out, event="start", command=cmd, cells=len(cells))
     t0 = time.perf_counter()

@@ -3,16 +3,21 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
 ``torch.save`` to a temporary file in the same folder, flushed to disk, then moved over the old one
 with ``os.replace`` (atomic on POSIX), so a run killed mid-write leaves the previous checkpoint
-intact. :func:`load` uses ``torch.load(weights_only=True)``.
+intact. :func:`load` uses ``torch.load(weights_only=True)`` and raises
+:class:`nmsparse.errors.LoadError` (one line naming the file and the problem) for a file it cannot use.
 
 Contents (``FORMAT = 1``): ``format``, ``epoch`` (epochs completed), ``config`` (dict), ``model``
 (state dict, masks and mask-step counters included), ``optimizer``, ``scheduler``, ``rng``
 (torch CPU and CUDA generator states, Python's ``random`` state), ``sad`` (the tracker's initial
-and previous masks) and ``records`` (the per-epoch metrics so far).
+and previous masks) and ``records`` (the per-epoch metrics so far), and ``checksum``: a SHA-256 of all of the above (every
+tensor's dtype, shape and bytes, every other value's ``repr``), which :func:`load` verifies, so bytes
+damaged inside a tensor (which ``torch.load`` reads without complaint) are found. A checkpoint without
+``checksum`` (written before it existed) still loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -20,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nmsparse.errors import LoadError
+from nmsparse.io import read_torch
 
 FORMAT = 1
 
@@ -74,15 +82,73 @@ def _umask() -> int:
     return mask
 
 
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of ``state`` without its ``checksum`` entry: tensors by dtype, shape and bytes,
+    containers in order, other values by ``repr``. The same after a ``torch.save`` / ``torch.load``
+    round trip, on any device."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{'L' if isinstance(x, list) else 'U'}{len(x)}:".encode())
+            for v in x:
+                walk(v)
+        else:
+            r = repr(x)
+            h.update(f"V{len(r)}:{r}".encode())
+
+    walk({k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` (plain data and tensors only) atomically."""
+    """Write ``state`` (plain data and tensors only) atomically, with its :func:`checksum`."""
     state = dict(state, format=FORMAT)
+    state["checksum"] = checksum(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+# The entries of a checkpoint and the type each must have.
+_ENTRIES = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
+            "sad": dict, "records": list}
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code runs)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an nmsparse training checkpoint (format {FORMAT})")
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs) and check its structure.
+
+    Raises :class:`nmsparse.errors.LoadError` (a ``ValueError``) naming ``path`` when the file is
+    missing, a directory, empty, truncated, corrupted (also: contents that do not match the recorded
+    :func:`checksum`), not a ``torch.save`` file, or not an nmsparse training checkpoint of this
+    format (an entry missing or of the wrong type). Whether it fits a
+    model and settings is checked by the training loop before anything is restored.
+    """
+    state = read_torch(path, map_location=map_location)
+    if not isinstance(state, dict) or "format" not in state:
+        raise LoadError(path, f"is not an nmsparse training checkpoint (a torch.save file, but of a "
+                              f"{type(state).__name__} without the 'format' entry)")
+    if state["format"] != FORMAT:
+        raise LoadError(path, f"is an nmsparse checkpoint of format {state['format']!r}; this version reads "
+                              f"format {FORMAT}")
+    for key, kind in _ENTRIES.items():
+        if key not in state:
+            raise LoadError(path, f"is an incomplete nmsparse training checkpoint (no {key!r} entry)")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise LoadError(path, f"is a damaged nmsparse training checkpoint (its {key!r} entry is a "
+                                  f"{type(state[key]).__name__}, not a {kind.__name__})")
+    for key in ("initial", "previous"):
+        if not isinstance(state["sad"].get(key), dict):
+            raise LoadError(path, f"is a damaged nmsparse training checkpoint (no sad.{key} masks)")
+    if not isinstance(state["rng"].get("torch"), torch.Tensor):
+        raise LoadError(path, "is a damaged nmsparse training checkpoint (no torch RNG state)")
+    if "checksum" in state and state["checksum"] != checksum(state):
+        raise LoadError(path, "is corrupted (its contents do not match the checksum recorded when it was written)")
     return state

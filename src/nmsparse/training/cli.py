@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nmsparse import progress
 from nmsparse.clihelp import HelpFormatter
 from nmsparse.layout import LAYOUTS
 from nmsparse.parametrization import METHODS
@@ -83,10 +84,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default=_D.device, help="cpu, cuda, cuda:K or auto")
     g.add_argument("--out", default=_D.out, help="output folder")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.pt (starts fresh if there is none)")
+                   help="continue the run in --out from its checkpoint.pt (starts fresh if there is none; a "
+                        "damaged checkpoint or one made with other settings is an error, nothing is changed)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (without it, a folder holding a run is an error)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch summary stays)")
+    progress.add_argument(g, "progress of each epoch (the per-epoch summary line on stdout stays)")
     p.set_defaults(func=_main)
 
 
@@ -112,6 +114,7 @@ def _main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         config.validate()
+        mode = progress.from_args(args)
     except ValueError as e:
         return _error(str(e))
     if (not args.resume and not args.overwrite and (Path(config.out) / "checkpoint.pt").exists()):
@@ -119,9 +122,9 @@ def _main(args: argparse.Namespace) -> int:
     from nmsparse.training.loop import train
 
     try:
-        train(config, resume=args.resume, progress=not args.no_progress)
+        train(config, resume=args.resume, progress=mode)
     except DataError as e:
         return _error(str(e))
-    except ValueError as e:  # settings that only the data or a checkpoint can reveal
+    except ValueError as e:  # settings that only the data or a checkpoint can reveal (LoadError included)
         return _error(str(e))
     return 0

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,14 +29,17 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import nmsparse
+from nmsparse.errors import LoadError
+from nmsparse.progress import Progress, resolve
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.data import Dataset, load_dataset
 from nmsparse.training.models import build_model
+from nmsparse.training.resume import (  # noqa: F401 - RESUME_FREE_FIELDS, read_resume_state: public here too
+    CHECKPOINT, RESUME_FREE_FIELDS, RESUME_HINT, read_resume_state, state_mismatch,
+)
 
-# Fields that may differ between a run and its resumption (they do not change the result on CPU).
-RESUME_FREE_FIELDS = ("out", "data_dir", "threads", "device")
 EVAL_BATCH = 1000
 
 
@@ -115,13 +117,13 @@ class Trainer:
     ``model_fn(config, data) -> (model, report)`` builds the model (default :func:`build_sparse_model`).
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool = True,
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool | str = True,
                  log: Callable[[str], None] | None = print,
                  on_epoch_end: Callable[[dict], None] | None = None,
                  model_fn: ModelFn | None = None) -> None:
         config.validate()
         self.config = config
-        self.progress = progress
+        self.progress = resolve(progress)  # "bar", "lines" or "off" (ValueError before anything is done)
         self.on_epoch_end = on_epoch_end
         self.out = Path(config.out)
         configure_threads(config.threads)
@@ -129,6 +131,8 @@ class Trainer:
         self.data = load_dataset(config.data, config.data_dir, train_subset=config.train_subset,
                                  test_subset=config.test_subset)
         self.ctx = D.setup(config.device)
+        # A checkpoint to resume is read and its settings checked before the model is built.
+        state = read_resume_state(config, map_location=self.ctx.device) if resume else None
         self._log = log if self.ctx.is_main else None
         if self.ctx.distributed and config.batch_size % self.ctx.world_size:
             raise ValueError(f"batch_size {config.batch_size} (global) is not a multiple of the "
@@ -173,15 +177,19 @@ class Trainer:
 
         self.records: list[dict] = []
         self.epoch = 0
-        if resume and (self.out / "checkpoint.pt").is_file():
-            self._restore(ckpt.load(self.out / "checkpoint.pt", map_location=dev))
+        if state is not None:
+            self._restore(state)
         elif self.ctx.is_main:
+            for name in (CHECKPOINT, "metrics.jsonl", "final.safetensors", "config.json"):
+                if (self.out / name).is_dir():
+                    raise ValueError(f"{self.out / name} is a directory where the run writes a file: "
+                                     f"remove it or use another --out")
             try:  # the up-front check cannot foresee everything (e.g. root under /proc)
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create the output folder {str(self.out)!r}: {e.strerror or e}") from e
             _write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            for stale in ("metrics.jsonl", "checkpoint.pt", "final.safetensors"):
+            for stale in ("metrics.jsonl", CHECKPOINT, "final.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
         D.barrier(self.ctx)
 
@@ -199,12 +207,11 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-        now = self.config.to_dict()
-        diff = [k for k in now if k not in RESUME_FREE_FIELDS and now[k] != saved[k]]
-        if diff:
-            raise ValueError(f"cannot resume {self.out}: the checkpoint was made with other settings "
-                             f"({', '.join(f'{k}={saved[k]!r}, now {now[k]!r}' for k in diff)})")
+        """Check that ``state`` (from :func:`read_resume_state`) fits this run, then restore it. Every
+        check comes first: a checkpoint that does not fit raises LoadError with nothing changed."""
+        why = state_mismatch(state, self.model, self.optimizer, self.tracker, self.config)
+        if why:
+            raise LoadError(self.out / CHECKPOINT, why, RESUME_HINT, action="cannot resume from")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -225,8 +232,6 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Write ``final.safetensors``: the finalized weights of a copy of the model."""
-        from safetensors.torch import save_file
-
         path = self.out / "final.safetensors"
         if self.ctx.is_main:
             # nmsparse.finalize is safe on a deep copy: the training model is left untouched
@@ -246,12 +251,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct = torch.zeros((), dtype=torch.long, device=ctx.device)
         count = 0
-        bar = None
-        if self.progress and ctx.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       leave=False, file=sys.stderr, dynamic_ncols=True)
+        # lines mode: the per-epoch summary is the log's line; without a log, the bar's closing line
+        bar = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
+                       mode=self.progress if ctx.is_main else "off", summary=self._log is None)
         lr = self.optimizer.param_groups[0]["lr"]
         for b in range(self.steps_per_epoch):
             idx = order[b * self.local_batch:(b + 1) * self.local_batch]
@@ -267,12 +269,10 @@ class Trainer:
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.argmax(1) == y).sum()
             count += len(y)
-            if bar is not None:
-                bar.update(1)
-                if b % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.4g}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            if b % 20 == 0 and bar.mode != "off":
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.4g}")
+        bar.close()
         s_loss, s_correct, s_count = D.all_sum(ctx, [float(loss_sum), float(correct), float(count)])
         return {"loss": s_loss / s_count, "train_acc": s_correct / s_count, "lr": lr}
 
@@ -335,7 +335,7 @@ def summary_line(r: dict, epochs: int) -> str:
             f"test {r['test_acc']:.2%}  lr {r['lr']:.4g}{s}  {r['time']:.1f}s")
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+def train(config: TrainConfig, *, resume: bool = False, progress: bool | str = True,
           log: Callable[[str], None] | None = print,
           on_epoch_end: Callable[[dict], None] | None = None,
           model_fn: ModelFn | None = None) -> list[dict]:
@@ -343,8 +343,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
 
     With ``resume=True`` a run with a ``checkpoint.pt`` in ``config.out`` continues after its last
     completed epoch (same settings required; a finished run only rewrites ``final.safetensors``);
-    without a checkpoint it starts fresh. With ``resume=False`` an earlier run in ``config.out`` is
-    replaced. ``progress`` shows a tqdm bar per epoch; ``log`` gets one summary line per epoch
+    without a checkpoint it starts fresh; a checkpoint that is damaged, made with other settings or
+    does not fit the model raises :class:`nmsparse.errors.LoadError` (a ValueError) before anything
+    is changed. With ``resume=False`` an earlier run in ``config.out`` is replaced. ``progress``:
+    a :mod:`nmsparse.progress` mode (``True``: ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar per epoch on
+    a terminal, plain lines otherwise; ``False``: none); ``log`` gets one summary line per epoch
     (``None``: silent); ``on_epoch_end(record)`` is called after each epoch's checkpoint;
     ``model_fn(config, data) -> (model, report)`` replaces the model builder (e.g. to fine-tune a
     pruned model with frozen masks).

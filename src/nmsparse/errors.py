@@ -1,0 +1,36 @@
+"""The one exception type nmsparse raises for a file it cannot use.
+
+:class:`LoadError` covers every load path (training checkpoints, ``final.safetensors``, the JSON files
+of a run or a grid): the file is missing, a directory, unreadable, empty, truncated, corrupted, not in
+the expected format, or written for another model or other settings. ``str(error)`` is one line that
+names the file, the problem and what to do; the CLIs print it on stderr and exit with code 2.
+
+It subclasses :class:`ValueError`, so code that already treats bad input as ``ValueError`` keeps
+working; catch :class:`LoadError` to tell a bad file from other bad input.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class LoadError(ValueError):
+    """A file cannot be used. ``path`` names it, ``problem`` says what is wrong with it and ``hint``
+    (or ``None``) what to do; ``action`` is the failed operation ("cannot load", "cannot resume from").
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str, hint: str | None = None, *,
+                 action: str = "cannot load") -> None:
+        self.path, self.problem, self.hint, self.action = str(path), problem, hint, action
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        msg = f"{self.action} {self.path}: {self.problem}"
+        return f"{msg}; {self.hint}" if self.hint else msg
+
+    def with_hint(self, hint: str | None, *, action: str | None = None) -> "LoadError":
+        """The same error with another ``hint`` (and ``action``): callers know what the user should do."""
+        return LoadError(self.path, self.problem, hint, action=action or self.action)
+
+
+__all__ = ["LoadError"]

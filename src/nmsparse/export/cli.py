@@ -1,0 +1,220 @@
+"""``nmsparse export``: write a trained/pruned model as a compressed N:M file, ONNX, or dense weights.
+
+    nmsparse export --checkpoint runs/x/final.safetensors [--model resnet] --format nmsparse|onnx|dense \\
+        [--dtype fp32|fp16|bf16] [--nm 2:4|auto] [--layout channels|flat] --out exported/
+    nmsparse export --hf-model PATH_TO_HF_FOLDER --format nmsparse --dtype fp16 --out exported/
+
+Writes into ``--out``: ``model.nmsparse.safetensors`` (format ``nmsparse``, see docs/format.md),
+``model.onnx`` (format ``onnx``) or ``model.safetensors`` (format ``dense``), ``config.json`` (the
+checkpoint's training config, or the Hugging Face config) and ``export_report.json`` (per tensor:
+dense bytes against stored bytes). Prints the table of layers and sizes. Every check runs before
+anything is written; the files are built in a temporary folder and moved into ``--out`` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nmsparse.clihelp import HelpFormatter
+
+FORMATS = ("nmsparse", "onnx", "dense")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FILENAMES = {"nmsparse": "model.nmsparse.safetensors", "onnx": "model.onnx", "dense": "model.safetensors"}
+# image size and channels of the datasets 'nmsparse train' knows (to rebuild a registry model)
+DATA_SHAPES = {"fashion-mnist": (28, 1, 10), "digits": (8, 1, 10)}
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: one line on stderr, exit code 2."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model as a compressed N:M file, ONNX or dense weights, with a size report",
+        description="Export a model (final.safetensors of 'nmsparse train'/'nmsparse prune', or a Hugging Face "
+                    "model folder) for deployment: 'nmsparse' stores every N:M layer weight as kept values plus "
+                    "bit-packed positions (docs/format.md); 'onnx' a dense ONNX graph whose initializers keep the "
+                    "zeros; 'dense' plain safetensors. Prints per-layer sizes and writes export_report.json.",
+        formatter_class=HelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="final.safetensors written by 'nmsparse train' or 'nmsparse prune'")
+    src.add_argument("--hf-model", help="folder of a Hugging Face transformers model (config.json + weights)")
+    p.add_argument("--model", default=None, help="architecture of --checkpoint (default: the one it records)")
+    p.add_argument("--format", default="nmsparse", help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("--dtype", default="fp32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--nm", default=None,
+                   help="N:M (N kept per group of M) or 'auto' (default: the checkpoint's, else detected)")
+    p.add_argument("--layout", default=None, help="conv grouping, channels or flat (default: checkpoint's, else channels)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace files of an earlier export in --out")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"nmsparse export: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parse_nm(text: str | None) -> tuple[int, int] | None:
+    from nmsparse.nmmasks import check_nm
+
+    if text is None or text == "auto":
+        return None
+    try:
+        return check_nm(*(int(v) for v in text.split(":")))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--nm must be 'auto' or look like 2:4 (N kept per group of M), got {text!r}: {e}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nmsparse.layout import LAYOUTS
+
+    if args.format not in FORMATS:
+        raise UserError(f"unknown --format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+    nm = _parse_nm(args.nm)
+    if args.layout is not None and args.layout not in LAYOUTS:
+        raise UserError(f"unknown --layout {args.layout!r}; choose one of {', '.join(LAYOUTS)}")
+    onnx_export = None
+    if args.format == "onnx":
+        try:
+            from nmsparse.export.onnx import export_onnx as onnx_export
+        except ImportError as e:
+            raise UserError(f"--format onnx needs nmsparse.export.onnx and the onnx packages ({e})") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    names = [FILENAMES[args.format], "config.json", "export_report.json"]
+    if out.is_dir() and not args.overwrite and any((out / f).exists() for f in names):
+        raise UserError(f"{out} already holds an export; pass --overwrite to replace it")
+    if args.model is not None and args.hf_model is not None:
+        raise UserError("--model names the architecture of --checkpoint; a --hf-model folder records its own")
+
+    if args.hf_model:
+        model, config, example, recorded = _load_hf(args.hf_model)
+    else:
+        model, config, example, recorded = _load_checkpoint(args.checkpoint, args.model)
+    layout = args.layout or config.get("layout") or "channels"
+    if layout not in LAYOUTS:
+        raise UserError(f"the checkpoint records layout {layout!r}; pass --layout channels or flat")
+    model = model.to(DTYPES[args.dtype]).eval()
+    if nm is None and args.nm is None:
+        nm = recorded
+    from nmsparse.export.files import detect_nm
+
+    n, m = nm if nm is not None else detect_nm(model, layout)
+
+    parent = out.parent if out.parent.exists() else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-export.", dir=parent))
+    try:
+        report = _export(args.format, model, example, tmp / FILENAMES[args.format], n, m, layout, onnx_export)
+        if hasattr(report, "path"):
+            report.path = str(out / FILENAMES[args.format])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        source = {"checkpoint": args.checkpoint, "hf_model": args.hf_model}
+        full = {"source": source, "format": args.format, "dtype": args.dtype, "nm": f"{n}:{m}", "layout": layout,
+                "report": report.to_dict()}
+        (tmp / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in names:
+            os.replace(tmp / f, out / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(report.table())
+    print(f"outputs in {out}")
+    return 0
+
+
+def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_export):
+    from nmsparse.export.files import dense_report, save_compressed
+
+    if fmt == "nmsparse":
+        return save_compressed(model, path, n, m, layout)
+    if fmt == "dense":
+        from nmsparse.export.files import _atomic_save
+
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        _atomic_save(state, {"format": "dense"}, path)
+        return dense_report(model, path, n, m, layout)
+    try:
+        return onnx_export(model, example, str(path), n=n, m=m, layout=layout)
+    except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; the temporary folder is removed
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"ONNX export failed: {first}") from None
+
+
+def _load_checkpoint(path: str, model_name: str | None):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from nmsparse.training.models import build_model, model_names
+
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path!r} not found (expected final.safetensors of 'nmsparse train')")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    config = _json_dict(meta.get("config"))
+    name = model_name or config.get("model")
+    if name is None:
+        raise UserError("the checkpoint records no model; pass --model")
+    if name not in model_names():
+        raise UserError(f"unknown --model {name!r}; choose one of {', '.join(model_names())}")
+    data = config.get("data") or "fashion-mnist"
+    if data not in DATA_SHAPES:
+        raise UserError(f"the checkpoint's dataset {data!r} is unknown; choose one of {', '.join(DATA_SHAPES)}")
+    size, channels, classes = DATA_SHAPES[data]
+    torch.manual_seed(0)
+    model = build_model(name, image_size=size, in_channels=channels, num_classes=classes)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint does not fit model {name!r}: {str(e).splitlines()[0]}") from None
+    recorded = _json_dict(meta.get("pruned")).get("nm") or config.get("nm")
+    nm = None
+    if isinstance(recorded, str) and recorded != "dense":
+        try:
+            nm = _parse_nm(recorded)
+        except UserError:
+            nm = None
+    return model, {**config, "model": name, "data": data}, (torch.zeros(1, channels, size, size),), nm
+
+
+def _json_dict(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _load_hf(path: str):
+    if not Path(path, "config.json").is_file():
+        raise UserError(f"--hf-model {path!r} is not a Hugging Face model folder (no config.json)")
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--hf-model needs transformers (pip install 'nmsparse[hf]')") from None
+    try:
+        model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise UserError(f"cannot load --hf-model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    ids = torch.ones(1, 8, dtype=torch.long)
+    return model, model.config.to_dict(), (ids, torch.ones_like(ids)), None
