@@ -49,10 +49,30 @@ def _error(msg: str) -> int:
     return 2
 
 
-def _tokens(tok, path: str) -> torch.Tensor:
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    ids = tok(text, return_tensors="pt", verbose=False)["input_ids"][0]
-    return ids
+def _tokens(tok, path: str, limit: int | None = None, chunk_chars: int = 200_000) -> torch.Tensor:
+    """Token ids of a text file (1-D), tokenized a chunk of lines at a time so that memory stays small
+    whatever the file's size; stops after ``limit`` tokens when given."""
+    parts: list[torch.Tensor] = []
+    count, buf, size = 0, [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            buf.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                parts.append(_ids(tok, "".join(buf)))
+                count += parts[-1].numel()
+                buf, size = [], 0
+                if limit is not None and count >= limit:
+                    break
+        else:
+            if buf:
+                parts.append(_ids(tok, "".join(buf)))
+    ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return ids[:limit] if limit is not None else ids
+
+
+def _ids(tok, text: str) -> torch.Tensor:
+    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def run(args: argparse.Namespace, n: int, m: int) -> int:
@@ -105,9 +125,8 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     eval_ids = None
     if args.eval_perplexity:
-        eval_ids = _tokens(tok, args.eval_perplexity)
-        if args.eval_windows:
-            eval_ids = eval_ids[: args.eval_windows * args.seqlen]
+        eval_ids = _tokens(tok, args.eval_perplexity,
+                           limit=args.eval_windows * args.seqlen if args.eval_windows else None)
     from nmsparse.prune.cli import _keep_dense
 
     kwargs = dict(method=args.method, calib=calib, include=args.include, exclude=args.exclude,
