@@ -97,20 +97,14 @@ def test_bert_fp16_round_trip_keeps_dtype_and_pattern(tmp_path):
 
 
 def test_gpt2_tied_head_survives_round_trip(tmp_path):
-    """GPT-2's blocks are transformers' Conv1D (weight ``(in, out)``), which nmsparse.prune does not
-    handle (it reports them dense); they are made 2:4 along their input axis (dim 0) by hand here. The
-    head ``lm_head`` is tied to ``transformer.wte``: kept dense (``keep_dense``: it is the only
-    nn.Linear, so both first and last) and still tied after loading."""
+    """GPT-2's blocks are transformers' Conv1D (weight ``(in, out)``, groups along dim 0); the head
+    ``lm_head`` is tied to ``transformer.wte``: it stays dense and still tied after loading."""
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
-    with pytest.warns(UserWarning, match="prune made no layer sparse"):
-        r = nmsparse.prune(model, 2, 4, method="magnitude")
-    assert {e.param: e.reason for e in r.dense}["lm_head.weight"] == "first weight layer (keep_dense)"
+    r = nmsparse.prune(model, 2, 4, method="magnitude", keep_dense=())
+    assert "shared with `transformer.wte`" in {e.param: e.reason for e in r.dense}["lm_head.weight"]
     conv1d = {k: v for k, v in model.named_modules() if type(v).__name__ == "Conv1D"}
-    assert len(conv1d) == 8
-    with torch.no_grad():
-        for v in conv1d.values():
-            v.weight.mul_(nmsparse.nm_mask(v.weight, 2, 4, dim=0))
+    assert len(conv1d) == 8 and {e.name for e in r.sparse} == set(conv1d)
     emb = model.transformer.wte.weight.detach().clone()
     model.save_pretrained(tmp_path)
     back, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)

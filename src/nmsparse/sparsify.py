@@ -54,6 +54,12 @@ def _check_transposable(transposable: object, mask_method: object, mask_fn: obje
         raise ValueError("pass either mask_fn or transposable=True, not both: mask_fn replaces the mask rule")
 
 
+def _check_not_sharded(model: nn.Module) -> None:
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError("sparsify a model before sharding it (fully_shard / FSDP2 or tensor parallel): "
+                         "this model already has DTensor parameters")
+
+
 def _refresh_hook(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: on training-mode passes, let each N:M parametrization update its mask
     (a shared weight's other users refresh the owner's, which acts once per value of the weight)."""
@@ -118,6 +124,7 @@ def sparsify(
     check_layout(layout)
     decay, update_every = _check_settings(decay, update_every)
     _check_transposable(transposable, mask_method, mask_fn)
+    _check_not_sharded(model)
     entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
                    shared=shared, transposable=transposable)
     modules = dict(model.named_modules())

@@ -139,6 +139,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         raise LoadError(path, f"is an nmsparse checkpoint of format {state['format']!r}; this version reads "
                               f"format {FORMAT}")
     for key, kind in _ENTRIES.items():
+        if key in ("model", "optimizer") and key not in state and isinstance(state.get("dcp"), str):
+            continue  # an FSDP2 run: model and optimizer are in the DCP folder "dcp" names
         if key not in state:
             raise LoadError(path, f"is an incomplete nmsparse training checkpoint (no {key!r} entry)")
         if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):

@@ -89,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --out (without it, a folder holding a run is an error)")
     progress.add_argument(g, "progress of each epoch (the per-epoch summary line on stdout stays)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters and optimizer state with FSDP2 instead of DDP; "
+                        "the checkpoint's model and optimizer go to checkpoint.dcp/ (docs/distributed.md)")
     p.set_defaults(func=_main)
 
 
@@ -100,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed, threads=args.threads, train_subset=args.train_subset,
         test_subset=args.test_subset, sad_nm=args.sad_nm, device=args.device, out=args.out,
+        fsdp=args.fsdp,
     )
 
 

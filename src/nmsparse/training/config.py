@@ -51,6 +51,7 @@ class TrainConfig:
     is the N:M at which SAD of the dense weights' magnitude masks is tracked. ``warmup_epochs`` of
     linear warm-up are followed by a cosine decay to zero, both stepped per iteration.
     ``train_subset`` / ``test_subset`` keep only the first k images (quick runs).
+    ``fsdp`` shards parameters and optimizer state with FSDP2 instead of DDP (under torchrun).
     """
 
     model: str = "resnet"
@@ -77,6 +78,7 @@ class TrainConfig:
     sad_nm: str | None = None
     device: str = "cpu"
     out: str = "runs/x"
+    fsdp: bool = False
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -185,6 +187,8 @@ class TrainConfig:
 
             if not torch.cuda.is_available():
                 fail(f"device {self.device!r} asked for, but CUDA is not available")
+        if not isinstance(self.fsdp, bool):
+            fail(f"fsdp must be true or false, got {self.fsdp!r}")
         if not isinstance(self.out, str) or not self.out:
             fail(f"out must be a non-empty path, got {self.out!r}")
         if check_out:

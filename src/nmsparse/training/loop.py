@@ -1,5 +1,5 @@
 """The training loop: N:M sparse (or dense) training from scratch, with metrics, SAD, checkpoints
-that resume bit for bit, and DDP when launched by ``torchrun``.
+that resume bit for bit, and DDP (or FSDP2 with ``config.fsdp``) when launched by ``torchrun``.
 
 Output folder (``config.out``), written by rank 0 only:
 
@@ -9,6 +9,9 @@ Output folder (``config.out``), written by rank 0 only:
   ``sad`` (:meth:`nmsparse.SADTracker.measure` as a dict, against the initial mask and the previous
   epoch; for a dense run, of the dense weights' magnitude masks at ``sad_nm``), or ``null``.
 * ``checkpoint.pt``: see :mod:`nmsparse.training.checkpoint`; rewritten atomically every epoch.
+  With FSDP2 it holds everything but model and optimizer, which are in the
+  ``torch.distributed.checkpoint`` folder ``checkpoint.dcp/epoch-K`` it names (``"dcp"``; see
+  :mod:`nmsparse.training.fsdp`).
 * ``final.safetensors``: the finalized weights (``E * W``, no N:M machinery), loadable into a fresh
   model from :func:`nmsparse.training.models.build_model`.
 """
@@ -19,6 +22,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -134,6 +138,9 @@ class Trainer:
         # A checkpoint to resume is read and its settings checked before the model is built.
         state = read_resume_state(config, map_location=self.ctx.device) if resume else None
         self._log = log if self.ctx.is_main else None
+        if config.fsdp and not self.ctx.distributed:
+            raise ValueError("fsdp shards over several processes: run under 'torchrun --nproc_per_node=K "
+                             "-m nmsparse train --fsdp ...' with K >= 2")
         if self.ctx.distributed and config.batch_size % self.ctx.world_size:
             raise ValueError(f"batch_size {config.batch_size} (global) is not a multiple of the "
                              f"{self.ctx.world_size} processes")
@@ -147,7 +154,11 @@ class Trainer:
         self.model, self.report = (model_fn or build_sparse_model)(config, self.data)
         self.model.to(dev)
         self.net: nn.Module = self.model
-        if self.ctx.distributed:
+        if config.fsdp:
+            from nmsparse.training import fsdp
+
+            self.net = fsdp.shard(self.model)  # in place: self.net is self.model
+        elif self.ctx.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
@@ -172,8 +183,10 @@ class Trainer:
         else:
             n, m = cfg.sad_pair
             model = self.model
-            self.tracker = nmsparse.SADTracker(
-                lambda: nmsparse.magnitude_masks(model, n, m, layout=cfg.layout))
+            magnitude_masks = nmsparse.magnitude_masks
+            if cfg.fsdp:
+                from nmsparse.training.fsdp import magnitude_masks
+            self.tracker = nmsparse.SADTracker(lambda: magnitude_masks(model, n, m, layout=cfg.layout))
 
         self.records: list[dict] = []
         self.epoch = 0
@@ -191,29 +204,38 @@ class Trainer:
             _write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             for stale in ("metrics.jsonl", CHECKPOINT, "final.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "checkpoint.dcp", ignore_errors=True)
         D.barrier(self.ctx)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
+        """The checkpoint's contents (with FSDP2: all but model and optimizer, see the module doc)."""
+        state = {
             "epoch": self.epoch,
             "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "sad": {"initial": self.tracker.initial, "previous": self.tracker.previous},
             "records": self.records,
         }
+        if not self.config.fsdp:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Check that ``state`` (from :func:`read_resume_state`) fits this run, then restore it. Every
-        check comes first: a checkpoint that does not fit raises LoadError with nothing changed."""
+        check comes first: a checkpoint that does not fit raises LoadError with nothing changed. With
+        FSDP2 the model and optimizer come from the DCP folder the checkpoint names, which checks them."""
         why = state_mismatch(state, self.model, self.optimizer, self.tracker, self.config)
         if why:
             raise LoadError(self.out / CHECKPOINT, why, RESUME_HINT, action="cannot resume from")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.fsdp:
+            from nmsparse.training import fsdp
+
+            fsdp.load_run_checkpoint(self.out, state.get("dcp"), self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.initial = dict(state["sad"]["initial"])
         self.tracker.previous = dict(state["sad"]["previous"])
@@ -224,19 +246,32 @@ class Trainer:
             self._log(f"resuming {self.out} after epoch {self.epoch}/{self.config.epochs}")
 
     def _save(self) -> None:
+        dcp = None
+        if self.config.fsdp:  # every rank writes its shards, then checkpoint.pt names the folder
+            from nmsparse.training import fsdp
+
+            dcp = fsdp.save_run_checkpoint(self.out, self.epoch, self.model, self.optimizer)
         if not self.ctx.is_main:
             return
-        ckpt.save(self.out / "checkpoint.pt", self.state())
+        ckpt.save(self.out / "checkpoint.pt", self.state() if dcp is None else dict(self.state(), dcp=dcp))
+        if dcp is not None:
+            fsdp.remove_old_run_checkpoints(self.out, keep=dcp)
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
         _write_text_atomic(self.out / "metrics.jsonl", lines)
 
     def save_final(self) -> Path:
         """Write ``final.safetensors``: the finalized weights of a copy of the model."""
         path = self.out / "final.safetensors"
+        if self.config.fsdp:  # gathered on rank 0 (a collective)
+            from nmsparse.training import fsdp
+
+            gathered = fsdp.finalized_state_dict(self.model)
         if self.ctx.is_main:
-            # nmsparse.finalize is safe on a deep copy: the training model is left untouched
-            final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
-            tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
+            if self.config.fsdp:
+                tensors = {k: v.detach().contiguous().clone() for k, v in gathered.items()}
+            else:  # nmsparse.finalize is safe on a deep copy: the training model is left untouched
+                final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
+                tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
             meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
             ckpt.atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
         D.barrier(self.ctx)
@@ -283,7 +318,9 @@ class Trainer:
         self.model.eval()
         xs, ys = data.x_test[ctx.rank::ctx.world_size], data.y_test[ctx.rank::ctx.world_size]
         loss_sum, correct = 0.0, 0
-        for s in range(0, len(ys), EVAL_BATCH):
+        # FSDP2 all-gathers in every forward: every rank runs as many batches (the last maybe empty)
+        longest = -(-len(data.y_test) // ctx.world_size) if self.config.fsdp else len(ys)
+        for s in range(0, longest, EVAL_BATCH):
             logits = self.model(xs[s:s + EVAL_BATCH])
             y = ys[s:s + EVAL_BATCH]
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -298,6 +335,10 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 t0 = time.perf_counter()
                 train = self.train_epoch()
+                if cfg.fsdp:  # BatchNorm statistics: rank 0's, as DDP keeps them
+                    from nmsparse.training.fsdp import sync_buffers
+
+                    sync_buffers(self.model)
                 test = self.evaluate()
                 self.epoch += 1
                 D.check_same(self.ctx, [t.float() for t in nmsparse.masks(self.model).values()], "masks")

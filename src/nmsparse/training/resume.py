@@ -63,6 +63,8 @@ def state_mismatch(state: dict[str, Any], model: nn.Module, optimizer: torch.opt
     the SAD masks, the RNG states, and that epoch and records agree with ``config.epochs``.
     """
     cfg = config
+    if cfg.fsdp:  # model and optimizer live in the DCP folder; loading it checks them
+        return _rest_mismatch(state, tracker, cfg)
     why = state_dict_mismatch(model.state_dict(), state["model"])
     if why:
         return f"its model state does not fit model {cfg.model!r} with these settings: {why}"
@@ -77,6 +79,11 @@ def state_mismatch(state: dict[str, Any], model: nn.Module, optimizer: torch.opt
     why = optimizer_mismatch(optimizer, state["optimizer"])
     if why:
         return f"its optimizer state does not fit: {why}"
+    return _rest_mismatch(state, tracker, cfg)
+
+
+def _rest_mismatch(state: dict[str, Any], tracker: nmsparse.SADTracker, cfg: TrainConfig) -> str | None:
+    """The checks of :func:`state_mismatch` beyond model and optimizer."""
     expected = tracker.initial
     for key in ("initial", "previous"):
         why = state_dict_mismatch(expected, state["sad"][key])

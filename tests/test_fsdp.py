@@ -1,0 +1,311 @@
+"""FSDP2 (``fully_shard``) on CPU with gloo, 2 processes: masks N:M and equal on every rank, SR-STE
+training equal to one process with the same global batch, DCP checkpoints that resume bit for bit,
+the finalized full state dict on rank 0, and ``nmsparse train --fsdp`` under torchrun."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+
+import nmsparse
+from nmsparse.training.config import TrainConfig
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+# (n, m, sparsify options): plain 2:4, and transposable 4:8 where a rank's rows (12 of the second
+# layer's 24) are not a multiple of m: masks come from the gathered weight, so tiles stay whole
+CASES = {"plain": (2, 4, dict(method="srste", decay=2e-2)),
+         "transposable": (4, 8, dict(method="srste", decay=2e-2, transposable=True, update_every=2))}
+STEPS, SAVE_AFTER, BATCH = 4, 2, 16
+RUN = dict(model="mlp", data="digits", nm="2:4", method="srste", epochs=2, batch_size=64, lr=0.05,
+           warmup_epochs=0.5, train_subset=256, test_subset=101, threads=1, fsdp=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _net(case: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 8))
+    n, m, kw = CASES[case]
+    nmsparse.sparsify(model, n, m, keep_dense=(), **kw)
+    return model
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 32, generator=g), torch.randint(0, 8, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def _step(model, opt, x, y) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+SEEN: list = []
+
+
+def _recording(mask_fn, weight):
+    SEEN.append((type(weight).__name__, tuple(weight.shape)))
+    return mask_fn(weight)
+
+
+def _worker(rank: int, world: int, port: int, dump: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from nmsparse.training import fsdp
+    from nmsparse.training.loop import Trainer
+
+    dist.init_process_group("gloo")
+    out: dict = {}
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    for case in CASES:
+        model = fsdp.shard(_net(case))
+        layer = model[2].parametrizations.weight[0]
+        layer.mask_fn = functools.partial(_recording, layer.mask_fn)
+        SEEN.clear()
+        opt = _sgd(model)
+        masks, sharded_rows = [], {}
+        for i, (x, y) in enumerate(_batches()):
+            _step(model, opt, x[part], y[part])
+            masks.append(nmsparse.masks(model))
+            if i + 1 == SAVE_AFTER:
+                fsdp.save_checkpoint(f"{dump}/{case}.dcp", model, opt)
+        for name, mod, _ in nmsparse.sparse_layers(model):
+            sharded_rows[name] = mod.parametrizations.weight.original.to_local().shape[0]
+        full, final = fsdp.full_state_dict(model), fsdp.finalized_state_dict(model)
+        # resume: a fresh model (other initial weights) loads the checkpoint, then takes the last steps
+        model2 = fsdp.shard(_net(case, seed=7))
+        opt2 = _sgd(model2)
+        fsdp.load_checkpoint(f"{dump}/{case}.dcp", model2, opt2)
+        for x, y in _batches()[SAVE_AFTER:]:
+            _step(model2, opt2, x[part], y[part])
+        out[case] = dict(masks=masks, full=full, final=final, resumed=fsdp.full_state_dict(model2),
+                         rows=sharded_rows, seen=list(SEEN))
+    out["errors"] = []
+    for call in (lambda: nmsparse.sparsify(model, 2, 4), lambda: fsdp.shard(model)):
+        try:
+            call()
+        except ValueError as e:
+            out["errors"].append(str(e))
+
+    # the training loop: an uninterrupted run, and one killed after its first epoch (resumed by the
+    # CLI test under torchrun)
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record["epoch"] == 1:
+            raise Killed
+
+    Trainer(TrainConfig(**RUN, out=f"{dump}/full"), progress=False, log=None).run()
+    try:
+        Trainer(TrainConfig(**RUN, out=f"{dump}/part"), progress=False, log=None, on_epoch_end=kill).run()
+    except Killed:
+        out["killed"] = True
+    torch.save(out, f"{dump}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_worker, args=(2, _free_port(), str(dump)), nprocs=2, join=True, start_method="spawn")
+    return dump, [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _reference(case: str):
+    model = _net(case)
+    opt = _sgd(model)
+    masks = []
+    for x, y in _batches():
+        _step(model, opt, x, y)
+        masks.append(nmsparse.masks(model))
+    return model, masks
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp_matches_single_process(two_ranks, case):
+    _, (r0, r1) = two_ranks
+    n, m, kw = CASES[case]
+    ref, ref_masks = _reference(case)
+    # shards really are shards: each rank holds half the rows, 12 of 24 for the second layer
+    assert r0[case]["rows"] == {"0": 24, "2": 12, "4": 4}
+    # ... but the mask function gets the whole gathered (24, 48) weight, as a plain tensor, at every
+    # update (every step; every other step with update_every=2)
+    updates = STEPS // kw.get("update_every", 1)
+    assert r0[case]["seen"] == r1[case]["seen"] == [("Tensor", (24, 48))] * updates
+    # every step's masks: N:M (transposable where asked), equal on both ranks and to one process
+    check = nmsparse.layer_is_transposable_nm if kw.get("transposable") else nmsparse.layer_is_nm
+    assert len(r0[case]["masks"]) == len(r1[case]["masks"]) == STEPS
+    for m0, m1, mr in zip(r0[case]["masks"], r1[case]["masks"], ref_masks):
+        assert m0.keys() == m1.keys() == mr.keys() == {"0.weight", "2.weight", "4.weight"}
+        for k in m0:
+            assert check(m0[k].float(), n, m) and torch.equal(m0[k], m1[k]) and torch.equal(m0[k], mr[k]), k
+    # the whole model on rank 0 equals one process's after the same steps (fp32 tolerance)
+    assert r1[case]["full"] == {} and r1[case]["final"] == {}
+    full, state = r0[case]["full"], ref.state_dict()
+    assert full.keys() == state.keys()
+    for k in state:
+        torch.testing.assert_close(full[k], state[k], rtol=1e-5, atol=1e-6, msg=k)
+    # finalized: plain keys, E * W, as nmsparse.finalize gives for the unsharded model
+    final, ref_final = r0[case]["final"], nmsparse.finalize(ref).state_dict()
+    assert final.keys() == ref_final.keys() == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    for k in ref_final:
+        torch.testing.assert_close(final[k], ref_final[k], rtol=1e-5, atol=1e-6, msg=k)
+    fresh = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 8))
+    fresh.load_state_dict(final)
+    # resumed from the DCP checkpoint: bit for bit the uninterrupted run (weights, masks, mask steps)
+    for k, v in full.items():
+        assert torch.equal(r0[case]["resumed"][k], v), k
+
+
+def test_sparsify_after_shard_and_shard_twice_are_refused(two_ranks):
+    _, (r0, _) = two_ranks
+    assert len(r0["errors"]) == 2
+    assert "sparsify a model before sharding it" in r0["errors"][0]
+    assert "model is already sharded" in r0["errors"][1]
+
+
+def test_errors_before_any_collective(tmp_path):
+    from torch.nn.utils import parametrize
+
+    from nmsparse.training import fsdp
+
+    with pytest.raises(ValueError, match="fsdp must be true or false, got 'yes'"):
+        TrainConfig(fsdp="yes").validate(check_out=False)
+    model = _net("plain")
+    with pytest.raises(ValueError, match="FSDP2 needs a process group: run under 'torchrun"):
+        fsdp.shard(model)
+    with pytest.raises(ValueError, match="is not a torch.distributed.checkpoint folder"):
+        fsdp.load_checkpoint(tmp_path, model)
+    with pytest.raises(ValueError, match="names no FSDP checkpoint folder \\('../elsewhere'\\)"):
+        fsdp.load_run_checkpoint(tmp_path, "../elsewhere", model, _sgd(model))
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[2], "weight", Twice())
+    with pytest.raises(ValueError, match="layer '2': its weight has other parametrizations besides N:M"):
+        fsdp.finalized_state_dict(model)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
+def test_dcp_non_tensor_items_read_as_plain_data_only(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from nmsparse.training.fsdp import read_dcp
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    for name, value in (("good", 0.1), ("evil", Evil())):
+        dcp.save({"x": torch.arange(3.0), "obj": value}, checkpoint_id=str(tmp_path / name), no_dist=True)
+    state = {"x": torch.zeros(3), "obj": None}
+    read_dcp(state, tmp_path / "good", no_dist=True)
+    assert torch.equal(state["x"], torch.arange(3.0)) and state["obj"] == 0.1
+    with pytest.raises(ValueError, match="cannot load the checkpoint .*evil: checkpoint item 'obj' is not plain "
+                                         "data; refusing to unpickle it"):
+        read_dcp({"x": torch.zeros(3), "obj": None}, tmp_path / "evil", no_dist=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_dcp_metadata_reader_refuses_code(two_ranks, tmp_path):
+    from nmsparse.training.fsdp import _safe_reader
+
+    dump, _ = two_ranks
+    md = _safe_reader(str(dump / "plain.dcp")).read_metadata()  # DCP's own metadata: read
+    assert any("original" in k for k in md.state_dict_metadata)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "bad.dcp"
+    shutil.copytree(dump / "plain.dcp", bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
+        _safe_reader(str(bad)).read_metadata()
+    assert not (tmp_path / "pwned").exists()
+
+
+def _metrics(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(s).items() if k != "time"} for s in lines]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_cli_fsdp_torchrun_resume(two_ranks, tmp_path):
+    dump, (r0, r1) = two_ranks
+    full, part = dump / "full", tmp_path / "part"
+    assert r0["killed"] and r1["killed"]
+    shutil.copytree(dump / "part", part)
+    assert sorted(p.name for p in part.iterdir()) == ["checkpoint.dcp", "checkpoint.pt", "config.json", "metrics.jsonl"]
+    # the killed run resumes under torchrun through the CLI and ends where the uninterrupted one did
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "nmsparse", "train", "--fsdp", "--resume", "--no-progress",
+           "--out", str(part)]
+    for k, v in RUN.items():
+        if k not in ("fsdp", "threads"):
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(cmd + ["--threads", "1"], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"resuming {part} after epoch 1/2") == 1  # rank 0 only
+    assert sorted(p.name for p in part.iterdir()) == ["checkpoint.dcp", "checkpoint.pt", "config.json",
+                                                      "final.safetensors", "metrics.jsonl"]
+    assert [p.name for p in (part / "checkpoint.dcp").iterdir()] == ["epoch-2"]  # older epochs removed
+    fa, fb = load_file(full / "final.safetensors"), load_file(part / "final.safetensors")
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert _metrics(full) == _metrics(part) and len(_metrics(full)) == 2
+    assert "net.3.parametrizations.weight.original" not in fa and nmsparse.layer_is_nm(fa["net.3.weight"], 2, 4)
+
+
+def test_cli_errors(two_ranks, tmp_path, capsys):
+    from nmsparse.cli import main
+
+    dump, _ = two_ranks
+    base = ["train", "--data", "digits", "--model", "mlp", "--train-subset", "64", "--no-progress"]
+    # --fsdp outside torchrun
+    assert main(base + ["--fsdp", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fsdp shards over several processes: run under 'torchrun" in err
+    # an FSDP run resumed without --fsdp (and the reverse is the same check): refused, nothing touched
+    part = tmp_path / "part"
+    shutil.copytree(dump / "full", part)
+    before = (part / "checkpoint.pt").read_bytes()
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items() if k != "fsdp"]
+    assert main(["train", *args, "--resume", "--no-progress", "--out", str(part)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (fsdp=True, now False)" in err
+    assert (part / "checkpoint.pt").read_bytes() == before
