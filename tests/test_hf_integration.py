@@ -149,3 +149,21 @@ def test_trainer_train_resume_finalize_reload(tmp_path):
     for name, mod in plain.named_modules():
         if name.startswith("bert.encoder.") and isinstance(mod, torch.nn.Linear):
             assert nmsparse.layer_is_nm(mod.weight, 2, 4), name
+
+
+def test_gpt2_tied_head_and_conv1d_round_trip(tmp_path):
+    """GPT-2: Conv1D blocks and, with shared='sparsify', the tied head/embedding N:M everywhere; the
+    recorded settings rebuild exactly that."""
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    report = hf.sparsify(model, 2, 4, keep_dense=(), shared="sparsify")
+    assert model.config.nmsparse["shared"] == "sparsify" and "lm_head" in model.config.nmsparse["layers"]
+    assert any(e.name.endswith("c_attn") for e in report.sparse)
+    model.save_pretrained(tmp_path)
+    back = hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path)
+    assert nmsparse.masks(back).keys() == nmsparse.masks(model).keys()
+    assert all(torch.equal(nmsparse.masks(back)[k], v) for k, v in nmsparse.masks(model).items())
+    model.eval()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model(ids).logits, back(ids).logits)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmsparse.layout import layer_mask
+from nmsparse.layout import _transposed, layer_mask
 from nmsparse.selection import SparsityReport
 from nmsparse.sparsify import sparse_layers
 from nmsparse.sparsify import sparsify as _sparsify
@@ -44,7 +44,8 @@ _ORIGINAL = ".parametrizations.weight.original"
 def settings_of(model: nn.Module) -> dict[str, Any]:
     """The sparsity settings of a sparsified model, as :func:`record` stores them: ``n``, ``m``
     (N kept per group of M), ``layout``, ``method``, ``decay``, ``update_every``, ``transposable``,
-    ``mask_method`` and ``layers`` (module names of the sparse layers, in order).
+    ``mask_method``, ``shared`` (``"sparsify"`` when a tied weight was made N:M for all its users,
+    else ``"dense"``) and ``layers`` (module names of the sparse layers, in order).
 
     Raises ``ValueError`` when the model has no N:M layer, when its layers were sparsified with
     different settings, or when a layer uses a custom ``mask_fn`` (which cannot be recorded)."""
@@ -62,11 +63,15 @@ def settings_of(model: nn.Module) -> dict[str, Any]:
             raise ValueError(f"layer {name} was sparsified with other settings than the first sparse layer "
                              f"({diff}); hf.record stores one set of settings per model")
     assert common is not None
-    return dict(version=SETTINGS_VERSION, **common, layers=[name for name, _, _ in found])
+    shared = "sparsify" if any(getattr(p, "shared", False) for _, _, p in found) else "dense"
+    layers = list(dict.fromkeys(name for name, _, _ in found))
+    return dict(version=SETTINGS_VERSION, **common, shared=shared, layers=layers)
 
 
 def _mask_method(name: str, p: nn.Module) -> str | None:
     fn = p.mask_fn
+    if isinstance(fn, functools.partial) and fn.func is _transposed:  # a Conv1D's (in, out) storage
+        fn = fn.keywords["fn"]
     if isinstance(fn, functools.partial) and fn.func is layer_mask:
         return None
     if isinstance(fn, functools.partial) and fn.func is transposable_layer_mask:
@@ -89,7 +94,18 @@ def record(model: nn.Module) -> dict[str, Any]:
     config = _config_of(model)
     settings = settings_of(model)
     setattr(config, CONFIG_KEY, settings)
+    _declare_tied(model)
     return settings
+
+
+def _declare_tied(model: nn.Module) -> None:
+    """Tell transformers which names of a tied weight are aliases: a tied weight made N:M
+    (``shared="sparsify"``) appears as ``<module>.parametrizations.weight.original`` under every
+    module that uses it, names transformers' own tied-weight table does not list, and
+    ``save_pretrained`` refuses shared tensors it cannot account for."""
+    extra = {alias: first for alias, first in _tied_aliases(model).items() if ".parametrizations." in alias}
+    if extra:  # an instance attribute: the class's table is shared by every model of the class
+        model._tied_weights_keys = {**(getattr(model, "_tied_weights_keys", None) or {}), **extra}
 
 
 def sparsify(model: nn.Module, n: int = 2, m: int = 4, **kwargs: Any) -> SparsityReport:
@@ -151,7 +167,8 @@ def _sparsify_kwargs(s: dict, path: Path) -> dict[str, Any]:
     if not layers or not all(isinstance(x, str) for x in layers):
         raise ValueError(f"{path}/config.json: nmsparse 'layers' must be a non-empty list of module names")
     kw = dict(n=s["n"], m=s["m"], layout=s["layout"], method=s["method"], decay=s["decay"],
-              update_every=s["update_every"], include=[_literal(x) for x in layers], keep_dense=())
+              update_every=s["update_every"], include=[_literal(x) for x in layers], keep_dense=(),
+              shared=s.get("shared", "dense"))
     if s["transposable"]:
         kw.update(transposable=True, mask_method=s.get("mask_method") or "approx")
     return kw
@@ -197,9 +214,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    model.load_state_dict(state, strict=False)  # the fresh model is tied already: values go into the shared tensors
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:
