@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from nmsparse.prune.blockwise import OUTSIDE, prune_pretrained  # noqa: E402
 from nmsparse.prune.perplexity import perplexity, windows  # noqa: E402
-from nmsparse.prune.streaming import BlockStream, find_blocks  # noqa: E402
+from nmsparse.prune.streaming import find_blocks  # noqa: E402
 
 
 def tiny_llama(tie: bool = False, layers: int = 3, seed: int = 0):
