@@ -329,5 +329,18 @@ def _resolve_shared(
     return followers
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """For every parameter reachable under several names in ``model.named_parameters()`` (tied
+    weights, a module registered twice): each later name -> the first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name

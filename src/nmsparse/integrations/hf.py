@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from nmsparse.layout import _transposed, layer_mask
-from nmsparse.selection import SparsityReport
+from nmsparse.selection import SparsityReport, tied_aliases
 from nmsparse.sparsify import sparse_layers
 from nmsparse.sparsify import sparsify as _sparsify
 from nmsparse.transposable import transposable_layer_mask
@@ -103,7 +103,7 @@ def _declare_tied(model: nn.Module) -> None:
     (``shared="sparsify"``) appears as ``<module>.parametrizations.weight.original`` under every
     module that uses it, names transformers' own tied-weight table does not list, and
     ``save_pretrained`` refuses shared tensors it cannot account for."""
-    extra = {alias: first for alias, first in _tied_aliases(model).items() if ".parametrizations." in alias}
+    extra = {alias: first for alias, first in tied_aliases(model).items() if ".parametrizations." in alias}
     if extra:  # an instance attribute: the class's table is shared by every model of the class
         model._tied_weights_keys = {**(getattr(model, "_tied_weights_keys", None) or {}), **extra}
 
@@ -205,7 +205,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state))
     # save_pretrained leaves out the second name of a tied parameter: those may be missing
-    tied = _tied_aliases(model)
+    tied = tied_aliases(model)
     missing = [k for k in missing if not (k in tied and tied[k] in state)]
     if unexpected or missing:
         raise ValueError(f"the weights in {path} do not match {type(model).__name__} sparsified as recorded: "
@@ -215,18 +215,6 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
     model.load_state_dict(state, strict=False)  # the fresh model is tied already: values go into the shared tensors
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """For every parameter reachable under several names: each name -> the first name."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return out
 
 
 def _callback_class():

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from nmsparse.prune import calibration
+from nmsparse.selection import tied_aliases
 
 
 class CheckpointReader:
@@ -161,7 +162,7 @@ class BlockStream:
         keys = set(self.reader.keys())
         state = {k: self._cast(v) for k, v in self.reader.get_many([k for k in own if k in keys]).items()}
         missing = [k for k in own if k not in keys]
-        aliases = _tied_aliases(self.shell)
+        aliases = tied_aliases(self.shell)
         missing = [k for k in missing if not (k in aliases and aliases[k] in state)]
         if missing:
             raise ValueError(f"{self.path}: the checkpoint lacks {missing[:3]} of the model outside its blocks")
@@ -198,7 +199,7 @@ class BlockStream:
 
     def shell_state(self) -> dict[str, torch.Tensor]:
         """The shell's tensors under their names in the whole model (tied duplicates once)."""
-        aliases = _tied_aliases(self.shell)
+        aliases = tied_aliases(self.shell)
         return {k: v for k, v in self.shell.state_dict().items() if k not in aliases}
 
     # -- running -----------------------------------------------------------------------------------
@@ -287,17 +288,6 @@ def _build(model_class: Any, config: Any) -> nn.Module:
     if isinstance(model_class, type) and issubclass(model_class, nn.Module):
         return model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
     return model_class.from_config(config)
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return out
 
 
 def iter_blocks(stream: BlockStream) -> Iterator[tuple[int, nn.Module]]:
