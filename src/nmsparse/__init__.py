@@ -7,6 +7,7 @@ layer's reduction dimension (2:4 keeps 2 of every 4).
 from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
+from nmsparse.permute import PermuteReport, permute_channels
 from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
@@ -36,6 +37,8 @@ __all__ = [
     "mask_diversity",
     "masks",
     "nm_mask",
+    "permute_channels",
+    "PermuteReport",
     "plan",
     "prune",
     "PruneReport",

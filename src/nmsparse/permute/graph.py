@@ -98,13 +98,19 @@ def trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple]
     """
     try:
         if _is_hf(model):
-            from transformers.utils.fx import symbolic_trace as hf_trace
-
             if not isinstance(example_inputs, Mapping):
                 raise TraceError("a Hugging Face model needs example_inputs as a mapping of keyword inputs "
                                  "(a tokenizer's output)")
-            names = list(example_inputs)
-            gm = hf_trace(model, input_names=names)
+            try:
+                from transformers.utils.fx import symbolic_trace as hf_trace
+            except ImportError:
+                hf_trace = None
+            if hf_trace is None:
+                import transformers
+
+                raise TraceError(f"transformers {transformers.__version__} has no transformers.utils.fx, the only "
+                                 "tracer of its models' control flow (torch.fx.symbolic_trace fails on them)")
+            gm = hf_trace(model, input_names=list(example_inputs))
             args = tuple(example_inputs[p.target] for p in gm.graph.nodes if p.op == "placeholder")
             return gm, args
         gm = fx.symbolic_trace(model)
@@ -255,6 +261,7 @@ class _Walker:
             if depthwise and t is not None and t[1] == (1 if len(shape) == len(mod.kernel_size) + 2 else 0):
                 self.spaces[t[0]].members.append(("depthwise", name, 0))
                 self.role(name, "depthwise", t[0])
+                self.input_space[name] = t[0]  # one weight row per channel: it follows the permutation
                 self.val[node] = t
                 return
             if t is not None:
@@ -304,7 +311,7 @@ class _Walker:
             return
         if method and tgt in HARMLESS_METHODS or (not method and tgt is getattr):
             return
-        others = [a for a in _flat(args[1:]) + _flat(node.kwargs) if self.tracked(a)]
+        others = [a for a in _flat(args) + _flat(node.kwargs) if self.tracked(a) and a is not x]
         if t is None or others:
             if t is None and not others:
                 if self.stopped(node):

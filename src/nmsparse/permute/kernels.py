@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-PARALLEL_WORK = 1 << 22  # pair-split-row evaluations below which a refresh runs on one thread
+PARALLEL_WORK = 1 << 26  # pair-split-row evaluations from which the first refresh runs in parallel
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _topn(buf, m, n):  # pragma: no cover - compiled
@@ -57,7 +57,7 @@ def group_value(st, cols, n):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def subset_values(st, subsets, n):  # pragma: no cover - compiled
-    """``group_value`` of every row of ``subsets`` (K, m), in parallel."""
+    """``group_value`` of every row of ``subsets`` (K, m)."""
     out = np.empty(subsets.shape[0], np.float64)
     for k in range(subsets.shape[0]):
         out[k] = group_value(st, subsets[k], n)
@@ -167,7 +167,7 @@ def _pair_best(st, groups, i, j, n, split_a, split_b):  # pragma: no cover - com
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _refresh_parallel(st, groups, n, split_a, split_b, gain, which, rows):  # pragma: no cover - compiled
+def refresh_parallel(st, groups, n, split_a, split_b, gain, which, rows):  # pragma: no cover - compiled
     """Recompute the cached best move of every pair that involves a group listed in ``rows``
     (all pairs when ``rows`` lists every group)."""
     g = groups.shape[0]
@@ -184,12 +184,8 @@ def _refresh_parallel(st, groups, n, split_a, split_b, gain, which, rows):  # pr
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _refresh(st, groups, n, split_a, split_b, gain, which, rows):  # pragma: no cover - compiled
-    """:func:`_refresh_parallel`, on one thread when the work is too small to pay for a parallel
-    region (on a loaded machine each one costs milliseconds)."""
+    """:func:`refresh_parallel` on one thread."""
     g = groups.shape[0]
-    if rows.size * g * st.shape[1] * split_a.shape[0] > PARALLEL_WORK:
-        _refresh_parallel(st, groups, n, split_a, split_b, gain, which, rows)
-        return
     for t in range(rows.size * g):
         i = rows[t // g]
         j = t % g
@@ -214,8 +210,11 @@ def _apply_split(groups, i, j, split_a, split_b, s):  # pragma: no cover - compi
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def local_search(st, groups, n, split_a, split_b, escapes, seed, tol, max_moves):  # pragma: no cover
+def local_search(st, groups, n, split_a, split_b, gain, which, escapes, seed, tol, max_moves):  # pragma: no cover
     """Steepest-ascent pair moves from ``groups`` (G, m), with ``escapes`` random perturbations.
+
+    ``gain`` / ``which`` (G, G): the best move of every pair i < j, precomputed by
+    :func:`refresh_all` (in parallel for large problems); later updates run on one thread.
 
     Each step applies the best re-split of any pair of groups (cached per pair; after a move only
     the pairs touching the two changed groups are recomputed). At a local optimum the best partition
@@ -225,10 +224,6 @@ def local_search(st, groups, n, split_a, split_b, escapes, seed, tol, max_moves)
     """
     np.random.seed(seed)
     g = groups.shape[0]
-    gain = np.full((g, g), -np.inf)
-    which = np.zeros((g, g), np.int64)
-    everyone = np.arange(g)
-    _refresh(st, groups, n, split_a, split_b, gain, which, everyone)
     best = groups.copy()
     cur = 0.0
     best_val = 0.0
@@ -268,6 +263,12 @@ def local_search(st, groups, n, split_a, split_b, escapes, seed, tol, max_moves)
         best_val = cur
         best[:, :] = groups
     return best, best_val, moves
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def refresh_all(st, groups, n, split_a, split_b, gain, which):  # pragma: no cover - compiled
+    """Best move of every pair of groups, on one thread."""
+    _refresh(st, groups, n, split_a, split_b, gain, which, np.arange(groups.shape[0]))
 
 
 def run(kernel, *args):

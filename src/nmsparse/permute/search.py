@@ -127,8 +127,15 @@ def search_permutation(
     else:
         split_a, split_b = _splits(m)
         tol = 1e-12 * max(float(st.sum()), 1e-300)
-        groups, _, moves = kernels.run(kernels.local_search, st, ident.view(-1, m).numpy().copy(), n,
-                                       split_a, split_b, escapes, seed, tol, max_moves)
+        start = ident.view(-1, m).numpy().copy()
+        g = start.shape[0]
+        gain, which = np.full((g, g), -np.inf), np.zeros((g, g), np.int64)
+        if g * g * r * split_a.shape[0] > kernels.PARALLEL_WORK:  # compile the parallel kernel only if worth it
+            kernels.run(kernels.refresh_parallel, st, start, n, split_a, split_b, gain, which, np.arange(g))
+        else:
+            kernels.run(kernels.refresh_all, st, start, n, split_a, split_b, gain, which)
+        groups, _, moves = kernels.run(kernels.local_search, st, start, n, split_a, split_b, gain, which,
+                                       escapes, seed, tol, max_moves)
     perm = _canonical(torch.as_tensor(np.asarray(groups), dtype=torch.long))
     after = kept(score, perm, n, m)
     if not after > before:

@@ -85,6 +85,8 @@ class PruneReport(SparsityReport):
         d = super().to_dict()
         d["results"] = {k: dataclasses.asdict(v) for k, v in self.results.items()}
         d["time_s"] = self.time_s
+        if getattr(self, "permutation", None) is not None:
+            d["permutation"] = self.permutation.to_dict()
         return d
 
     def mean(self, field: str) -> float | None:
@@ -159,6 +161,7 @@ def prune(
     transposable_method: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    permute: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
 
@@ -175,7 +178,8 @@ def prune(
     (SparseGPT), ``keep_zeros`` (weights that are already zero stay zero: an unstructured-sparse
     model's zeros are never kept over its non-zeros nor revived), ``transposable_method`` (passed to
     ``nmsparse.transposable.transposable_mask``), ``seed`` (Adam's mini-batch order), ``progress``
-    (a progress bar over layers).
+    (a progress bar over layers). ``permute``: first reorder channels with
+    :func:`nmsparse.permute_channels` (function-preserving) so the masks keep more; needs ``calib``.
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
@@ -209,6 +213,11 @@ def prune(
             "(inputs, targets) pairs (e.g. a DataLoader over ~100 training samples); "
             "method='magnitude' needs none"
         )
+    from nmsparse.permute import prune_hook
+
+    permuted = prune_hook.check(permute, transposable, calib) and prune_hook.permute_for_prune(
+        model, n, m, method=method, calib=calib, layout=layout, include=include, exclude=exclude,
+        keep_dense=keep_dense, seed=seed)
     sparse = {e.name: e for e in entries if e.sparse}
     if not sparse:
         warnings.warn("prune made no layer sparse:\n" + SparsityReport(n, m, entries).table(), stacklevel=2)
@@ -263,7 +272,9 @@ def prune(
         bar.close()
     finally:
         model.train(was_training)
-    return PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
+    report = PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
+    report.permutation = permuted or None
+    return report
 
 
 class _NoBar:
