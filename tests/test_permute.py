@@ -85,6 +85,22 @@ def test_local_search_reaches_the_optimum_on_a_planted_problem():
     assert r.after == pytest.approx(P.search_permutation(score, 2, 4, search="exact").after)
 
 
+@pytest.mark.parametrize("m, n", [(8, 4), (8, 2), (6, 3), (4, 2), (4, 1), (4, 3)])
+def test_pair_kernels_equal_the_generic_split_evaluation(m, n):
+    from nmsparse.permute import kernels
+    from nmsparse.permute.search import _splits
+
+    g = torch.Generator().manual_seed(m * 10 + n)
+    st_ = (torch.rand(2 * m, 40, generator=g, dtype=torch.float64) ** 3).numpy()
+    st_[:, :5] = 0.5  # ties
+    groups = torch.randperm(2 * m, generator=g).view(2, m).numpy()
+    a, b = _splits(m)
+    gain, best = kernels._pair_best(st_, groups, 0, 1, n, a, b)
+    cols = groups.reshape(-1).copy()
+    gain_ref, best_ref = kernels._pair_best_splits(st_, cols, m, n, a, b)
+    assert gain == pytest.approx(gain_ref, rel=1e-9, abs=1e-12)
+
+
 def test_search_is_deterministic_and_canonical():
     score = torch.rand(30, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     a = P.search_permutation(score, 2, 4, seed=5)

@@ -146,6 +146,60 @@ def _pair_best(st, groups, i, j, n, split_a, split_b):  # pragma: no cover - com
         cols[m + k] = groups[j, k]
     if m == 4:
         return _pair_best4(st, cols, n, split_a, split_b)
+    if m > 4:
+        return _pair_best_swaps(st, cols, m, n)
+    return _pair_best_splits(st, cols, m, n, split_a, split_b)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _pair_best_swaps(st, cols, m, n):  # pragma: no cover - compiled
+    """Best single swap between two groups of m (cols[:m], cols[m:]), split order of ``_splits``:
+    index 0 = no swap, 1 + i * m + j = swap position i of the first with position j of the second.
+
+    Per row, with T the group's top-n sum, v_n / v_n1 its n-th / (n+1)-th largest, a channel c
+    of value s_c leaving and b entering give T - x_c + max(y_c, b), where (x_c, y_c) = (s_c, v_n1) if
+    c is among the top n (ties to the lower position) and (v_n, v_n) otherwise: O(1) per swap.
+    """
+    acc = np.zeros(1 + m * m, np.float64)
+    row = np.empty(2 * m, np.float64)
+    x = np.empty(2 * m, np.float64)
+    y = np.empty(2 * m, np.float64)
+    srt = np.empty(m, np.float64)
+    for r in range(st.shape[1]):
+        for k in range(2 * m):
+            row[k] = st[cols[k], r]
+        for g in range(2):
+            base = g * m
+            for k in range(m):
+                srt[k] = row[base + k]
+            srt.sort()  # ascending: n-th largest is srt[m - n], (n+1)-th is srt[m - n - 1]
+            vn, vn1 = srt[m - n], srt[m - n - 1]
+            for k in range(m):
+                v = row[base + k]
+                rank = 0
+                for q in range(m):
+                    w = row[base + q]
+                    if w > v or (w == v and q < k):
+                        rank += 1
+                if rank < n:
+                    x[base + k], y[base + k] = v, vn1
+                else:
+                    x[base + k], y[base + k] = vn, vn
+        for i in range(m):
+            for j in range(m):
+                b = m + j
+                acc[1 + i * m + j] += max(y[i], row[b]) - x[i] + max(y[b], row[i]) - x[b]
+    best = 0
+    for s in range(1, 1 + m * m):
+        if acc[s] > acc[best]:
+            best = s
+    return acc[best], best
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _pair_best_splits(st, cols, m, n, split_a, split_b):  # pragma: no cover - compiled
+    """Generic evaluation of every split (reference; the search uses the faster kernels above)."""
+    ns = split_a.shape[0]
     acc = np.zeros(ns, np.float64)
     row = np.empty(2 * m, np.float64)
     buf = np.empty(m, np.float64)
