@@ -76,12 +76,15 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
-    tensors, src = read_checkpoint(args.checkpoint)
+    tensors, src = read_checkpoint(str(Path(args.checkpoint).resolve()))
     model = build_model(src["model"])
     model.load_state_dict(tensors)
     mods = dict(model.named_modules())
+    out_path = Path(args.out).resolve()
+    apex = str(Path(args.apex).resolve())
     with tempfile.TemporaryDirectory() as tmp:
-        asp = load_asp(args.apex, tmp)
+        os.chdir(tmp)  # ASP caches its list of permutations in ./.cache
+        asp = load_asp(apex, tmp)
         search_permutation(score_of(mods[args.layers.split(",")[0]].weight), 2, 4)  # compile once, not timed
         rows = {name: {"asp_s": [], "ours_s": [], "ours_local_s": []} for name in args.layers.split(",")}
         for _ in range(args.rounds):
@@ -108,9 +111,9 @@ def main() -> None:
         for k in ("asp_s", "ours_s", "ours_local_s"):
             r[k + "_median"] = statistics.median(r[k])
     out = {"checkpoint": args.checkpoint, "loadavg": os.getloadavg(), "rounds": args.rounds, "layers": rows}
-    tmpf = Path(args.out).with_suffix(".tmp")
+    tmpf = out_path.with_suffix(".tmp")
     tmpf.write_text(json.dumps(out, indent=1) + "\n")
-    tmpf.replace(args.out)
+    tmpf.replace(out_path)
 
 
 if __name__ == "__main__":
