@@ -122,6 +122,7 @@ def test_identity_when_nothing_to_gain():
     (dict(score=torch.full((3, 8), float("nan"))), "finite"),
     (dict(search="best"), "search must be one of"),
     (dict(escapes=-1), "escapes must be"),
+    (dict(restarts=0), "restarts must be"),
     (dict(score=torch.ones(3, 64), search="exact"), "too large"),
 ])
 def test_search_errors(bad, msg):

@@ -272,8 +272,8 @@ def local_search(st, groups, n, split_a, split_b, gain, which, escapes, seed, to
 
     Each step applies the best re-split of any pair of groups (cached per pair; after a move only
     the pairs touching the two changed groups are recomputed). At a local optimum the best partition
-    so far is saved, then an escape swaps one random channel between two random groups (accepting a
-    loss) and the ascent continues. Returns (best groups, best value relative to the start, moves).
+    so far is saved, then an escape swaps a random channel between two random groups, one to three
+    times (accepting a loss), and the ascent continues. Returns (best groups, best value relative to the start, moves).
     The start is a candidate, so the result is never worse than it.
     """
     np.random.seed(seed)
@@ -303,14 +303,18 @@ def local_search(st, groups, n, split_a, split_b, gain, which, escapes, seed, to
             if left == 0:
                 break
             left -= 1
-            bi = np.random.randint(g)
-            bj = np.random.randint(g - 1)
-            if bj >= bi:
-                bj += 1
-            pa, pb = np.random.randint(m), np.random.randint(m)
-            before = group_value(st, groups[bi], n) + group_value(st, groups[bj], n)
-            groups[bi, pa], groups[bj, pb] = groups[bj, pb], groups[bi, pa]
-            cur += group_value(st, groups[bi], n) + group_value(st, groups[bj], n) - before
+            for _ in range(1 + left % 3):  # kicks of 1, 2 or 3 random swaps, in turn
+                bi = np.random.randint(g)
+                bj = np.random.randint(g - 1)
+                if bj >= bi:
+                    bj += 1
+                pa, pb = np.random.randint(m), np.random.randint(m)
+                before = group_value(st, groups[bi], n) + group_value(st, groups[bj], n)
+                groups[bi, pa], groups[bj, pb] = groups[bj, pb], groups[bi, pa]
+                cur += group_value(st, groups[bi], n) + group_value(st, groups[bj], n) - before
+                pair[0], pair[1] = bi, bj
+                _refresh(st, groups, n, split_a, split_b, gain, which, pair)
+            continue
         pair[0], pair[1] = bi, bj
         _refresh(st, groups, n, split_a, split_b, gain, which, pair)
     if cur > best_val + tol:

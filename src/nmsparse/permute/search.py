@@ -14,7 +14,8 @@ matters (not the order of the groups nor within a group). Maximise the kept tota
   group" window of 8 columns), single channel swaps between the two groups for larger M. The best
   move of every pair of groups is cached and only the pairs touching a changed group are
   recomputed. At a local optimum, ``escapes`` random channel swaps perturb the partition and the
-  ascent continues; the best partition seen is returned. Numba runs the inner loops in parallel.
+  ascent continues; the best partition seen is returned. ``restarts`` (2) such runs with different
+  escape streams; the best is kept. Numba runs the inner loops in parallel.
 
 Both start from (and compare against) the identity, so the kept total never goes down.
 """
@@ -91,14 +92,16 @@ def search_permutation(
     search: str = "auto",
     escapes: int = 100,
     seed: int = 0,
+    restarts: int = 2,
     max_moves: int = 1_000_000,
 ) -> SearchResult:
     """Input-channel permutation of ``score`` (R, C) maximising what N:M (N kept per M) keeps.
 
     ``search``: ``"exact"`` (raises if :func:`exact_cost` is over budget), ``"local"``, or
     ``"auto"`` (exact when affordable, else local). ``escapes``: random perturbations of the local
-    search after it converges; ``seed``: their random stream (the result is deterministic for a
-    seed). The identity is returned unless the search found a strictly better partition; the result
+    search after it converges (each a kick of 1 to 3 random swaps); ``restarts``: independent local
+    searches (escape streams ``seed``, ``seed + 1``, ...), the best is kept. Deterministic for a
+    seed. The identity is returned unless the search found a strictly better partition; the result
     is canonical (channels sorted within a group, groups by their first channel).
     """
     check_score(score, n, m)
@@ -106,6 +109,8 @@ def search_permutation(
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if isinstance(escapes, bool) or not isinstance(escapes, int) or escapes < 0:
         raise ValueError(f"escapes must be an integer >= 0, got {escapes!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
     t0 = time.perf_counter()
     r, c = score.shape
     st = np.ascontiguousarray(score.detach().to(torch.float64).cpu().numpy().T)
@@ -129,13 +134,18 @@ def search_permutation(
         tol = 1e-12 * max(float(st.sum()), 1e-300)
         start = ident.view(-1, m).numpy().copy()
         g = start.shape[0]
-        gain, which = np.full((g, g), -np.inf), np.zeros((g, g), np.int64)
+        gain0, which0 = np.full((g, g), -np.inf), np.zeros((g, g), np.int64)
         if g * g * r * split_a.shape[0] > kernels.PARALLEL_WORK:  # compile the parallel kernel only if worth it
-            kernels.run(kernels.refresh_parallel, st, start, n, split_a, split_b, gain, which, np.arange(g))
+            kernels.run(kernels.refresh_parallel, st, start, n, split_a, split_b, gain0, which0, np.arange(g))
         else:
-            kernels.run(kernels.refresh_all, st, start, n, split_a, split_b, gain, which)
-        groups, _, moves = kernels.run(kernels.local_search, st, start, n, split_a, split_b, gain, which,
-                                       escapes, seed, tol, max_moves)
+            kernels.run(kernels.refresh_all, st, start, n, split_a, split_b, gain0, which0)
+        best_val = -np.inf
+        for k in range(restarts):  # independent runs from the identity, different escape streams
+            found, val, mv = kernels.run(kernels.local_search, st, start.copy(), n, split_a, split_b, gain0.copy(),
+                                         which0.copy(), escapes, seed + k, tol, max_moves)
+            moves += int(mv)
+            if val > best_val:
+                best_val, groups = val, found
     perm = _canonical(torch.as_tensor(np.asarray(groups), dtype=torch.long))
     after = kept(score, perm, n, m)
     if not after > before:
