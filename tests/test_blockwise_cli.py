@@ -76,8 +76,9 @@ def test_cli_prunes_streams_and_scores(folder, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     ([], "needs --calib-text FILE"),
-    (["--calib-text", "CALIB", "--recalibrate-bn"], "--recalibrate-bn belong to image models"),
-    (["--calib-text", "CALIB", "--checkpoint", "x.safetensors"], "--checkpoint belong to image models"),
+    (["--calib-text", "CALIB", "--recalibrate-bn"], "--recalibrate-bn: only for models from 'nmsparse train'"),
+    (["--calib-text", "CALIB", "--checkpoint", "x.safetensors"], "--checkpoint: only for models from"),
+    (["--calib-text", "CALIB", "--permute"], "--permute: only for models from"),
     (["--calib-text", "CALIB", "--seqlen", "1"], "--seqlen must be a positive integer"),
     (["--calib-text", "CALIB", "--dtype", "fp8"], "unknown --dtype 'fp8'"),
     (["--calib-text", "CALIB", "--seqlen", "60000"], "not more than --seqlen 60000"),

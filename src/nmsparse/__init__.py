@@ -9,6 +9,7 @@ from nmsparse.errors import LoadError
 from nmsparse.kernels import NMLinear, NMLinearReport, to_nm_linear
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
+from nmsparse.permute import PermuteReport, permute_channels
 from nmsparse.prune import PruneReport, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
@@ -48,6 +49,8 @@ __all__ = [
     "NMLinearReport",
     "masks",
     "nm_mask",
+    "permute_channels",
+    "PermuteReport",
     "plan",
     "prune",
     "PruneReport",

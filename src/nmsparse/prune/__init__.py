@@ -85,6 +85,8 @@ class PruneReport(SparsityReport):
         d = super().to_dict()
         d["results"] = {k: dataclasses.asdict(v) for k, v in self.results.items()}
         d["time_s"] = self.time_s
+        if getattr(self, "permutation", None) is not None:
+            d["permutation"] = self.permutation.to_dict()
         return d
 
     def mean(self, field: str) -> float | None:
@@ -160,6 +162,7 @@ def prune(
     seed: int = 0,
     progress: bool | str = False,
     shared: str = "dense",
+    permute: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
 
@@ -183,7 +186,8 @@ def prune(
 
     Supported tensors: ``weight`` of Linear, Conv1d/2d/3d and ``transformers``' ``Conv1D``, and
     ``nn.MultiheadAttention.in_proj_weight`` (its query/key/value projections are calibrated on the
-    layer's query/key/value inputs).
+    layer's query/key/value inputs). ``permute``: first reorder channels with
+    :func:`nmsparse.permute_channels` (function-preserving) so the masks keep more; needs ``calib``.
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
@@ -211,6 +215,11 @@ def prune(
             "(inputs, targets) pairs (e.g. a DataLoader over ~100 training samples); "
             "method='magnitude' needs none"
         )
+    from nmsparse.permute import prune_hook
+
+    permuted = prune_hook.check(permute, transposable, calib) and prune_hook.permute_for_prune(
+        model, n, m, method=method, calib=calib, layout=layout, include=include, exclude=exclude,
+        keep_dense=keep_dense, seed=seed)
     sparse = {e.name: e for e in entries if e.sparse}
     if not sparse:
         warnings.warn("prune made no layer sparse:\n" + SparsityReport(n, m, entries).table(), stacklevel=2)
@@ -268,7 +277,9 @@ def prune(
         bar.close()
     finally:
         model.train(was_training)
-    return PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
+    report = PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
+    report.permutation = permuted or None
+    return report
 
 
 def _progress(total: int, mode: bool | str, desc: str):

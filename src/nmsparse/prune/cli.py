@@ -58,6 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", default="exact", help=f"AdaPrune solver: {', '.join(SOLVERS)}")
     p.add_argument("--transposable", action="store_true", help="transposable N:M masks (N:M along both axes)")
     p.add_argument("--mask-method", default=None, help="transposable mask solver (optimal or approx)")
+    p.add_argument("--permute", action="store_true",
+                   help="reorder channels first (function-preserving) so the N:M masks keep more; see docs/permute.md")
     p.add_argument("--layout", default=None, help=f"conv grouping, {' or '.join(LAYOUTS)} (default: checkpoint's)")
     p.add_argument("--keep-dense", default="first,last", help="'first,last', 'first', 'last' or 'none'")
     p.add_argument("--include", action="append", default=None, help="module-name pattern to prune (repeatable)")
@@ -249,7 +251,7 @@ def _main(args: argparse.Namespace) -> int:
     kwargs = dict(method=args.method, calib=calib, transposable=args.transposable, layout=layout,
                   include=args.include, exclude=args.exclude, keep_dense=keep_dense, solver=args.solver,
                   damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
-                  transposable_method=args.mask_method, seed=args.seed, progress=mode)
+                  transposable_method=args.mask_method, seed=args.seed, progress=mode, permute=args.permute)
     t0 = time.perf_counter()
     try:
         report = nmsparse.prune(model, n, m, **kwargs)
@@ -266,6 +268,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"--recalibrate-bn: {model_name} has no batch-norm layers; nothing to re-estimate")
     prune_s = time.perf_counter() - t0
     pruned_eval = evaluate(model, xte, yte)
+    if getattr(report, "permutation", None) is not None:
+        print(report.permutation.table())
     print(report.table())
     print(f"test accuracy: dense {dense_eval['test_acc']:.2%}, pruned {n}:{m} {args.method} "
           f"{pruned_eval['test_acc']:.2%} ({prune_s:.1f}s)")

@@ -81,8 +81,11 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     given = [f"--{k.replace('_', '-')}" for k in IMAGE_ONLY if getattr(args, k, None) not in (None, False)]
     if args.finetune_epochs:
         given.append("--finetune-epochs")
+    if getattr(args, "permute", False):
+        given.append("--permute")
     if given:
-        return _error(f"{', '.join(given)} belong to image models from 'nmsparse train'; --hf-model takes none")
+        return _error(f"{', '.join(given)}: only for models from 'nmsparse train' (--checkpoint); block-wise "
+                      "pruning of a --hf-model folder takes none")
     src = Path(args.hf_model)
     if not (src / "config.json").is_file():
         return _error(f"--hf-model {src} is not a save_pretrained folder (no config.json)")

@@ -1,0 +1,240 @@
+"""``permute_channels``: find and apply, layer space by layer space, the input-channel permutations
+that let N:M keep the most of every layer, without changing the model's function."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from nmsparse.nmmasks import check_nm
+from nmsparse.permute.apply import apply_space
+from nmsparse.permute.graph import CONV, Analysis, TraceError, analyse
+from nmsparse.permute.report import PermuteLayer, PermuteReport, SpaceResult
+from nmsparse.permute.search import SEARCHES, kept, search_permutation
+from nmsparse.selection import KEEP_DENSE, Patterns, plan
+
+SCORES = ("magnitude", "wanda")
+
+
+def permute_channels(
+    model: nn.Module,
+    n: int,
+    m: int,
+    *,
+    example_inputs: Any,
+    calib: Iterable | None = None,
+    method: str = "magnitude",
+    layout: str = "channels",
+    include: Patterns = None,
+    exclude: Patterns = None,
+    keep_dense: Iterable[str] = KEEP_DENSE,
+    search: str = "auto",
+    escapes: int = 100,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> PermuteReport:
+    """Reorder input channels of ``model`` in place so that N:M (N kept per M) keeps more, keeping
+    the model's function; return a :class:`PermuteReport`.
+
+    The layers that will be sparsified are chosen as by :func:`nmsparse.sparsify` (``layout``,
+    ``include``, ``exclude``, ``keep_dense``). Which layers share a permutation comes from the
+    ``torch.fx`` graph traced on ``example_inputs`` (a tensor, a tuple of positional inputs, or a
+    mapping of keyword inputs such as a tokenizer's output; Hugging Face models are traced with
+    ``transformers.utils.fx``); see :mod:`nmsparse.permute.graph`. A model that cannot be traced is
+    left untouched and the report says why. For each permutable channel space the search
+    (:func:`nmsparse.permute.search_permutation`: ``search``, ``escapes``, ``seed``) maximises the sum
+    over its sparse consumers of the kept fraction of ``|w|`` (``method="magnitude"``) or of the Wanda
+    score ``|w| * ||x||`` (``method="wanda"``, input norms from ``calib``: an iterable of batches or
+    of ``(inputs, targets)``). The kept fraction of no layer space goes down (the identity is a
+    candidate). Afterwards the outputs on ``example_inputs`` are compared with the original ones
+    (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
+    restored and a RuntimeError raised. The model's training mode is kept.
+    """
+    n, m = check_nm(n, m)
+    if method not in SCORES:
+        raise ValueError(f"method must be one of {SCORES}, got {method!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if isinstance(escapes, bool) or not isinstance(escapes, int) or escapes < 0:
+        raise ValueError(f"escapes must be an integer >= 0, got {escapes!r}")
+    if example_inputs is None:
+        raise ValueError("permute_channels needs example_inputs (one input batch) to trace the model's graph")
+    if method == "wanda" and calib is None:
+        raise ValueError("method='wanda' needs calib=, an iterable of input batches (its input norms score "
+                         "the weights); method='magnitude' needs none")
+    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    settings = dict(method=method, layout=layout, search=search, escapes=escapes, seed=seed)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            an = analyse(model, example_inputs)
+        except TraceError as e:
+            why = f"model cannot be traced by torch.fx ({e}); nothing permuted"
+            layers = [PermuteLayer(e_.param, e_.kind, e_.shape, e_.sparse, "unpermuted", why) for e_ in entries]
+            return PermuteReport(n, m, layers, [], settings, time.perf_counter() - t0, traced=False)
+        modules = dict(model.named_modules())
+        sparse = {e.name for e in entries if e.sparse}
+        norms = _input_norms(model, [modules[k] for k in sparse], calib) if method == "wanda" else {}
+        scores = {k: _score(modules[k], layout, norms.get(modules[k])) for k in sparse}
+        results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed)
+        reference = _run(model, example_inputs)
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for sid, perm in perms.items():
+            apply_space(model, next(s for s in an.spaces if s.id == sid), perm)
+        diff = 0.0
+        if perms:
+            diff, scale = _max_diff(reference, _run(model, example_inputs))
+            if not diff <= atol * max(scale, 1.0) + rtol * scale:
+                model.load_state_dict(backup)
+                raise RuntimeError(
+                    f"channel permutation changed the model's output (max difference {diff:.3g} at output scale "
+                    f"{scale:.3g}); the model was restored. The graph analysis missed an op: please report it")
+        layers = _layers(entries, an, results, perms, scores, n, m)
+        kept_abs = {}
+        for e in entries:
+            if e.sparse:
+                s = scores[e.name]
+                sid = an.input_space.get(e.name)
+                perm = perms.get(sid) if isinstance(sid, int) else None
+                kept_abs[e.param] = (kept(s, None, n, m), kept(s, perm, n, m), float(s.sum()))
+        return PermuteReport(n, m, layers, results, settings, time.perf_counter() - t0, True, diff, kept_abs)
+    finally:
+        model.train(was_training)
+
+
+def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed):
+    results, perms = [], {}
+    for sp in an.spaces:
+        members = [f"{k}:{name}" for k, name, _ in sp.members]
+        res = SpaceResult(sp.id, sp.size, sp.producers, sp.consumers, members, sp.blocked, [])
+        results.append(res)
+        if sp.blocked:
+            continue
+        searched = [c for c in sp.consumers if c in sparse]
+        blocked = [c for c in searched if layout == "flat" and isinstance(modules[c], CONV)
+                   and math.prod(modules[c].kernel_size) % m and math.prod(modules[c].kernel_size) > 1]
+        if blocked:
+            res.blocked = sp.blocked = (f"layout='flat' with a {modules[blocked[0]].kernel_size} kernel in "
+                                        f"{blocked[0]}: its groups of m straddle channels; use layout='channels'")
+            continue
+        searched = [c for c in searched if not (layout == "flat" and isinstance(modules[c], CONV)
+                                                and math.prod(modules[c].kernel_size) > 1)]
+        res.searched = searched
+        if not searched or sp.size % m:
+            continue
+        rows = torch.cat([scores[c] / scores[c].sum().clamp_min(1e-300) for c in searched])
+        r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed)
+        res.before, res.after, res.exact, res.moves, res.time_s = r.before, r.after, r.exact, r.moves, r.time_s
+        if not torch.equal(r.perm, torch.arange(sp.size)):
+            res.permuted = True
+            perms[sp.id] = r.perm
+    return results, perms
+
+
+def _layers(entries, an, results, perms, scores, n, m) -> list[PermuteLayer]:
+    by_id = {r.id: r for r in results}
+    out = []
+    for e in entries:
+        sid = an.input_space.get(e.name)
+        row = PermuteLayer(e.param, e.kind, e.shape, e.sparse, "unpermuted")
+        if e.sparse:
+            s = scores[e.name]
+            tot = float(s.sum())
+            row.kept_before = row.kept_after = kept(s, None, n, m) / tot if tot else None
+        if sid is None:
+            row.reason = ("not reached by the traced graph" if e.kind in ("Linear", "Conv1d", "Conv2d", "Conv3d")
+                          else e.reason or f"{e.kind} is not a Linear or Conv")
+        elif isinstance(sid, str):
+            row.reason = sid
+        else:
+            res = by_id[sid]
+            row.space = sid
+            if res.blocked:
+                row.reason = f"its channel space goes through {res.blocked}" if not res.blocked.startswith(
+                    ("reaches", "layout", "module", "produced")) else res.blocked
+            elif sid in perms:
+                row.status = "permuted"
+                row.search_s, row.exact = res.time_s, res.exact
+                if e.sparse and row.kept_before is not None:
+                    row.kept_after = kept(scores[e.name], perms[sid], n, m) / float(scores[e.name].sum())
+            elif res.searched:
+                row.status, row.search_s, row.exact = "identity", res.time_s, res.exact
+            else:
+                row.reason = "no sparse layer reads this channel space (nothing to gain)"
+        out.append(row)
+    return out
+
+
+def _score(module: nn.Module, layout: str, norms: torch.Tensor | None) -> torch.Tensor:
+    """Importance matrix (rows, in_channels): |w| (times the input norms for Wanda); for a conv one
+    row per (output channel, kernel position)."""
+    w = module.weight.detach().to(torch.float64).abs()
+    if norms is not None:
+        w = w * norms.to(w).view(1, *w.shape[1:])
+    if w.dim() > 2:
+        w = w.movedim(1, -1).reshape(-1, w.shape[1])
+    return w.cpu()
+
+
+@torch.no_grad()
+def _input_norms(model: nn.Module, mods: list[nn.Module], calib: Iterable) -> dict[nn.Module, torch.Tensor]:
+    """Per input column (channel x kernel position for a conv) the L2 norm over the calibration
+    inputs of each module in ``mods``."""
+    from nmsparse.prune.geometry import im2col
+
+    sums: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(mod, args):
+        x = args[0].detach().to(torch.float64)
+        f = im2col(mod, x) if isinstance(mod, CONV) else x.reshape(-1, x.shape[-1])
+        s = f.pow(2).sum(0)
+        sums[mod] = s if mod not in sums else sums[mod] + s
+
+    handles = [mod.register_forward_pre_hook(hook) for mod in mods]
+    try:
+        any_batch = False
+        for item in calib:
+            any_batch = True
+            _run(model, item[0] if isinstance(item, (tuple, list)) else item)
+        if not any_batch:
+            raise ValueError("calib is empty: give at least one input batch")
+    finally:
+        for h in handles:
+            h.remove()
+    return {mod: s.sqrt().view(mod.weight.shape[1:]) for mod, s in sums.items()}
+
+
+def _run(model: nn.Module, inputs: Any) -> Any:
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def _max_diff(a: Any, b: Any) -> tuple[float, float]:
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return math.inf, 0.0
+    diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
+    scale = max((float(x.double().abs().max()) for x in ta if x.numel()), default=0.0)
+    return diff, scale
