@@ -65,6 +65,36 @@ def test_blockwise_equals_whole_model_pruning(saved, tmp_path, method):
     assert len(rep.settings["blocks"]) == 3 and rep.settings["peak_rss_bytes"] > 0
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_blockwise_equals_whole_model_with_dropout(tmp_path, method):
+    """OPT has dropout 0.1: blocks must run in eval mode while they give the next block its inputs."""
+    cfg = transformers.OPTConfig(vocab_size=120, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                 dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "src")
+    whole = copy.deepcopy(model)
+    nmsparse.prune(whole, 2, 4, method=method, calib=calib_batches())
+    prune_pretrained(tmp_path / "src", tmp_path / "out", 2, 4, method=method, calib=calib_batches())
+    back = transformers.OPTForCausalLM.from_pretrained(tmp_path / "out")
+    sb = back.state_dict()
+    assert all(torch.equal(v, sb[k]) for k, v in whole.state_dict().items())
+
+
+def test_mixed_block_kinds_are_refused(tmp_path):
+    cfg = transformers.Qwen2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   use_sliding_window=True, sliding_window=8,
+                                   layer_types=["full_attention", "sliding_attention"])
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="mixes block kinds"):
+        prune_pretrained(tmp_path / "src", tmp_path / "out", 2, 4, method="magnitude", calib=calib_batches())
+    with pytest.raises(ValueError, match="mixes block kinds"):
+        perplexity(tmp_path / "src", torch.arange(100) % 120, seqlen=16)
+    assert not (tmp_path / "out").exists()
+
+
 def test_head_outside_blocks_is_reported(saved, tmp_path):
     _, d = saved
     rep = prune_pretrained(d, tmp_path / "out", 2, 4, method="magnitude", calib=calib_batches(), keep_dense=())

@@ -256,6 +256,15 @@ def test_dcp_metadata_reader_refuses_code(two_ranks, tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.system"):
         _safe_reader(str(bad)).read_metadata()
     assert not (tmp_path / "pwned").exists()
+    # a dotted name through an allowed module (its ``os`` import) is refused too (protocol 4 STACK_GLOBAL)
+    cmd = ("echo pwned > " + str(tmp_path / "pwned")).encode()
+    payload = (b"\x80\x04" + b"\x8c" + bytes([len(b"torch.distributed.checkpoint.metadata")])
+               + b"torch.distributed.checkpoint.metadata" + b"\x8c\x09os.system\x93"
+               + b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85R.")
+    (bad / ".metadata").write_bytes(payload)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load torch.distributed.checkpoint.metadata.os"):
+        _safe_reader(str(bad)).read_metadata()
+    assert not (tmp_path / "pwned").exists()
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -123,7 +123,7 @@ def prune_pretrained(
                 for r in rep.results.values():
                     r.param = pre + r.param[len("block."):]
                     results[r.param] = r
-            run_block(block, hidden)
+            run_block(block, hidden)  # eval mode: prune() restored the runner's (training) mode
             state = {pre + k: v.contiguous() for k, v in block.state_dict().items()}
             save_file(state, tmp / name_of(i), metadata={"format": "pt"})
             weight_map.update({k: name_of(i) for k in state})

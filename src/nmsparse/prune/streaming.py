@@ -144,6 +144,12 @@ class BlockStream:
         with torch.device("meta"):
             self.skeleton = _build(model_class, self.config)
         self.blocks_path, blocks = find_blocks(self.skeleton, layers)
+        kinds = set(getattr(self.config, "layer_types", None) or ()) | {
+            getattr(b, "attention_type", None) for b in blocks} - {None}
+        if len(kinds) > 1:
+            raise ValueError(f"{type(self.skeleton).__name__} mixes block kinds {sorted(kinds)} (e.g. sliding-window "
+                             "and full attention), which get different attention arguments: block-wise streaming "
+                             "passes every block the first block's, so it refuses such models")
         self.num_blocks = len(blocks)
         self.prefix = self.blocks_path + "."
         shell_cfg = copy.deepcopy(self.config)
@@ -267,7 +273,9 @@ class BlockStream:
 
 @torch.no_grad()
 def run_block(block: nn.Module, batches: list[dict[str, Any]]) -> None:
-    """Replace each batch's ``hidden_states`` by the block's output on it (in place)."""
+    """Replace each batch's ``hidden_states`` by the block's output on it (in place), the block in
+    eval mode (no dropout)."""
+    block.eval()
     for kw in batches:
         kw["hidden_states"] = block_output(block(**kw))
 

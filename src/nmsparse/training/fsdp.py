@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import functools
 import io
+import importlib
 import pickle
+import sys
 import re
 import shutil
 from pathlib import Path
@@ -168,7 +170,13 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
-        if module in self._MODULES or (module, name) in self._ALLOWED:
+        if "." not in name and module in self._MODULES:
+            # only the classes DCP defines there: never a function, nor a name reached through a
+            # module they import (``metadata.os.system``)
+            obj = getattr(sys.modules.get(module) or importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        elif "." not in name and (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format,
                                                                         torch.layout)):
