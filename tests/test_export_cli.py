@@ -210,3 +210,46 @@ def test_onnx_contract_with_a_stand_in(ckpt, tmp_path, capsys, monkeypatch):
     rc, out, err = run(capsys, "--checkpoint", ckpt[0], "--format", "onnx", "--out", tmp_path / "f")
     assert rc == 2 and err == "nmsparse export: error: ONNX export failed: Unsupported: op foo\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_hf_causal_lm_keeps_its_head(tmp_path, capsys):
+    """--hf-model builds the class the folder records (here LlamaForCausalLM, untied head), not the
+    headless AutoModel: every tensor of the folder is exported under its own name."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "hf")
+    rc, out, err = run(capsys, "--hf-model", tmp_path / "hf", "--format", "dense", "--out", tmp_path / "e")
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "e" / "model.safetensors")
+    assert set(got) == set(model.state_dict()) and "lm_head.weight" in got
+
+
+def test_onnx_external_data_is_kept(ckpt, tmp_path, capsys, monkeypatch):
+    """A large model's ONNX export writes model.onnx plus model.onnx.data: both must reach --out."""
+    import sys
+    import types
+
+    class Report:
+        def to_dict(self):
+            return {}
+
+        def table(self):
+            return "t"
+
+    def export_onnx(model, example_inputs, path, *, n, m, layout="channels"):
+        open(path, "wb").write(b"onnx")
+        open(str(path) + ".data", "wb").write(b"weights")
+        return Report()
+
+    fake = types.ModuleType("nmsparse.export.onnx")
+    fake.export_onnx = export_onnx
+    monkeypatch.setitem(sys.modules, "nmsparse.export.onnx", fake)
+    rc, out, err = run(capsys, "--checkpoint", ckpt[0], "--format", "onnx", "--out", tmp_path / "e")
+    assert rc == 0, err
+    assert (tmp_path / "e" / "model.onnx.data").read_bytes() == b"weights"

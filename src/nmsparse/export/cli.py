@@ -130,7 +130,11 @@ def _run(args: argparse.Namespace) -> int:
                 "report": report.to_dict()}
         (tmp / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
         out.mkdir(parents=True, exist_ok=True)
-        for f in names:
+        written = sorted(p.name for p in tmp.iterdir())  # every file: an ONNX export may add model.onnx.data
+        stale = out / (FILENAMES["onnx"] + ".data")
+        if args.format == "onnx" and stale.name not in written and stale.exists():
+            stale.unlink()
+        for f in written:
             os.replace(tmp / f, out / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,8 +217,16 @@ def _load_hf(path: str):
     except ImportError:
         raise UserError("--hf-model needs transformers (pip install 'nmsparse[hf]')") from None
     try:
-        model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        cls = cls if cls is not None else transformers.AutoModel  # no recorded class: the base model
+        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
         raise UserError(f"cannot load --hf-model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    lost = sorted(set(info.get("missing_keys", ())) | set(info.get("unexpected_keys", ())))
+    if lost:
+        raise UserError(f"--hf-model {path}: {cls.__name__} does not hold the folder's weights exactly "
+                        f"(missing or unexpected: {lost[:3]}); export refused rather than drop or invent tensors")
     ids = torch.ones(1, 8, dtype=torch.long)
     return model, model.config.to_dict(), (ids, torch.ones_like(ids)), None
