@@ -41,6 +41,7 @@ def folder(tmp_path_factory):
     text = " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3000,), generator=g))
     (tmp_path / "calib.txt").write_text(text)
     (tmp_path / "eval.txt").write_text(text[::-1])
+    (tmp_path / "short.txt").write_text("the file of the list")
     return tmp_path
 
 
@@ -81,17 +82,28 @@ def test_cli_prunes_streams_and_scores(folder, tmp_path):
     (["--calib-text", "CALIB", "--permute"], "--permute: only for models from"),
     (["--calib-text", "CALIB", "--seqlen", "1"], "--seqlen must be a positive integer"),
     (["--calib-text", "CALIB", "--dtype", "fp8"], "unknown --dtype 'fp8'"),
-    (["--calib-text", "CALIB", "--seqlen", "60000"], "not more than --seqlen 60000"),
+    (["--calib-text", "CALIB", "--seqlen", "60000"], "longer than the model's max_position_embeddings (64)"),
+    (["--calib-text", "SHORT", "--seqlen", "32"], "not more than --seqlen 32"),
     (["--calib-text", "CALIB", "--eval-perplexity", "missing.txt"], "--eval-perplexity missing.txt is not a file"),
-    (["--calib-text", "CALIB", "--tokenizer", "NOWHERE"], "no tokenizer in"),
+    (["--calib-text", "CALIB", "--seqlen", "32", "--tokenizer", "NOWHERE"], "no tokenizer in"),
 ])
 def test_cli_errors(folder, tmp_path, capsys, extra, message):
-    extra = [str(folder / "calib.txt") if a == "CALIB" else str(tmp_path / "nowhere") if a == "NOWHERE" else a
-             for a in extra]
+    names = {"CALIB": folder / "calib.txt", "SHORT": folder / "short.txt", "NOWHERE": tmp_path / "nowhere"}
+    extra = [str(names.get(a, a)) for a in extra]
     assert main(["prune", "--hf-model", str(folder / "llama"), "--out", str(tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_never_replaces_its_source(folder, capsys):
+    src = folder / "llama"
+    for out in (src, folder):
+        args = ["prune", "--hf-model", str(src), "--calib-text", str(folder / "calib.txt"), "--out", str(out),
+                "--overwrite"]
+        assert main(args) == 2
+        assert "would replace the --hf-model folder itself" in capsys.readouterr().err
+    assert (src / "config.json").is_file()
 
 
 def test_cli_needs_a_source(tmp_path, capsys):

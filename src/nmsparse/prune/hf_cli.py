@@ -100,8 +100,16 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     if args.dtype is not None and args.dtype not in DTYPES:
         return _error(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(args.out)
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        return _error(f"--out {out} would replace the --hf-model folder itself: choose another output folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         return _error(f"{out} is not empty; pass --overwrite to replace it")
+    try:
+        limit = json.loads((src / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        limit = None
+    if isinstance(limit, int) and args.seqlen > limit:
+        return _error(f"--seqlen {args.seqlen} is longer than the model's max_position_embeddings ({limit})")
     try:
         mode = progress.from_args(args)
     except ValueError as e:
@@ -136,7 +144,8 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
                   keep_dense=_keep_dense(args.keep_dense), transposable=args.transposable, solver=args.solver,
                   damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
                   transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=mode)
-    replace = out.exists() and any(out.iterdir())  # --overwrite: write beside it, swap at the end
+    out_existed = out.exists()
+    replace = out_existed and any(out.iterdir())  # --overwrite: write beside it, swap at the end
     target = out.with_name(f".{out.name}.new") if replace else out
     if replace:
         shutil.rmtree(target, ignore_errors=True)
@@ -151,7 +160,7 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
         if eval_ids is not None:
             summary["pruned_perplexity"] = perplexity(target, eval_ids, seqlen=args.seqlen, dtype=dtype)
     except (ValueError, ImportError) as e:
-        if replace:
+        if replace or not out_existed:
             shutil.rmtree(target, ignore_errors=True)
         return _error(str(e))
     if replace:
