@@ -435,3 +435,30 @@ def test_cli_permute(tmp_path, capsys):
                "--out", str(tmp_path / "t"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not combine with transposable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tied_weights_block_their_channel_spaces():
+    """An embedding tied to an LM head: the spaces that touch the tied weight stay unpermuted (with the
+    reason), the others are permuted, and the function is unchanged."""
+
+    class Tied(nn.Module):
+        def __init__(self, vocab=50, d=16):
+            super().__init__()
+            self.emb, self.fc0 = nn.Embedding(vocab, d), nn.Linear(d, d)
+            self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, d)
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            h = self.fc0(self.emb(x))
+            return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    x = torch.randint(0, 50, (2, 8))
+    ref = model(x)
+    report = nmsparse.permute_channels(model, 2, 4, example_inputs=x, keep_dense=())
+    assert model.head.weight is model.emb.weight
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    text = report.table()
+    assert "shares its weight with" in text and "fc2.weight" in text

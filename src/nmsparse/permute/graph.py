@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from nmsparse.selection import tied_aliases
+
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -221,6 +223,18 @@ class _Walker:
             if len(roots) > 1:
                 for s in roots:
                     self.block(s, f"module {name} is called on several channel spaces ({side})")
+        # a parameter tied between modules (an embedding and an LM head) would be permuted once per
+        # space it is on, and its other users not at all: leave every space that touches one
+        tied: dict[str, str] = {}
+        for alias, first in tied_aliases(self.gm).items():
+            a, b = alias.rpartition(".")[0], first.rpartition(".")[0]
+            tied[a], tied[b] = b, a
+            tied[alias], tied[first] = first, alias
+        for s, sp in enumerate(self.spaces):
+            for name in [*sp.producers, *sp.consumers, *(m[1] for m in sp.members)]:
+                if name in tied:
+                    self.block(s, f"{name} shares its weight with {tied[name]} (tied weights)")
+                    break
         merged: dict[int, Space] = {}
         for s in range(len(self.spaces)):
             r = self.find(s)
