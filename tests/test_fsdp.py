@@ -318,3 +318,35 @@ def test_cli_errors(two_ranks, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (fsdp=True, now False)" in err
     assert (part / "checkpoint.pt").read_bytes() == before
+
+
+_PARTIAL = """
+import os, sys, torch, torch.nn as nn, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from nmsparse.training import fsdp
+torch.manual_seed(0)
+d = sys.argv[1]
+fsdp.save_checkpoint(d, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+data = [f for f in os.listdir(d) if f.endswith(".distcp")][0]
+with open(os.path.join(d, data), "r+b") as f:
+    f.truncate(os.path.getsize(os.path.join(d, data)) - 40)
+torch.manual_seed(1)
+b = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+before = {k: v.clone() for k, v in b.state_dict().items()}
+try:
+    fsdp.load_checkpoint(d, b)
+    print("loaded")
+except ValueError as e:
+    print("raised", str(e).splitlines()[0][:60])
+print("changed", [k for k, v in b.state_dict().items() if not torch.equal(v, before[k])])
+dist.destroy_process_group()
+"""
+
+
+def test_damaged_dcp_folder_leaves_the_model_unchanged(tmp_path):
+    """A truncated shard raises one ValueError and no tensor of the model was written before it."""
+    res = subprocess.run([sys.executable, "-c", _PARTIAL, str(tmp_path / "ck"), str(_free_port())],
+                         capture_output=True, text=True, timeout=300)
+    assert "raised cannot load the checkpoint" in res.stdout, res.stdout + res.stderr
+    assert "changed []" in res.stdout, res.stdout

@@ -240,13 +240,16 @@ def read_dcp(state: dict, folder: str | Path, **kwargs) -> None:
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load what :func:`save_checkpoint` wrote into the sharded ``model`` (and ``optimizer``), in
     place; each rank reads its own shards (a collective: call on every rank). No code runs from the
-    folder (see module doc)."""
+    folder (see module doc). The shards are read into copies first: a damaged folder raises with the
+    model and optimizer unchanged."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.utils._pytree import tree_map
 
     folder = str(folder)
     if not (Path(folder) / ".metadata").is_file():
         raise ValueError(f"{folder} is not a torch.distributed.checkpoint folder (no .metadata file)")
-    state = _state(model, optimizer)
+    # get_*_state_dict hands out the model's own tensors, which dcp.load would fill in place
+    state = tree_map(lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else t, _state(model, optimizer))
     read_dcp(state, folder)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
