@@ -69,25 +69,29 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors (copies), each file opened once and closed again."""
+    @torch.no_grad()
+    def copy_into(self, targets: dict[str, torch.Tensor]) -> None:
+        """Copy each named checkpoint tensor into ``targets[name]`` (same shape; the dtype is cast), one
+        tensor in memory at a time."""
         from safetensors import safe_open
 
-        missing = [k for k in keys if k not in self._where]
+        missing = [k for k in targets if k not in self._where]
         if missing:
             raise ValueError(f"{self.path}: the checkpoint has no tensor {missing[0]!r}")
-        out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
-        for k in keys:
+        for k in targets:
             by_file.setdefault(self._where[k], []).append(k)
         try:
             for f, ks in by_file.items():
                 with safe_open(f, framework="pt") as h:
                     for k in ks:
-                        out[k] = h.get_tensor(k).clone()
+                        shape = tuple(h.get_slice(k).get_shape())
+                        if shape != tuple(targets[k].shape):
+                            raise ValueError(f"tensor {k} has shape {shape}, the model expects "
+                                             f"{tuple(targets[k].shape)}")
+                        targets[k].copy_(h.get_tensor(k))
         except Exception as e:
             raise ValueError(f"cannot read the weights in {self.path}: {e}") from None
-        return out
 
     def nbytes(self) -> int:
         """Total size of the weight files in bytes."""
@@ -160,23 +164,15 @@ class BlockStream:
         self.shell.eval()
 
     # -- loading -----------------------------------------------------------------------------------
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
-
     def _load_shell(self) -> None:
-        own = self.shell.state_dict()
+        own = self.shell.state_dict()  # tensors sharing the shell's storage: filled in place
         keys = set(self.reader.keys())
-        state = {k: self._cast(v) for k, v in self.reader.get_many([k for k in own if k in keys]).items()}
-        missing = [k for k in own if k not in keys]
         aliases = tied_aliases(self.shell)
-        missing = [k for k in missing if not (k in aliases and aliases[k] in state)]
+        aliases.update({first: alias for alias, first in aliases.items()})  # either name may be the saved one
+        missing = [k for k in own if k not in keys and not (k in aliases and aliases[k] in keys)]
         if missing:
             raise ValueError(f"{self.path}: the checkpoint lacks {missing[:3]} of the model outside its blocks")
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ValueError(f"{self.path}: tensor {k} has shape {tuple(v.shape)}, the model expects "
-                                 f"{tuple(own[k].shape)}")
-        self.shell.load_state_dict(state, strict=False)
+        self.reader.copy_into({k: v for k, v in own.items() if k in keys})
         if self.dtype is not None:
             self.shell.to(self.dtype)
         if hasattr(self.shell, "tie_weights"):
@@ -196,9 +192,7 @@ class BlockStream:
             raise ValueError(f"block {i} of {type(self.skeleton).__name__} has non-persistent buffers {loose[:3]} "
                              "that a checkpoint does not hold: block-wise streaming cannot rebuild it")
         pre = f"{self.prefix}{i}."
-        got = self.reader.get_many([pre + k for k in persistent])
-        state = {k[len(pre):]: self._cast(v) for k, v in got.items()}
-        blk.load_state_dict(state, strict=True)
+        self.reader.copy_into({pre + k: v for k, v in blk.state_dict().items()})  # in place, one tensor at a time
         if self.dtype is not None:
             blk.to(self.dtype)
         return blk.eval()
