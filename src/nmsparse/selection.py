@@ -329,6 +329,11 @@ def _resolve_shared(
     return followers
 
 
+def literal_pattern(name: str) -> str:
+    """An ``include``/``exclude`` pattern (fnmatch) that matches exactly the module name ``name``."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """For every parameter reachable under several names in ``model.named_parameters()`` (tied
     weights, a module registered twice): each later name -> the first name."""

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from nmsparse.layout import _transposed, layer_mask
-from nmsparse.selection import SparsityReport, tied_aliases
+from nmsparse.prune.streaming import build_model
+from nmsparse.selection import SparsityReport, literal_pattern, tied_aliases
 from nmsparse.sparsify import sparse_layers
 from nmsparse.sparsify import sparsify as _sparsify
 from nmsparse.transposable import transposable_layer_mask
@@ -145,12 +146,7 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **config_kwargs: 
                          "records them through nmsparse.integrations.hf.sparsify / record / NMSparseCallback")
     kw = _sparsify_kwargs(settings, path)
     state = _read_state(path)
-    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
-        model = model_class.from_config(config)  # AutoModel... classes
-    elif hasattr(model_class, "_from_config"):
-        model = model_class._from_config(config)
-    else:
-        model = model_class(config)
+    model = build_model(model_class, config)
     _sparsify(model, **kw)
     _load_strict(model, state, path)
     model.eval()
@@ -167,16 +163,11 @@ def _sparsify_kwargs(s: dict, path: Path) -> dict[str, Any]:
     if not layers or not all(isinstance(x, str) for x in layers):
         raise ValueError(f"{path}/config.json: nmsparse 'layers' must be a non-empty list of module names")
     kw = dict(n=s["n"], m=s["m"], layout=s["layout"], method=s["method"], decay=s["decay"],
-              update_every=s["update_every"], include=[_literal(x) for x in layers], keep_dense=(),
+              update_every=s["update_every"], include=[literal_pattern(x) for x in layers], keep_dense=(),
               shared=s.get("shared", "dense"))
     if s["transposable"]:
         kw.update(transposable=True, mask_method=s.get("mask_method") or "approx")
     return kw
-
-
-def _literal(name: str) -> str:
-    """An fnmatch pattern that matches exactly ``name``."""
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from torch import nn
 from nmsparse.progress import Progress
 from nmsparse.prune import PruneReport, calibration, prune
 from nmsparse.prune.streaming import BlockStream, run_block
-from nmsparse.selection import KEEP_DENSE, Patterns, plan
+from nmsparse.selection import KEEP_DENSE, Patterns, literal_pattern, plan
 
 OUTSIDE = "outside the transformer blocks (block-wise pruning prunes the blocks only)"
 
@@ -119,7 +119,7 @@ def prune_pretrained(
                 items = [{"block_kwargs": kw, **({"attention_mask": tm} if tm is not None else {})}
                          for kw, tm in zip(hidden, masks)]
                 rep = prune(_Runner(block), n, m, method=method, calib=items, keep_dense=(),
-                            include=[_literal(f"block.{x}") for x in local], **options)
+                            include=[literal_pattern(f"block.{x}") for x in local], **options)
                 for r in rep.results.values():
                     r.param = pre + r.param[len("block."):]
                     results[r.param] = r
@@ -158,10 +158,6 @@ def _token_mask(item: Any) -> torch.Tensor | None:
         if isinstance(am, torch.Tensor) and am.dim() == 2:
             return am
     return None
-
-
-def _literal(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

@@ -146,7 +146,7 @@ class BlockStream:
             raise ValueError(f"{self.path}/config.json has no num_hidden_layers: block-wise streaming needs a "
                              "transformers model made of a list of blocks")
         with torch.device("meta"):
-            self.skeleton = _build(model_class, self.config)
+            self.skeleton = build_model(model_class, self.config)
         self.blocks_path, blocks = find_blocks(self.skeleton, layers)
         kinds = set(getattr(self.config, "layer_types", None) or ()) | {
             getattr(b, "attention_type", None) for b in blocks} - {None}
@@ -158,7 +158,7 @@ class BlockStream:
         self.prefix = self.blocks_path + "."
         shell_cfg = copy.deepcopy(self.config)
         shell_cfg.num_hidden_layers = 0
-        self.shell = _build(model_class, shell_cfg)
+        self.shell = build_model(model_class, shell_cfg)
         self._shell_blocks: nn.ModuleList = self.shell.get_submodule(self.blocks_path)
         self._load_shell()
         self.shell.eval()
@@ -286,7 +286,8 @@ def find_blocks(model: nn.Module, count: int) -> tuple[str, nn.ModuleList]:
     return found[0]
 
 
-def _build(model_class: Any, config: Any) -> nn.Module:
+def build_model(model_class: Any, config: Any) -> nn.Module:
+    """``model_class`` (a transformers model class, or an ``AutoModel...`` class) built from ``config``."""
     if isinstance(model_class, type) and issubclass(model_class, nn.Module):
         return model_class._from_config(config) if hasattr(model_class, "_from_config") else model_class(config)
     return model_class.from_config(config)
