@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from nmsparse.export.compress import DTYPE_NAMES, NMCompressed, compress, decompress, index_nbytes, values_shape
 from nmsparse.export.report import ExportReport, TensorEntry
-from nmsparse.layout import check_layout
+from nmsparse.layout import check_layout, reduction_dim, target_kind
 from nmsparse.nmmasks import check_nm
 
 FORMAT = "nmsparse-nm"
@@ -42,16 +42,13 @@ def group_axis(module: nn.Module, layout: str = "channels") -> tuple[tuple[int, 
     """
     check_layout(layout)
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+    kind = target_kind(module, "weight")  # the core's one classification of layer weights
+    if kind is None or not isinstance(w, torch.Tensor) or w.dim() < 2:
         return None
     shape = tuple(w.shape)
-    if isinstance(module, nn.Linear):
-        return shape, 1
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ((shape[0], math.prod(shape[1:])), 1) if layout == "flat" else (shape, 1)
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return shape, 0
-    return None
+    if kind == "conv" and layout == "flat":
+        return (shape[0], math.prod(shape[1:])), 1
+    return shape, reduction_dim(module, "weight")
 
 
 def _layer_weights(model: nn.Module, layout: str) -> dict[str, tuple[tuple[int, ...], int]]:
