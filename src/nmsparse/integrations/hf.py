@@ -22,16 +22,14 @@ weights holding the zeros, which any ``from_pretrained`` loads.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from nmsparse.layout import _transposed, layer_mask
-from nmsparse.prune.streaming import build_model
+from nmsparse.prune.streaming import CheckpointReader, build_model
 from nmsparse.selection import SparsityReport, literal_pattern, tied_aliases
 from nmsparse.sparsify import sparse_layers
 from nmsparse.sparsify import sparsify as _sparsify
@@ -145,10 +143,10 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **config_kwargs: 
                          "dense or finalized, so load it with from_pretrained of its class; a sparsified model "
                          "records them through nmsparse.integrations.hf.sparsify / record / NMSparseCallback")
     kw = _sparsify_kwargs(settings, path)
-    state = _read_state(path)
+    reader = CheckpointReader(path)  # safetensors or a sharded index; unreadable -> ValueError
     model = build_model(model_class, config)
     _sparsify(model, **kw)
-    _load_strict(model, state, path)
+    _load_strict(model, reader, path)
     model.eval()
     return model
 
@@ -170,42 +168,19 @@ def _sparsify_kwargs(s: dict, path: Path) -> dict[str, Any]:
     return kw
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    try:
-        if single.is_file():
-            return load_file(single)
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for f in files:
-                state.update(load_file(path / f))
-            return state
-    except (OSError, ValueError, KeyError, TypeError) as e:  # safetensors raises its own subclasses
-        raise ValueError(f"cannot read the weights in {path}: {e}") from None
-    except Exception as e:  # safetensors_rust.SafetensorError is not an OSError
-        raise ValueError(f"cannot read the weights in {path}: {e}") from None
-    raise ValueError(f"{path} has no model.safetensors (nor a sharded index): save with save_pretrained "
-                     "(safe_serialization, the default)")
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state))
+def _load_strict(model: nn.Module, reader: CheckpointReader, path: Path) -> None:
+    own = model.state_dict()  # tensors sharing the model's storage: filled in place
+    saved = set(reader.keys())
+    unexpected = sorted(saved - set(own))
+    missing = sorted(set(own) - saved)
     # save_pretrained leaves out the second name of a tied parameter: those may be missing
     tied = tied_aliases(model)
-    missing = [k for k in missing if not (k in tied and tied[k] in state)]
+    missing = [k for k in missing if not (k in tied and tied[k] in saved)]
     if unexpected or missing:
         raise ValueError(f"the weights in {path} do not match {type(model).__name__} sparsified as recorded: "
                          f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)  # the fresh model is tied already: values go into the shared tensors
+    reader.copy_into({k: own[k] for k in saved})  # shapes checked; the fresh model is tied already
 
 
 def _callback_class():
