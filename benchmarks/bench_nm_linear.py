@@ -1,6 +1,6 @@
 """NMLinear (packed N:M weight, numba kernel) against dense ``torch.nn.functional.linear``.
 
-One run times, interleaved call by call, for each batch size: dense ``F.linear(x, W)``, the packed
+One run times, interleaved call by call (in a shuffled order each round), for each batch size: dense ``F.linear(x, W)``, the packed
 kernel alone (``NMLinear`` with no fallback), ``NMLinear`` as shipped (kernel up to its crossover,
 then the lazily cached dense weight) and ``NMLinear(cache_dense=False)`` (kernel, then
 decompress-and-matmul on every call: the packed weight only in memory). Each variant's time in a run is the median of its calls; the script reports, over
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 
@@ -26,27 +27,29 @@ from nmsparse.kernels import NMLinear
 
 CONFIGS = {"2:4-fp32": (2, 4, torch.float32), "4:8-fp32": (4, 8, torch.float32), "2:4-bf16": (2, 4, torch.bfloat16)}
 VARIANTS = ("kernel", "nmlinear", "no_cache")
+HEADERS = {"kernel": "packed kernel only", "nmlinear": "NMLinear (default)", "no_cache": "NMLinear cache_dense=False"}
 
 
 def load() -> str:
     return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def layers(size: int, n: int, m: int, dtype: torch.dtype, seed: int = 0):
+def layers(size: int, n: int, m: int, dtype: torch.dtype, variants=VARIANTS, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(size, size, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(size, size, generator=g))
         lin.weight.mul_(nmsparse.nm_mask(lin.weight, n, m))
     lin = lin.to(dtype)
-    kernel = NMLinear.from_linear(lin, n, m, crossover=1 << 30)
-    shipped = NMLinear.from_linear(lin, n, m)
-    lean = NMLinear.from_linear(lin, n, m, cache_dense=False)
-    return lin.weight.detach(), {"kernel": kernel, "nmlinear": shipped, "no_cache": lean}
+    make = {"kernel": lambda: NMLinear.from_linear(lin, n, m, crossover=1 << 30),
+            "nmlinear": lambda: NMLinear.from_linear(lin, n, m),
+            "no_cache": lambda: NMLinear.from_linear(lin, n, m, cache_dense=False)}
+    return lin.weight.detach(), {k: make[k]() for k in variants}
 
 
 @torch.inference_mode()
 def one_run(w, mods, batches, budget_s: float, dtype, clock=time.perf_counter) -> dict[int, dict[str, float]]:
+    """Per batch size: dense_time / variant_time for each variant in ``mods`` (medians of interleaved calls)."""
     out = {}
     for b in batches:
         x = torch.randn(b, w.shape[1]).to(dtype)
@@ -57,13 +60,16 @@ def one_run(w, mods, batches, budget_s: float, dtype, clock=time.perf_counter) -
         fns["dense"]()
         reps = int(min(40, max(5, budget_s / max(time.perf_counter() - t0, 1e-6) / len(fns))))
         times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(reps):
-            for k, f in fns.items():
+        order = list(fns)
+        for rep in range(reps):
+            random.Random(rep).shuffle(order)  # no variant always runs right after the same other one
+            for k in order:
+                f = fns[k]
                 t = clock()
                 f()
                 times[k].append(clock() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        out[b] = {k: med["dense"] / med[k] for k in VARIANTS} | {"dense_ms": med["dense"] * 1e3}
+        out[b] = {k: med["dense"] / med[k] for k in mods} | {"dense_ms": med["dense"] * 1e3}
     return out
 
 
@@ -75,6 +81,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.6, help="seconds per batch size per run (sets the calls)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="which NMLinear variants to interleave with dense (fewer: a smaller working set in cache)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (needs --threads 1; less sensitive to other jobs on a shared machine)")
@@ -87,32 +95,35 @@ def main() -> None:
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     batches = [int(b) for b in args.batches.split(",")]
+    variants = tuple(args.variants.split(","))
+    if not variants or any(v not in VARIANTS for v in variants):
+        ap.error(f"--variants: choose from {','.join(VARIANTS)}")
     print(f"size {args.size}, threads {args.threads}, clock {args.clock}, crossover by dtype {NMLinear.default_crossover}, runs {args.runs}")
     for name in args.configs.split(","):
         n, m, dtype = CONFIGS[name]
-        w, mods = layers(args.size, n, m, dtype)
+        w, mods = layers(args.size, n, m, dtype, variants)
         runs, loads = [], []
         for r in range(args.runs):
             loads.append(load())
             runs.append(one_run(w, mods, batches, args.budget, dtype, clock))
             print(f"  {name} run {r + 1}/{args.runs} (load {loads[-1]}): "
-                  + " ".join(f"b{b}:{runs[-1][b]['nmlinear']:.2f}" for b in batches), flush=True)
+                  + " ".join(f"b{b}:{runs[-1][b][variants[0]]:.2f}" for b in batches), flush=True)
         loads.append(load())
         print(f"\n{name}, {args.size}x{args.size}, dense_time / time: median [min, max] over {args.runs} runs; "
               f"load average (1/5/15 min) before each run and at the end: {', '.join(loads)}")
         if args.markdown:
-            print("\n| batch | dense ms (median) | packed kernel only | NMLinear (default) | NMLinear cache_dense=False |")
-            print("|---:|---:|---:|---:|---:|")
+            print("\n| batch | dense ms (median) | " + " | ".join(HEADERS[k] for k in variants) + " |")
+            print("|---:|---:|" + "---:|" * len(variants))
         for b in batches:
             cells = []
-            for k in VARIANTS:
+            for k in variants:
                 vals = [run[b][k] for run in runs]
                 cells.append(f"{statistics.median(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}]")
             dense_ms = statistics.median(run[b]["dense_ms"] for run in runs)
             if args.markdown:
                 print(f"| {b} | {dense_ms:.2f} | " + " | ".join(cells) + " |")
             else:
-                print(f"  batch {b:4d}: dense {dense_ms:8.2f} ms  " + "  ".join(f"{k} {c}" for k, c in zip(VARIANTS, cells)))
+                print(f"  batch {b:4d}: dense {dense_ms:8.2f} ms  " + "  ".join(f"{k} {c}" for k, c in zip(variants, cells)))
         print()
 
 

@@ -114,6 +114,29 @@ def test_kernel_property(nm, out_f, k, batch, seed):
     close(mod(x), reference(x, lin), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parallel_and_serial_kernels_agree_bitwise(monkeypatch, dtype):
+    """The thread pool path (blocks of 4 output rows over threads, the last rows % 4 one by one) and the
+    calling-thread path compute every output the same way: identical bits, for every batch tile mix."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for out_f, in_f in ((4, 16), (7, 48), (13, 40), (1, 32)):
+            lin = layer(nm_weight(out_f, in_f, 2, 4, dtype, seed=out_f))
+            mod = NMLinear.from_linear(lin, 2, 4, crossover=1000)
+            for batch in (1, 2, 3, 5, 6, 7, 9):
+                x = torch.randn(batch, in_f).to(dtype)
+                monkeypatch.setattr(cpu_nm, "SERIAL_WORK", 1 << 40)
+                serial = mod(x)
+                monkeypatch.setattr(cpu_nm, "SERIAL_WORK", 0)
+                parallel = mod(x)
+                assert torch.equal(serial, parallel), (out_f, in_f, batch)
+                close(parallel, reference(x, lin), dtype)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_fallback_above_crossover(cache):
     lin = layer(nm_weight(10, 40, 2, 4))
@@ -124,7 +147,7 @@ def test_fallback_above_crossover(cache):
         assert (mod._dense is not None) == (cache and batch > 3)
     mod.release_dense()
     assert mod._dense is None
-    assert NMLinear.from_linear(lin, 2, 4).crossover == NMLinear.default_crossover[torch.float32] == 12
+    assert NMLinear.from_linear(lin, 2, 4).crossover == NMLinear.default_crossover[torch.float32] == 24
     mod = mod.to(torch.bfloat16)  # the cache follows the values' dtype
     xb = torch.randn(5, 40).to(torch.bfloat16)
     assert mod(xb).dtype == torch.bfloat16

@@ -41,6 +41,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from nmsparse import _numba_pool
+
 CHUNK = 16  # columns per mask word
 KERNEL_M = (2, 4, 8, 16)  # group sizes whose groups never straddle a 16-column chunk
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -53,9 +55,6 @@ _VF = ir.VectorType(_F32, CHUNK)
 _VI16 = ir.VectorType(_I16, CHUNK)
 _VI32 = ir.VectorType(_I32, CHUNK)
 _VM = ir.VectorType(ir.IntType(1), CHUNK)
-_NACC = 2  # independent accumulators (hides the FMA latency)
-
-
 def _data(context, builder, aty, arr):
     return context.make_array(aty)(context, builder, arr).data
 
@@ -79,95 +78,83 @@ def _check_array(arr, what, dtypes):
         raise numba.core.errors.TypingError(f"{what} must be a 1-d array of {dtypes}, got {arr}")
 
 
-@intrinsic
-def _dot_row(typingctx, vals, voff, masks, moff, x, xoff, nchunks, per):  # pragma: no cover - compiled
-    """sum over chunks c < nchunks of expand(vals[voff + c*per:], masks[moff + c]) . x[xoff + 16c:][:16]."""
-    _check_array(vals, "values", (types.float32, types.int16))
-    _check_array(masks, "masks", (types.int16,))
-    _check_array(x, "x", (types.float32,))
-    bf16 = vals.dtype == types.int16
-    sig = types.float32(vals, types.intp, masks, types.intp, x, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, s, args):
-        vd = _data(context, builder, s.args[0], args[0])
-        md = _data(context, builder, s.args[2], args[2])
-        xd = _data(context, builder, s.args[4], args[4])
-        voff, moff, xoff, nch, per = args[1], args[3], args[5], args[6], args[7]
-        ffma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(_NACC)]
-
-        def step(c, acc):
-            mk = builder.load(builder.gep(md, [builder.add(moff, c)]))
-            w = _expand_fp32(builder, builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, bf16)
-            xp = builder.gep(xd, [builder.add(xoff, builder.mul(c, ir.Constant(_I64, CHUNK)))])
-            xv = builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4)
-            builder.store(builder.call(ffma, [w, xv, builder.load(acc)]), acc)
-
-        outer = builder.sdiv(nch, ir.Constant(_I64, _NACC))
-        with cgutils.for_range(builder, outer) as loop:
-            base = builder.mul(loop.index, ir.Constant(_I64, _NACC))
-            for a in range(_NACC):
-                step(builder.add(base, ir.Constant(_I64, a)), accs[a])
-        start = builder.mul(outer, ir.Constant(_I64, _NACC))
-        with cgutils.for_range_slice(builder, start, nch, ir.Constant(_I64, 1)) as (c, _):
-            step(c, accs[0])
-        total = builder.load(accs[0])
-        for a in range(1, _NACC):
-            total = builder.fadd(total, builder.load(accs[a]))
-        fred = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
-                                              "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(fred, [ir.Constant(_F32, 0.0), total])
-
-    return sig, codegen
+PREFETCH_CHUNKS = 32  # software prefetch distance along a row of values, in 16-column chunks
+ROW_BLOCK = 4  # output rows per block: their chunks stream side by side and share each load of x
 
 
-TILE = 4  # batch rows sharing one expansion of a weight chunk (then a tile of 2, then single rows)
+def _make_dot_block(rows: int, tile: int):
+    """An intrinsic computing a ``rows`` x ``tile`` block of the product.
 
+    ``_dot_block(vals, voff, vstride, masks, moff, nchunks, per, x, xoff, xstride, out, ooff, ostride)``
+    sets, for i < rows and j < tile, ``out[ooff + j*ostride + i]`` to the dot product of packed row
+    ``i`` (values from ``voff + i*vstride``, masks from ``moff + i*nchunks``) with the x row at
+    ``xoff + j*xstride``. Per 16-column chunk: ``tile`` loads of x, ``rows`` mask loads and expansions
+    (each shared by the ``tile`` x rows), ``rows * tile`` FMAs into independent accumulators, and a
+    prefetch of each row's values ``PREFETCH_CHUNKS`` chunks ahead (the rows are separate streams
+    from L3 or DRAM; the prefetch keeps enough lines in flight for the batch-1 case to run at memory
+    speed)."""
 
-def _make_dot_tile(tile: int):
     @intrinsic
-    def _dot_tile(typingctx, vals, voff, masks, moff, x, xoff, xstride, nchunks, per, out, ooff, ostride):  # pragma: no cover
-        """For i < tile: out[ooff + i*ostride] = packed row . x[xoff + i*xstride:]: each weight chunk is
-        expanded once and multiplied with ``tile`` input rows."""
+    def _dot_block(typingctx, vals, voff, vstride, masks, moff, nchunks, per, x, xoff, xstride, out, ooff,
+                   ostride):  # pragma: no cover - compiled
         _check_array(vals, "values", (types.float32, types.int16))
         _check_array(masks, "masks", (types.int16,))
         _check_array(x, "x", (types.float32,))
         _check_array(out, "out", (types.float32,))
         bf16 = vals.dtype == types.int16
-        sig = types.void(vals, types.intp, masks, types.intp, x, types.intp, types.intp, types.intp, types.intp,
-                         out, types.intp, types.intp)
+        sig = types.void(vals, types.intp, types.intp, masks, types.intp, types.intp, types.intp, x, types.intp,
+                         types.intp, out, types.intp, types.intp)
 
         def codegen(context, builder, s, args):
             vd = _data(context, builder, s.args[0], args[0])
-            md = _data(context, builder, s.args[2], args[2])
-            xd = _data(context, builder, s.args[4], args[4])
-            od = _data(context, builder, s.args[9], args[9])
-            voff, moff, xoff, xstride, nch, per, ooff, ostride = (args[i] for i in (1, 3, 5, 6, 7, 8, 10, 11))
-            ffma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(tile)]
+            md = _data(context, builder, s.args[3], args[3])
+            xd = _data(context, builder, s.args[7], args[7])
+            od = _data(context, builder, s.args[10], args[10])
+            voff, vstride, moff, nch, per, xoff, xstride, ooff, ostride = (args[i] for i in (1, 2, 4, 5, 6, 8, 9, 11, 12))
+            mod = builder.module
+            ffma = cgutils.get_or_insert_function(mod, ir.FunctionType(_VF, [_VF, _VF, _VF]), "llvm.fma.v16f32")
+            pfetch = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [vd.type, _I32, _I32, _I32]),
+                                                    "llvm.prefetch.p0")
+            fred = cgutils.get_or_insert_function(mod, ir.FunctionType(_F32, [_F32, _VF]), "llvm.vector.reduce.fadd.v16f32")
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(_VF, None)) for _ in range(tile)] for _ in range(rows)]
+            ahead = builder.mul(per, ir.Constant(_I64, PREFETCH_CHUNKS))
             with cgutils.for_range(builder, nch) as loop:
                 c = loop.index
-                mk = builder.load(builder.gep(md, [builder.add(moff, c)]))
-                w = _expand_fp32(builder, builder.gep(vd, [builder.add(voff, builder.mul(c, per))]), mk, bf16)
                 col = builder.add(xoff, builder.mul(c, ir.Constant(_I64, CHUNK)))
-                for i in range(tile):
-                    xp = builder.gep(xd, [builder.add(col, builder.mul(xstride, ir.Constant(_I64, i)))])
-                    xv = builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4)
-                    builder.store(builder.call(ffma, [w, xv, builder.load(accs[i])]), accs[i])
-            fred = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _VF]),
-                                                  "llvm.vector.reduce.fadd.v16f32")
-            for i in range(tile):
-                r = builder.call(fred, [ir.Constant(_F32, 0.0), builder.load(accs[i])])
-                builder.store(r, builder.gep(od, [builder.add(ooff, builder.mul(ostride, ir.Constant(_I64, i)))]))
+                xs = []
+                for j in range(tile):
+                    xp = builder.gep(xd, [builder.add(col, builder.mul(xstride, ir.Constant(_I64, j)))])
+                    xs.append(builder.load(builder.bitcast(xp, _VF.as_pointer()), align=4))
+                for i in range(rows):
+                    ci = ir.Constant(_I64, i)
+                    vo = builder.add(builder.add(voff, builder.mul(vstride, ci)), builder.mul(c, per))
+                    # a prefetch never faults, so running past the end of the values is harmless
+                    builder.call(pfetch, [builder.gep(vd, [builder.add(vo, ahead)]), ir.Constant(_I32, 0),
+                                          ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                    mk = builder.load(builder.gep(md, [builder.add(builder.add(moff, builder.mul(nch, ci)), c)]))
+                    w = _expand_fp32(builder, builder.gep(vd, [vo]), mk, bf16)
+                    for j in range(tile):
+                        builder.store(builder.call(ffma, [w, xs[j], builder.load(accs[i][j])]), accs[i][j])
+            for i in range(rows):
+                for j in range(tile):
+                    r = builder.call(fred, [ir.Constant(_F32, 0.0), builder.load(accs[i][j])])
+                    oi = builder.add(ooff, builder.add(builder.mul(ostride, ir.Constant(_I64, j)), ir.Constant(_I64, i)))
+                    builder.store(r, builder.gep(od, [oi]))
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return _dot_tile
+    return _dot_block
 
 
-_dot_tile4 = _make_dot_tile(4)
-_dot_tile2 = _make_dot_tile(2)
+_block_4x4 = _make_dot_block(ROW_BLOCK, 4)
+_block_4x3 = _make_dot_block(ROW_BLOCK, 3)
+_block_4x2 = _make_dot_block(ROW_BLOCK, 2)
+_block_4x1 = _make_dot_block(ROW_BLOCK, 1)
+_block_1x4 = _make_dot_block(1, 4)
+_block_1x3 = _make_dot_block(1, 3)
+_block_1x2 = _make_dot_block(1, 2)
+_block_1x1 = _make_dot_block(1, 1)
 
 
 @intrinsic
@@ -198,20 +185,57 @@ def _expand_row(typingctx, vals, voff, masks, moff, out, ooff, nchunks, per):  #
     return sig, codegen
 
 
+def _matmul_rows(vals, masks, x, out, batch, rows, per, nchunks, r0, r1):  # pragma: no cover - compiled
+    """Output rows ``r0 <= r < r1`` (``r1 - r0`` a multiple of ROW_BLOCK, or a single row) for every x row:
+    x rows in tiles of 4, the last ``batch % 4`` in one tile of 1, 2 or 3."""
+    k = vals.size // max(rows, 1)
+    xs = nchunks * CHUNK
+    tiled = batch - batch % 4
+    rest = batch - tiled
+    if r1 - r0 == 1:
+        for b in range(0, tiled, 4):
+            _block_1x4(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, b * xs, xs, out, b * rows + r0, rows)
+        if rest == 3:
+            _block_1x3(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r0, rows)
+        elif rest == 2:
+            _block_1x2(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r0, rows)
+        elif rest == 1:
+            _block_1x1(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r0, rows)
+        return
+    for r in range(r0, r1, ROW_BLOCK):
+        for b in range(0, tiled, 4):
+            _block_4x4(vals, r * k, k, masks, r * nchunks, nchunks, per, x, b * xs, xs, out, b * rows + r, rows)
+        if rest == 3:
+            _block_4x3(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
+        elif rest == 2:
+            _block_4x2(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
+        elif rest == 1:
+            _block_4x1(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
+
+
+_matmul_rows_jit = numba.njit(cache=True, nogil=True, boundscheck=False)(_matmul_rows)
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _matmul_kernel(vals, masks, x, out, batch, rows, per, nchunks):  # pragma: no cover - compiled
-    """out[b * rows + r] = row r of the packed weight . x[b, :], for b < batch, r < rows."""
-    k = vals.size // max(rows, 1)
-    xstride = nchunks * CHUNK
-    tiled = batch - batch % 4
-    paired = batch - batch % 2
-    for r in numba.prange(rows):
-        for b in range(0, tiled, 4):
-            _dot_tile4(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
-        for b in range(tiled, paired, 2):
-            _dot_tile2(vals, r * k, masks, r * nchunks, x, b * xstride, xstride, nchunks, per, out, b * rows + r, rows)
-        for b in range(paired, batch):
-            out[b * rows + r] = _dot_row(vals, r * k, masks, r * nchunks, x, b * xstride, nchunks, per)
+    """out[b * rows + r] = row r of the packed weight . x[b, :], for b < batch, r < rows (parallel over
+    blocks of ROW_BLOCK output rows; the last rows % ROW_BLOCK one at a time)."""
+    blocks = rows // ROW_BLOCK
+    for i in numba.prange(blocks + rows % ROW_BLOCK):
+        if i < blocks:
+            _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, i * ROW_BLOCK, (i + 1) * ROW_BLOCK)
+        else:
+            r = blocks * ROW_BLOCK + i - blocks
+            _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, r, r + 1)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _matmul_serial(vals, masks, x, out, batch, rows, per, nchunks):  # pragma: no cover - compiled
+    """``_matmul_kernel`` on the calling thread only (small products: no thread-pool round trip)."""
+    blocks = rows // ROW_BLOCK
+    _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, 0, blocks * ROW_BLOCK)
+    for r in range(blocks * ROW_BLOCK, rows):
+        _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, r, r + 1)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
@@ -219,19 +243,6 @@ def _unpack_kernel(vals, masks, out, rows, per, nchunks):  # pragma: no cover - 
     k = vals.size // max(rows, 1)
     for r in numba.prange(rows):
         _expand_row(vals, r * k, masks, r * nchunks, out, r * nchunks * CHUNK, nchunks, per)
-
-
-def _numba_call(fn, *args) -> None:
-    """Run a parallel kernel on torch's thread count (capped by numba's pool), then restore torch's."""
-    torch_threads = torch.get_num_threads()
-    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
-    fn(*args)
-    if torch.get_num_threads() != torch_threads:
-        # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
-        # that would silently change torch's thread count under the caller (as in nmsparse._kernels).
-        torch.set_num_threads(torch_threads)
 
 
 def _flat_np(t: torch.Tensor) -> np.ndarray:
@@ -281,14 +292,20 @@ def unpack(values: torch.Tensor, masks: torch.Tensor, n: int, m: int, in_feature
     rows, nchunks = masks.shape
     out = torch.empty(rows, nchunks * CHUNK, dtype=values.dtype)
     if out.numel():
-        _numba_call(_unpack_kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows,
+        _numba_pool.run(_unpack_kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows,
                     CHUNK * n // m, nchunks)
     return out if padded or out.shape[1] == in_features else out[:, :in_features].contiguous()
 
 
+SERIAL_WORK = 1 << 16  # batch * rows * chunks up to which the product runs on the calling thread
+
+
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int, m: int,
               in_features: int) -> torch.Tensor:
-    """``x @ W.T`` for a 2-d fp32 ``x`` ``(batch, in)`` and a packed weight, as fp32 ``(batch, out)``."""
+    """``x @ W.T`` for a 2-d fp32 ``x`` ``(batch, in)`` and a packed weight, as fp32 ``(batch, out)``.
+
+    Products of at most ``SERIAL_WORK`` chunk-rows (``batch * out * ceil(in/16)``; 64Ki is about 0.1 ms
+    of work) run on the calling thread, larger ones on numba's pool with torch's thread count."""
     batch = x.shape[0]
     rows, nchunks = masks.shape
     out = torch.empty(batch, rows, dtype=torch.float32)
@@ -300,6 +317,9 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
         xp[:, :in_features] = x
     else:
         xp = x.contiguous()
-    _numba_call(_matmul_kernel, _flat_np(values), _flat_np(masks), _flat_np(xp), out.view(-1).numpy(), batch, rows,
-                CHUNK * n // m, nchunks)
+    args = (_flat_np(values), _flat_np(masks), _flat_np(xp), out.view(-1).numpy(), batch, rows, CHUNK * n // m, nchunks)
+    if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
+        _matmul_serial(*args)
+    else:
+        _numba_pool.run(_matmul_kernel, *args)
     return out

@@ -53,9 +53,9 @@ class NMLinear(nn.Module):
     """
 
     # Rows of input up to which the packed kernel runs, per values dtype (measured with
-    # benchmarks/bench_nm_linear.py on 4096x4096: fp32 beats dense up to 8-12 rows and loses from 16;
-    # bf16 beats dense at 1-2 rows and loses from 4, where oneDNN's bf16 matmul is fast).
-    default_crossover: dict = {torch.float32: 12, torch.bfloat16: 2}
+    # benchmarks/bench_nm_linear.py on 4096x4096, docs/inference.md: fp32 beats dense up to 24 rows and
+    # is even at 32; bf16 beats dense up to 4 rows and loses from 5, where oneDNN's bf16 matmul is fast).
+    default_crossover: dict = {torch.float32: 24, torch.bfloat16: 4}
 
     def __init__(self, in_features: int, out_features: int, n: int, m: int, *, bias: bool = True,
                  dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True):
