@@ -245,7 +245,7 @@ def test_to_nm_linear_mlp_report_and_outputs():
     nmsparse.sparsify(model, 2, 4, keep_dense=("first",))
     nmsparse.finalize(model)
     dense = copy.deepcopy(model)
-    report = to_nm_linear(model)
+    report = to_nm_linear(model, min_weights=0)
     assert [(e.name, e.converted, e.nm) for e in report.layers] == [
         ("0", False, None), ("2", True, "2:4"), ("4", True, "2:4")]
     assert report.layers[0].reason.startswith("not N:M")
@@ -263,10 +263,10 @@ def test_to_nm_linear_detects_and_checks_patterns():
     nmsparse.sparsify(model, 4, 8, keep_dense=())
     nmsparse.finalize(model)
     auto = copy.deepcopy(model)
-    rep = to_nm_linear(auto)
+    rep = to_nm_linear(auto, min_weights=0)
     assert [e.nm for e in rep.layers] == ["4:8"] * 3
     given = copy.deepcopy(model)
-    rep = to_nm_linear(given, 2, 4)  # a 4:8 weight is (almost surely) not 2:4
+    rep = to_nm_linear(given, 2, 4, min_weights=0)  # a 4:8 weight is (almost surely) not 2:4
     assert not any(e.converted for e in rep.layers)
     assert all(e.reason.startswith("not 2:4: row ") for e in rep.layers)
     x = torch.randn(3, 24)
@@ -287,13 +287,30 @@ def test_to_nm_linear_dense_reasons():
     with torch.no_grad():
         for lin in (net.attn.out_proj, net.fp16):
             lin.weight.mul_(nmsparse.nm_mask(lin.weight, 2, 4))
-    rep = to_nm_linear(net, 2, 4)
+    rep = to_nm_linear(net, 2, 4, min_weights=0)
     reasons = {e.name: e.reason for e in rep.layers}
     assert reasons["conv"] == "Conv1d is not an nn.Linear"
     assert reasons["attn.out_proj"] == "inside nn.MultiheadAttention, which reads its .weight directly"
     assert reasons["fc"].startswith("weight is still parametrized")
     assert reasons["fp16"].startswith("weight dtype torch.float16 is not supported")
     assert not rep.converted and isinstance(net.fc, nn.Linear)
+
+
+def test_to_nm_linear_leaves_small_layers_dense_by_default():
+    model = mlp()
+    nmsparse.sparsify(model, 2, 4, keep_dense=())
+    nmsparse.finalize(model)
+    rep = to_nm_linear(model)  # 24x64, 64x40, 40x8: far below the default 2**21 weights
+    assert not rep.converted and all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
+    assert rep.layers[1].reason == (
+        "2560 weights < min_weights=2097152: a weight this small sits in the CPU caches, where dense BLAS "
+        "is as fast as the packed kernel (min_weights=0 converts it anyway, for the memory)")
+    rep = to_nm_linear(model, min_weights=2560)  # the bound is inclusive: 64x40 converts, 24x64 does not
+    assert [e.converted for e in rep.layers] == [False, True, False]
+    assert rep.settings["min_weights"] == 2560
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_weights must be an integer >= 0"):
+            to_nm_linear(model, min_weights=bad)
 
 
 def test_to_nm_linear_errors_leave_model_unchanged():
@@ -311,7 +328,7 @@ def test_to_nm_linear_errors_leave_model_unchanged():
     with torch.no_grad():
         root.weight.mul_(nmsparse.nm_mask(root.weight, 2, 4))
     with pytest.raises(ValueError, match="cannot replace the model itself"):
-        to_nm_linear(root)
+        to_nm_linear(root, min_weights=0)
 
 
 def test_to_nm_linear_tiny_bert():
@@ -320,14 +337,14 @@ def test_to_nm_linear_tiny_bert():
                                   intermediate_size=64, max_position_embeddings=32)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
-    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, 100, (3, 9), generator=torch.Generator().manual_seed(0))
     nmsparse.prune(model, 2, 4, method="magnitude", include="encoder.*", keep_dense=())
     dense = copy.deepcopy(model)
-    rep = to_nm_linear(model)
+    rep = to_nm_linear(model, min_weights=0)
     assert len(rep.converted) == 12 and {e.reason for e in rep.dense} == {
         "Embedding is not an nn.Linear",
         "not N:M: no m in (2, 4, 8, 16) dividing in_features has groups with at most 75% of m non-zero"}
     assert [e.name for e in rep.dense if e.kind == "Linear"] == ["pooler.dense"]
     with torch.no_grad():
-        for x in (ids[:1, :5], ids):  # 5 rows: the kernel; 18 rows: the fallback
+        for x in (ids[:1, :5], ids):  # 5 rows: the kernel; 27 rows: the fallback
             torch.testing.assert_close(model(x).last_hidden_state, dense(x).last_hidden_state, rtol=1e-5, atol=1e-5)

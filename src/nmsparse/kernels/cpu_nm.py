@@ -301,11 +301,13 @@ SERIAL_WORK = 1 << 16  # batch * rows * chunks up to which the product runs on t
 
 
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int, m: int,
-              in_features: int) -> torch.Tensor:
+              in_features: int, arrays: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
     """``x @ W.T`` for a 2-d fp32 ``x`` ``(batch, in)`` and a packed weight, as fp32 ``(batch, out)``.
 
-    Products of at most ``SERIAL_WORK`` chunk-rows (``batch * out * ceil(in/16)``; 64Ki is about 0.1 ms
-    of work) run on the calling thread, larger ones on numba's pool with torch's thread count."""
+    ``arrays``: ``(values, masks)`` already flattened to numpy by :func:`packed_arrays` (a layer called
+    many times keeps them, saving two conversions per call). Products of at most ``SERIAL_WORK``
+    chunk-rows (``batch * out * ceil(in/16)``; 64Ki is about 0.1 ms of work) run on the calling thread,
+    larger ones on numba's pool with torch's thread count."""
     batch = x.shape[0]
     rows, nchunks = masks.shape
     out = torch.empty(batch, rows, dtype=torch.float32)
@@ -317,9 +319,16 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
         xp[:, :in_features] = x
     else:
         xp = x.contiguous()
-    args = (_flat_np(values), _flat_np(masks), _flat_np(xp), out.view(-1).numpy(), batch, rows, CHUNK * n // m, nchunks)
+    vn, mn = arrays if arrays is not None else packed_arrays(values, masks)
+    args = (vn, mn, xp.view(-1).numpy(), out.view(-1).numpy(), batch, rows, CHUNK * n // m, nchunks)
     if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
         _matmul_serial(*args)
     else:
         _numba_pool.run(_matmul_kernel, *args)
     return out
+
+
+def packed_arrays(values: torch.Tensor, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The flat numpy views the kernels read (bf16 values as int16 bits). They share memory with the
+    tensors when those are contiguous, so they stay valid while the tensors' storage does."""
+    return _flat_np(values), _flat_np(masks)

@@ -34,15 +34,15 @@ class _PackedMatmul(torch.autograd.Function):
     """fp32 ``x @ W.T`` with the packed weight; backward gives the input gradient only."""
 
     @staticmethod
-    def forward(ctx, x2d, values, masks, n, m, in_features):  # type: ignore[override]
+    def forward(ctx, x2d, values, masks, n, m, in_features, arrays):  # type: ignore[override]
         ctx.packed = (values, masks, n, m, in_features)
-        return cpu_nm.nm_matmul(x2d, values, masks, n, m, in_features)
+        return cpu_nm.nm_matmul(x2d, values, masks, n, m, in_features, arrays)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         values, masks, n, m, in_features = ctx.packed
         w = cpu_nm.unpack(values, masks, n, m, in_features).float()
-        return grad_out @ w, None, None, None, None, None
+        return grad_out @ w, None, None, None, None, None, None
 
 
 class NMLinear(nn.Module):
@@ -75,6 +75,7 @@ class NMLinear(nn.Module):
         self._crossover = crossover
         self.cache_dense = bool(cache_dense)
         self._dense: tuple[tuple, torch.Tensor] | None = None
+        self._arrays: tuple[tuple, tuple] | None = None  # the kernel's numpy views of values/masks
         self.register_buffer("values", torch.zeros(out_features, in_features * n // m, dtype=dtype))
         masks = torch.zeros(out_features, cpu_nm.padded_in(in_features) // cpu_nm.CHUNK, dtype=torch.int16)
         if in_features:  # a valid empty pattern: the first n columns of every group
@@ -138,7 +139,35 @@ class NMLinear(nn.Module):
             self._dense = (key, self.dense_weight())
         return self._dense[1]
 
+    def _kernel_arrays(self) -> tuple:
+        """The numpy views the kernel reads, rebuilt when the buffers are replaced or modified."""
+        v, mk = self.values, self.masks
+        key = (v.data_ptr(), v._version, v.dtype, v.is_contiguous(), mk.data_ptr(), mk._version)
+        if self._arrays is None or self._arrays[0] != key:
+            self._arrays = (key, cpu_nm.packed_arrays(v, mk))
+        return self._arrays[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = self.values
+        dtype = values.dtype
+        if not (type(x) is torch.Tensor and x.dtype is dtype and x.dim() > 0 and x.shape[-1] == self.in_features
+                and dtype in cpu_nm.KERNEL_DTYPES and x.device.type == "cpu" and values.device.type == "cpu"):
+            self._check_input(x)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.shape[0] > self.crossover:
+            return F.linear(x, self._fallback_weight(), self.bias)
+        x2d = x2d.float()
+        if torch.is_grad_enabled() and x2d.requires_grad:
+            y = _PackedMatmul.apply(x2d, values, self.masks, self.n, self.m, self.in_features, self._kernel_arrays())
+        else:  # inference: no autograd node to build
+            y = cpu_nm.nm_matmul(x2d, values, self.masks, self.n, self.m, self.in_features, self._kernel_arrays())
+        if self.bias is not None:
+            y = y.add_(self.bias) if dtype is torch.float32 else y + self.bias.float()
+        return y.to(dtype).reshape(*lead, self.out_features)
+
+    def _check_input(self, x) -> None:
+        """One clear error for an input (or a layer state) the kernel cannot run."""
         dtype = self.values.dtype
         if dtype not in cpu_nm.KERNEL_DTYPES:
             raise ValueError(f"NMLinear runs float32 or bfloat16 weights, this one holds {dtype}; "
@@ -151,14 +180,6 @@ class NMLinear(nn.Module):
                              f"(x.to({dtype})) or the layer (.to({x.dtype}))")
         if x.device.type != "cpu" or self.values.device.type != "cpu":
             raise ValueError(f"NMLinear runs on the CPU; got input on {x.device}, weights on {self.values.device}")
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.shape[0] > self.crossover:
-            return F.linear(x, self._fallback_weight(), self.bias)
-        y = _PackedMatmul.apply(x2d.float(), self.values, self.masks, self.n, self.m, self.in_features)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(dtype).reshape(*lead, self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
