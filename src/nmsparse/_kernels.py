@@ -13,6 +13,8 @@ import numba
 import numpy as np
 import torch
 
+from nmsparse import _numba_pool
+
 _CHUNK = 1 << 12  # groups per parallel work item
 
 
@@ -76,10 +78,5 @@ def nm_mask_cpu(x: torch.Tensor, n: int, m: int, int_dtype: torch.dtype, abs_bit
     out = torch.empty(x.shape, dtype=torch.bool)
     flat = out.view(-1).numpy()
     ab, nan_key = bits.dtype.type(abs_bits), bits.dtype.type(inf_key + 1)
-    torch_threads = torch.get_num_threads()
-    _rank_kernel(m)(bits, flat, n, ab, nan_key)
-    if torch.get_num_threads() != torch_threads:
-        # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
-        # that would silently change torch's thread count under the caller.
-        torch.set_num_threads(torch_threads)
+    _numba_pool.run(_rank_kernel(m), bits, flat, n, ab, nan_key)  # torch's thread count, restored after
     return out
