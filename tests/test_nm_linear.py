@@ -348,3 +348,20 @@ def test_to_nm_linear_tiny_bert():
     with torch.no_grad():
         for x in (ids[:1, :5], ids):  # 5 rows: the kernel; 27 rows: the fallback
             torch.testing.assert_close(model(x).last_hidden_state, dense(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_built_under_inference_mode_and_caches_follow_in_place_changes():
+    lin = layer(nm_weight(12, 32, 2, 4))
+    with torch.inference_mode():  # inference tensors keep no version counter
+        mod = NMLinear.from_linear(lin, 2, 4, crossover=3)
+        for batch in (2, 5):  # kernel, then the cached dense fallback
+            x = torch.randn(batch, 32)
+            close(mod(x), reference(x, lin), torch.float32)
+    mod = NMLinear.from_linear(lin, 2, 4, crossover=3)
+    x1, x5 = torch.randn(1, 32), torch.randn(5, 32)
+    mod(x1), mod(x5)  # both caches built
+    with torch.no_grad():
+        mod.values.mul_(2)
+        lin.weight.mul_(2)
+    close(mod(x1), reference(x1, lin), torch.float32)
+    close(mod(x5), reference(x5, lin), torch.float32)

@@ -133,8 +133,7 @@ class NMLinear(nn.Module):
         if not self.cache_dense:
             self._dense = None
             return self.dense_weight()
-        key = (self.values.data_ptr(), self.values._version, self.values.dtype,
-               self.masks.data_ptr(), self.masks._version)
+        key = _buffer_key(self.values, self.masks)
         if self._dense is None or self._dense[0] != key:
             self._dense = (key, self.dense_weight())
         return self._dense[1]
@@ -142,7 +141,7 @@ class NMLinear(nn.Module):
     def _kernel_arrays(self) -> tuple:
         """The numpy views the kernel reads, rebuilt when the buffers are replaced or modified."""
         v, mk = self.values, self.masks
-        key = (v.data_ptr(), v._version, v.dtype, v.is_contiguous(), mk.data_ptr(), mk._version)
+        key = _buffer_key(v, mk)
         if self._arrays is None or self._arrays[0] != key:
             self._arrays = (key, cpu_nm.packed_arrays(v, mk))
         return self._arrays[1]
@@ -195,6 +194,14 @@ class NMLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, m={self.m}, "
                 f"bias={self.bias is not None}, dtype={self.values.dtype}, crossover={self.crossover}, "
                 f"cache_dense={self.cache_dense}")
+
+
+def _buffer_key(*tensors: torch.Tensor) -> tuple:
+    """Identifies the buffers' current contents for the caches: storage, layout and in-place version.
+    Inference tensors (made under ``torch.inference_mode``) keep no version counter; they count as
+    unchanged while their storage is the same."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.is_contiguous())
+                 for t in tensors)
 
 
 def unsupported_reason(module: nn.Module, n: int, m: int) -> str | None:
