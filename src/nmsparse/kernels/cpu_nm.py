@@ -23,12 +23,14 @@ layout; ``nmsparse.compress``): a converter sets bit ``(g * m + pos) % 16`` of c
 (positions would take 3), for 1:4 and 2:8 it is 4 bits (positions: 2 and 3). A 4096x4096 2:4 weight
 reads 32 MiB of fp32 values + 2 MiB of masks = 53.1% of the dense 64 MiB (bf16: 16 + 2 = 56.3%).
 
-The kernel (``nm_matmul``) expands each 16-column chunk of a row straight from ``values`` into a
-16-lane vector under its 16-bit mask (one ``vexpandps`` on AVX-512 CPUs, LLVM's
-``llvm.masked.expandload``; other CPUs get LLVM's portable lowering of the same intrinsic) and
-multiplies it with 16 consecutive entries of ``x``: the weight is never decompressed in memory.
-``bfloat16`` values are expanded as 16-bit lanes and widened to fp32 in registers (a shift), so
-bf16 reads half the value bytes of fp32; accumulation is always fp32.
+The kernel (``nm_matmul``) works on blocks of 4 output rows x up to 4 input rows: for each 16-column
+chunk it loads the x rows' 16 entries once, expands each weight row's chunk straight from ``values``
+into a 16-lane vector under its 16-bit mask (one ``vexpandps`` on AVX-512 CPUs, LLVM's
+``llvm.masked.expandload``; other CPUs get LLVM's portable lowering of the same intrinsic), and
+multiplies (FMA) every pair into its own accumulator; each weight row's values are prefetched 32
+chunks ahead. The weight is never decompressed in memory. ``bfloat16`` values are expanded as 16-bit
+lanes and widened to fp32 in registers (a shift), so bf16 reads half the value bytes of fp32;
+accumulation is always fp32.
 """
 
 from __future__ import annotations
