@@ -137,11 +137,11 @@ def _make_dot_block(rows: int, tile: int):
                     w = _expand_fp32(builder, builder.gep(vd, [vo]), mk, bf16)
                     for j in range(tile):
                         builder.store(builder.call(ffma, [w, xs[j], builder.load(accs[i][j])]), accs[i][j])
-            for i in range(rows):
-                for j in range(tile):
-                    r = builder.call(fred, [ir.Constant(_F32, 0.0), builder.load(accs[i][j])])
-                    oi = builder.add(ooff, builder.add(builder.mul(ostride, ir.Constant(_I64, j)), ir.Constant(_I64, i)))
-                    builder.store(r, builder.gep(od, [oi]))
+            for j in range(tile):
+                oj = builder.add(ooff, builder.mul(ostride, ir.Constant(_I64, j)))
+                for i in range(rows):  # a shuffle tree per accumulator (reassociated), not 16 serial adds
+                    r = builder.call(fred, [ir.Constant(_F32, -0.0), builder.load(accs[i][j])], fastmath=("reassoc",))
+                    builder.store(r, builder.gep(od, [builder.add(oj, ir.Constant(_I64, i))]))
             return context.get_dummy_value()
 
         return sig, codegen
