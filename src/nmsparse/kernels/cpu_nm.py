@@ -312,7 +312,8 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
     larger ones on numba's pool with torch's thread count."""
     batch = x.shape[0]
     rows, nchunks = masks.shape
-    out = torch.empty(batch, rows, dtype=torch.float32)
+    out_np = np.empty(batch * rows, dtype=np.float32)
+    out = torch.from_numpy(out_np).view(batch, rows)
     if batch == 0 or rows == 0:
         return out
     pin = nchunks * CHUNK
@@ -322,7 +323,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
     else:
         xp = x.contiguous()
     vn, mn = arrays if arrays is not None else packed_arrays(values, masks)
-    args = (vn, mn, xp.view(-1).numpy(), out.view(-1).numpy(), batch, rows, CHUNK * n // m, nchunks)
+    args = (vn, mn, xp.view(-1).numpy(), out_np, batch, rows, CHUNK * n // m, nchunks)
     if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
         _matmul_serial(*args)
     else:

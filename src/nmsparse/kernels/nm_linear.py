@@ -75,7 +75,7 @@ class NMLinear(nn.Module):
         self._crossover = crossover
         self.cache_dense = bool(cache_dense)
         self._dense: tuple[tuple, torch.Tensor] | None = None
-        self._arrays: tuple[tuple, tuple] | None = None  # the kernel's numpy views of values/masks
+        self._arrays: tuple | None = None  # the kernel's numpy views of values/masks (and what they view)
         self.register_buffer("values", torch.zeros(out_features, in_features * n // m, dtype=dtype))
         masks = torch.zeros(out_features, cpu_nm.padded_in(in_features) // cpu_nm.CHUNK, dtype=torch.int16)
         if in_features:  # a valid empty pattern: the first n columns of every group
@@ -139,12 +139,17 @@ class NMLinear(nn.Module):
         return self._dense[1]
 
     def _kernel_arrays(self) -> tuple:
-        """The numpy views the kernel reads, rebuilt when the buffers are replaced or modified."""
+        """The numpy views the kernel reads. They share memory with the buffers, so in-place changes
+        show through; they are rebuilt when a buffer is replaced (another tensor, or new storage)."""
         v, mk = self.values, self.masks
-        key = _buffer_key(v, mk)
-        if self._arrays is None or self._arrays[0] != key:
-            self._arrays = (key, cpu_nm.packed_arrays(v, mk))
-        return self._arrays[1]
+        cached = self._arrays
+        if (cached is not None and cached[0] is v and cached[1] is mk and cached[2] == v.data_ptr()
+                and cached[3] == mk.data_ptr()):
+            return cached[4]
+        arrays = cpu_nm.packed_arrays(v, mk)
+        if v.is_contiguous() and mk.is_contiguous():  # views, not copies: safe to keep
+            self._arrays = (v, mk, v.data_ptr(), mk.data_ptr(), arrays)
+        return arrays
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = self.values
