@@ -313,7 +313,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
     batch = x.shape[0]
     rows, nchunks = masks.shape
     out_np = np.empty(batch * rows, dtype=np.float32)
-    out = torch.from_numpy(out_np).view(batch, rows)
+    out = torch.from_numpy(out_np.reshape(batch, rows))  # a base tensor (not a view) sharing out_np's memory
     if batch == 0 or rows == 0:
         return out
     pin = nchunks * CHUNK
