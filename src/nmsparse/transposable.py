@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
 METHODS = ("optimal", "approx")
 _CHUNK = 256  # tiles per parallel work item
 _FORCE_TORCH = False  # tests flip this to run the torch path on CPU
+_AS_CUDA = False  # tests flip this to run on CPU exactly the route a CUDA tensor takes
 _INF = float("inf")
 
 
@@ -477,14 +478,10 @@ def _tiles_of(w: torch.Tensor, m: int) -> torch.Tensor:
     nb, nr, nc = w.shape
     a = w.detach().abs().to(torch.float64)
     a = a.reshape(nb, nr // m, m, nc // m, m).permute(0, 1, 3, 2, 4).reshape(-1, m, m)
-    bad = ~torch.isfinite(a)
-    if bool(bad.any()):
-        tb = bad.flatten(1).any(1)
-        sub = a[tb]
-        top = sub.masked_fill(bad[tb], 0.0).flatten(1).amax(1)
-        big = (top + 1.0) * float(2 * m * m)
-        a[tb] = torch.where(bad[tb], big[:, None, None], sub)
-    return a
+    bad = ~torch.isfinite(a)  # no host test of bad.any(): that would wait for the GPU
+    top = a.masked_fill(bad, 0.0).flatten(1).amax(1)
+    big = (top + 1.0) * float(2 * m * m)
+    return torch.where(bad, big[:, None, None], a)
 
 
 def _untile(x: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
@@ -733,9 +730,10 @@ def _masks(w: torch.Tensor, n: int, m: int, method: str) -> tuple[torch.Tensor, 
     if w.numel() == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device), 0, 0
     greedy = method == "approx"
-    if w.device.type == "cpu" and numba is not None and not _FORCE_TORCH:
+    cuda = w.device.type == "cuda" or _AS_CUDA
+    if w.device.type == "cpu" and numba is not None and not _FORCE_TORCH and not cuda:
         return _kernel_masks(w.detach(), n, m, greedy)
-    if w.device.type == "cuda" and not greedy and (n, m) == (2, 4):
+    if cuda and not greedy and (n, m) == (2, 4):
         return _optimal_24(w.detach()), 0, 0
     return _torch_masks(w.detach(), n, m, greedy)
 
@@ -761,7 +759,7 @@ def _patterns_24() -> torch.Tensor:
     return torch.tensor(pats, dtype=torch.bool).reshape(len(pats), 16)
 
 
-_PATTERNS_24: torch.Tensor | None = None
+_PATTERNS_24: dict[torch.device, torch.Tensor] = {}  # per device: a copy from host memory waits for the GPU
 _OPT24_CHUNK = 1 << 18  # tiles per matmul: bounds the (tiles, 90) float64 scores to 189 MB
 
 
@@ -771,15 +769,14 @@ def _optimal_24(w: torch.Tensor) -> torch.Tensor:
     pattern wins (ties to the earlier pattern, so a tie may pick another optimal mask than the
     min-cost-flow solver; the kept sum is the same up to float64 rounding). Non-finite entries get the
     value ``2*m*m*(F+1)`` as in the solver."""
-    global _PATTERNS_24
-    if _PATTERNS_24 is None:
-        _PATTERNS_24 = _patterns_24()
+    pats = _PATTERNS_24.get(w.device)
+    if pats is None:
+        pats = _PATTERNS_24[w.device] = _patterns_24().to(w.device)
     nb, nr, nc = w.shape
     a = w.abs().to(torch.float64).reshape(nb, nr // 4, 4, nc // 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 16)
     bad = ~torch.isfinite(a)
     top = a.masked_fill(bad, 0.0).amax(1, keepdim=True)
     a = torch.where(bad, (top + 1.0) * 32.0, a)
-    pats = _PATTERNS_24.to(w.device)
     pf = pats.to(torch.float64).t()
     best = torch.cat([(a[s : s + _OPT24_CHUNK] @ pf).argmax(1) for s in range(0, a.shape[0], _OPT24_CHUNK)])
     return _untile(pats[best].reshape(-1, 4, 4), w.shape, 4)
