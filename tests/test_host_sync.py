@@ -327,3 +327,42 @@ def test_cuda_training_step_does_not_sync(backend):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert _p(model).step_count() == int(_p(model).step) == 7
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP: its per-pass buffer broadcast must not force a host read either
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+@pytest.mark.parametrize("ignore", [False, True])
+def test_ddp_passes_do_not_sync(cuda_routes, tmp_path, ignore):
+    """Passes through a user's own DDP wrap (broadcast_buffers=True broadcasts, on every pass, the
+    buffers it listed at wrap time) and through the training loop's (which tells DDP to skip the N:M
+    buffers that refreshes replace) make no host read."""
+    import torch.distributed as dist
+
+    from nmsparse.training.loop import _refreshed_nm_buffers
+
+    model = _sparse_mlp(update_every=2)
+    names = _refreshed_nm_buffers(model)
+    assert sorted(names) == sorted(f"{i}.parametrizations.weight.0.{b}" for i in (0, 2, 4) for b in ("mask", "step"))
+    fixed = nn.Sequential(nn.Linear(8, 8))
+    nmsparse.sparsify(fixed, 2, 4, method="fixed", keep_dense=())
+    assert _refreshed_nm_buffers(fixed) == []  # a fixed mask is never replaced: DDP keeps syncing it
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if ignore:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        net = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(5):
+            with no_host_sync() if i else contextlib.nullcontext():
+                loss = net(torch.randn(8, 64)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        dist.destroy_process_group()
+    assert _p(model).step_count() == int(_p(model).step) == 5
