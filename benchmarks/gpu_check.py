@@ -30,19 +30,26 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import nmsparse  # noqa: E402
-from nmsparse.kernels import CudaOps, EmulatedOps, cutlass_supported  # noqa: E402
+try:  # a Python without torch (or numba) gets one line, not a traceback
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
 
-TEST_FILES = ["tests/test_semi_structured.py", "tests/test_masks.py", "tests/test_transposable.py"]
+    import nmsparse
+    from nmsparse.kernels import CudaOps, EmulatedOps, cutlass_supported
+except ImportError as e:
+    print(f"gpu_check: cannot import {e.name or e} in {sys.executable}; run it with a Python that has a CUDA "
+          "build of torch and nmsparse's dependencies (make gpu-check GPU_PYTHON=/path/to/python)", file=sys.stderr)
+    sys.exit(2)
+
+TEST_FILES = ["tests/test_semi_structured.py", "tests/test_masks.py", "tests/test_transposable.py",
+              "tests/test_host_sync.py"]
 LARGE = [(8192, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 16384)]
 SMALLER = [(4096, 4096, 4096), (1024, 4096, 4096), (256, 4096, 4096), (64, 4096, 4096), (16, 4096, 4096),
            (16, 8192, 8192), (256, 4096, 16384)]
@@ -348,8 +355,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=360.0, help="skip remaining linear shapes after this")
     args = ap.parse_args(argv)
     smoke = args.cpu_smoke
-    if not smoke and not torch.cuda.is_available():
-        print("gpu_check: CUDA is not available; run with --cpu-smoke for the CPU check", file=sys.stderr)
+    with warnings.catch_warnings():  # a CUDA build without a usable driver warns at length here
+        warnings.simplefilter("ignore")
+        cuda = torch.cuda.is_available()
+    if not smoke and not cuda:
+        print(f"gpu_check: CUDA is not available (torch {torch.__version__} in {sys.executable}); run it on a "
+              "machine with an NVIDIA GPU, or with --cpu-smoke for the CPU check", file=sys.stderr)
         return 2
     dev = "cpu" if smoke else "cuda"
     out = args.out or (ROOT / ("build/gpu_smoke" if smoke else "docs/results/gpu"))
