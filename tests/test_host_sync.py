@@ -51,38 +51,48 @@ _INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default
 _HOST_METHODS = {"tolist", "numpy", "cpu", "__array__"}
 
 
+def _raise(msg: str) -> None:
+    raise HostSync(msg)
+
+
 class _SyncDispatch(TorchDispatchMode):
-    def __init__(self, host_ptrs: set[int]) -> None:
+    def __init__(self, host_ptrs: set[int], report=_raise) -> None:
         super().__init__()
-        self.host_ptrs = host_ptrs
+        self.host_ptrs, self.report = host_ptrs, report
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _SYNC_OPS:
             t = args[0] if args else None
             if not (isinstance(t, torch.Tensor) and t.data_ptr() in self.host_ptrs):
-                raise HostSync(f"{func} would make the host wait for the GPU")
+                self.report(f"{func} would make the host wait for the GPU")
         if func in _INDEX_OPS:
             idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx):
-                raise HostSync(f"{func} with a boolean index (a nonzero) would make the host wait for the GPU")
+                self.report(f"{func} with a boolean index (a nonzero) would make the host wait for the GPU")
         return func(*args, **kwargs)
 
 
 class _HostMethods(TorchFunctionMode):
+    def __init__(self, report=_raise) -> None:
+        super().__init__()
+        self.report = report
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", None) in _HOST_METHODS:
-            raise HostSync(f"Tensor.{func.__name__} copies to host memory (waits for the GPU)")
+            self.report(f"Tensor.{func.__name__} copies to host memory (waits for the GPU)")
         return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
-def no_host_sync(host_tensors=()):
+def no_host_sync(host_tensors=(), found: list | None = None):
     """Raise :class:`HostSync` on any op in the block that would synchronise a CUDA device with the
-    host. ``host_tensors`` live in host memory even in a CUDA run (e.g. the step counters of a
-    non-capturable optimizer): reading them is allowed."""
+    host (or, with ``found``, append its description there and go on). ``host_tensors`` live in
+    host memory even in a CUDA run (e.g. the step counters of a non-capturable optimizer): reading
+    them is allowed."""
     ptrs = {t.data_ptr() for t in host_tensors}
-    with _HostMethods(), _SyncDispatch(ptrs):
+    report = _raise if found is None else found.append
+    with _HostMethods(report), _SyncDispatch(ptrs, report):
         yield
 
 
@@ -366,3 +376,19 @@ def test_ddp_passes_do_not_sync(cuda_routes, tmp_path, ignore):
     finally:
         dist.destroy_process_group()
     assert _p(model).step_count() == int(_p(model).step) == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# approximate transposable masks: one host read per call (does any tile need the exact solver?)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_approx_transposable_24_reads_the_host_once(cuda_routes, monkeypatch):
+    torch.manual_seed(3)
+    w = torch.randn(128, 256)
+    found = []
+    with no_host_sync(found=found):
+        mask = nmsparse.transposable_mask(w, 2, 4, "approx")
+    assert found == ["Tensor.tolist copies to host memory (waits for the GPU)"]  # the two counts, together
+    monkeypatch.setattr(T, "_AS_CUDA", False)
+    assert torch.equal(mask, nmsparse.transposable_mask(w, 2, 4, "approx"))  # the numba kernel's mask
