@@ -25,7 +25,8 @@ def test_cpu_smoke_writes_every_section(gpu_check, tmp_path):
     for section in ("masks", "linear", "mlp", "gpt"):
         assert "error" not in report[section], report[section]
     assert set(report["masks"]["results"]) == {"abs", "nm_mask 2:4", "transposable 2:4 optimal",
-                                               "transposable 2:4 approx"}
+                                               "transposable 2:4 approx",
+                                               "transposable 2:4 approx, gathering repair (host reads; experiment)"}
     rows = report["linear"]["rows"]
     assert [r["shape"] for r in rows] == [[16, 64, 128], [32, 128, 64]]
     assert all(r["max_rel_err"]["emulated"] < 1e-2 for r in rows)
