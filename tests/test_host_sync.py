@@ -206,8 +206,10 @@ def test_step_survives_every_way_of_writing_the_buffer(cuda_routes):
     fresh.load_state_dict(state, assign=True)  # a new tensor object
     assert _p(fresh).step_count() == 5
     with torch.no_grad():
-        _p(fresh).step.copy_(torch.tensor(11))  # what the Hugging Face loader and DCP do
+        _p(fresh).step.copy_(torch.tensor(11))
     assert _p(fresh).step_count() == 11
+    fresh.state_dict()["0.parametrizations.weight.0.step"].copy_(torch.tensor(9))  # the Hugging Face loader
+    assert _p(fresh).step_count() == 9
     _p(fresh).step.data = torch.tensor(2)  # FSDP2 moves buffers this way
     assert _p(fresh).step_count() == 2
     clone = copy.deepcopy(model)
