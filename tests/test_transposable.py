@@ -450,7 +450,7 @@ def test_failed_certificate_falls_back_to_the_exact_solver(monkeypatch):
     torch.manual_seed(8)
     w = torch.randn(64, 64)
     monkeypatch.setattr(T, "_FORCE_TORCH", True)
-    monkeypatch.setattr(T, "_repair_torch", lambda a, x, n, m: torch.zeros(a.shape[0], dtype=torch.bool))
+    monkeypatch.setattr(T, "_repair_torch", lambda a, x, n, m, rounds=None: torch.zeros(a.shape[0], dtype=torch.bool))
     mask, short, exact = T._masks(w.unsqueeze(0), 4, 8, "approx")
     assert short == exact > 0
     monkeypatch.setattr(T, "_FORCE_TORCH", False)
@@ -469,3 +469,54 @@ def test_kernel_leaves_torch_thread_count_alone(run_with_one_numba_thread):
         "nmsparse.transposable_mask(torch.randn(64, 64), 2, 4); print(torch.get_num_threads())"
     )
     assert run_with_one_numba_thread(code).strip() == "2"
+
+
+# ------------------------------------------------------------------------------------------------
+# the approx repair without host reads (fixed rounds over every tile) gives the gathering repair's masks
+# ------------------------------------------------------------------------------------------------
+
+
+def _hard_tiles(n, m, seed, rows=16, cols=12):
+    torch.manual_seed(seed)
+    w = torch.randn(rows * m, cols * m)
+    w[: 4 * m] = torch.randint(-2, 3, (4 * m, cols * m)).float()  # many ties
+    w[4 * m : 5 * m, : 3 * m] = 0.5
+    w[4 * m + 1, 3] = float("nan")
+    w[6 * m, 5] = float("inf")
+    return T._tiles_of(w.unsqueeze(0), m)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (2, 8), (3, 8), (4, 8), (3, 16)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fixed_round_repair_equals_gathering_repair(n, m, seed):
+    rows, cols = (16, 12) if m < 16 else (8, 6)
+    a = _hard_tiles(n, m, seed, rows, cols)
+    x0 = T._greedy_torch(a, n, m)
+    short = (x0.flatten(1).sum(1) < n * m).nonzero().squeeze(1)
+    assert (short.numel() > 0) == (n > 1)  # a 1:m greedy is always complete (the bound (n-1)**2 = 0)
+    xs = x0[short].clone()
+    good_gather = T._repair_torch(a[short], xs, n, m)
+    x_fixed = x0.clone()
+    good_fixed = T._repair_torch(a, x_fixed, n, m, rounds=(n - 1) ** 2)
+    assert torch.equal(x_fixed[short], xs)
+    assert torch.equal(good_fixed[short], good_gather)
+    complete = torch.ones(a.shape[0], dtype=torch.bool)
+    complete[short] = False
+    assert torch.equal(x_fixed[complete], x0[complete]) and good_fixed[complete].all()
+    assert_balanced(T._untile(x_fixed, (1, rows * m, cols * m), m)[0], n, m)
+
+
+def test_fixed_round_path_falls_back_to_the_exact_solver(monkeypatch):
+    """2:4 (fixed rounds): a tile that fails its certificate is solved exactly, as on the CPU."""
+    torch.manual_seed(8)
+    w = torch.randn(64, 64)
+    monkeypatch.setattr(T, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T, "_repair_torch", lambda a, x, n, m, rounds=None: torch.zeros(a.shape[0], dtype=torch.bool))
+    mask, short, exact = T._masks(w.unsqueeze(0), 2, 4, "approx")
+    assert short == exact > 0
+    monkeypatch.setattr(T, "_FORCE_TORCH", False)
+    opt, greedy = transposable_mask(w, 2, 4), transposable_mask(w, 2, 4, "approx")
+    short_tiles = [(g.sum() < 8) for g in torch.from_numpy(tiles_of(greedy.numpy(), 4)).unbind(0)]
+    for x, o, s in zip(tiles_of(mask[0].numpy(), 4), tiles_of(opt.numpy(), 4), short_tiles):
+        if s:
+            assert (x == o).all()

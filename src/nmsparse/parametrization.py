@@ -92,10 +92,48 @@ class NMParametrization(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=weight.device))
         self.shared = False  # set by sparsify when other modules use this weight (see module doc)
         self._seen: tuple[int, int] | None = None
+        self._step_value = 0
+        self._mark_step_written()
+
+    # --- the step counter without host syncs ------------------------------------------------------
+    # ``step`` (a device tensor, saved and loaded with the state_dict) is the counter of record; the
+    # schedule reads a Python int copy, ``_step_value``, so that a training pass never reads a device
+    # tensor on the host (on CUDA, ``int(step)`` would wait for the GPU, once per layer per pass).
+    # ``_step_written`` is (tensor, version counter, data pointer) of the buffer as this module last
+    # wrote it: anything else that writes it (load_state_dict, an in-place copy such as the Hugging
+    # Face loader's or DCP's, ``load_state_dict(assign=True)``, ``.data =``) changes one of the three,
+    # and the next refresh reads the buffer once. Moves (``.to``, ``.cuda``) keep the value and keep
+    # the copy valid (:meth:`_apply`).
+
+    def _mark_step_written(self) -> None:
+        s = self.step
+        self.__dict__["_step_written"] = (s, s._version, s.data_ptr())
+
+    def step_count(self) -> int:
+        """Training-mode passes counted so far (the ``step`` buffer's value), without a host read
+        unless something other than :meth:`refresh` wrote the buffer since (a load, once)."""
+        s, written = self.step, self.__dict__.get("_step_written")
+        if written is None or written[0] is not s or written[1] != s._version or written[2] != s.data_ptr():
+            self._step_value = int(s)  # the one host read, after a load
+            self._mark_step_written()
+        return self._step_value
+
+    def _apply(self, fn, recurse=True):
+        value, old = self.step_count(), self.step
+        out = super()._apply(fn, recurse)
+        if self.step is not old:  # moved or converted: the value is the same (to_empty's garbage is
+            self._step_value = value  # overwritten by the next refresh)
+            self._mark_step_written()
+        return out
 
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor) -> None:
-        """Count one training-mode forward pass; recompute the mask when the schedule says so."""
+        """Count one training-mode forward pass; recompute the mask when the schedule says so.
+
+        No host synchronisation: the schedule runs on a Python int (see :meth:`step_count`), and a
+        new mask replaces the ``mask`` buffer (a new tensor) instead of being compared with it and
+        copied in: a module called twice in one pass keeps, for the first call's backward, the
+        mask that call used (autograd's saved-tensor version check never fires)."""
         if self.method == "fixed":
             return
         if getattr(self, "shared", False):  # several users call this per pass: act once per value of W
@@ -103,13 +141,12 @@ class NMParametrization(nn.Module):
             if seen == self._seen:
                 return
             self._seen = seen
-        if self.update_every == 1 or int(self.step) % self.update_every == 0:
-            new = self.mask_fn(weight.detach())
-            # write only on change: a module called twice in one pass must not modify the mask that
-            # the first call's backward saved (autograd checks the version of saved tensors)
-            if not torch.equal(new, self.mask):
-                self.mask.copy_(new)
-        self.step.add_(1)
+        step = self.step_count()
+        if self.update_every == 1 or step % self.update_every == 0:
+            self.mask = self.mask_fn(weight.detach()).to(device=self.mask.device, dtype=torch.bool)
+        self.step = self.step + 1  # a new tensor too: DDP's per-pass buffer broadcast (which writes
+        self._step_value = step + 1  # the buffers it listed at wrap time) cannot force a host read
+        self._mark_step_written()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return sparse_weight(weight, self.mask, self.method, self.decay)

@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
 METHODS = ("optimal", "approx")
 _CHUNK = 256  # tiles per parallel work item
 _FORCE_TORCH = False  # tests flip this to run the torch path on CPU
+_AS_CUDA = False  # tests flip this to run on CPU exactly the route a CUDA tensor takes
 _INF = float("inf")
 
 
@@ -477,14 +478,10 @@ def _tiles_of(w: torch.Tensor, m: int) -> torch.Tensor:
     nb, nr, nc = w.shape
     a = w.detach().abs().to(torch.float64)
     a = a.reshape(nb, nr // m, m, nc // m, m).permute(0, 1, 3, 2, 4).reshape(-1, m, m)
-    bad = ~torch.isfinite(a)
-    if bool(bad.any()):
-        tb = bad.flatten(1).any(1)
-        sub = a[tb]
-        top = sub.masked_fill(bad[tb], 0.0).flatten(1).amax(1)
-        big = (top + 1.0) * float(2 * m * m)
-        a[tb] = torch.where(bad[tb], big[:, None, None], sub)
-    return a
+    bad = ~torch.isfinite(a)  # no host test of bad.any(): that would wait for the GPU
+    top = a.masked_fill(bad, 0.0).flatten(1).amax(1)
+    big = (top + 1.0) * float(2 * m * m)
+    return torch.where(bad, big[:, None, None], a)
 
 
 def _untile(x: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
@@ -579,81 +576,102 @@ def _greedy_torch(a: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return x.view(t_count, m, m)
 
 
-def _repair_torch(a: torch.Tensor, x: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def _augment_torch(A, X, RC, CC, live, n: int, m: int, syncs: bool) -> torch.Tensor:
+    """One augmenting path (a short row to a short column, of largest kept-``|w|`` gain) in every tile
+    where ``live`` (bool (T,)), in place on ``X`` (T, m, m), ``RC`` (T, m) and ``CC`` (T, m); other
+    tiles are untouched. Returns ``ok`` (T,): False where the search got stuck. With ``syncs`` the
+    loops stop as soon as no tile is left (a host read per layer); without, they run their ``m``
+    layers and ``m`` path steps with the finished tiles masked out: the same result, no host read."""
+    dev = A.device
+    nb = A.shape[0]
+    ninf = -_INF
+    rows = torch.arange(nb, device=dev)
+    start_live = live
+    fr = live[:, None] & (RC < n)
+    rv = fr.clone()
+    rg = torch.where(fr, 0.0, ninf).to(torch.float64)
+    rpr = torch.full((nb, m), -1, dtype=torch.long, device=dev)
+    cv = torch.zeros(nb, m, dtype=torch.bool, device=dev)
+    cg = torch.full((nb, m), ninf, dtype=torch.float64, device=dev)
+    cpr = torch.full((nb, m), -1, dtype=torch.long, device=dev)
+    ok = torch.ones(nb, dtype=torch.bool, device=dev)
+    chosen = torch.zeros(nb, dtype=torch.long, device=dev)
+    for _ in range(m):
+        edge = fr[:, :, None] & ~X  # [t, i, k]
+        bg, bp = torch.where(edge, rg[:, :, None] + A, ninf).max(1)
+        # first i among the candidates with the largest gain (a -inf gain still counts as found)
+        bp = torch.where(edge.any(1), _first_arg(edge, bg[:, None, :], rg[:, :, None] + A, 1), bp)
+        fc = live[:, None] & ~cv & edge.any(1)
+        cg = torch.where(fc, bg, cg)
+        cpr = torch.where(fc, bp, cpr)
+        short_c = fc & (CC < n)
+        has = short_c.any(1)
+        pick = _first_arg(short_c, torch.where(short_c, cg, ninf).amax(1, keepdim=True), cg, 1)
+        chosen = torch.where(live & has, pick, chosen)
+        stuck = live & ~has & ~fc.any(1)
+        ok &= ~stuck
+        live = live & ~has & ~stuck
+        if syncs and not bool(live.any()):
+            break
+        cv |= fc
+        edge = fc[:, None, :] & X  # [t, i, k]
+        val = cg[:, None, :] - A
+        bg, _ = torch.where(edge, val, ninf).max(2)
+        bp = _first_arg(edge, bg[:, :, None], val, 2)
+        fr = live[:, None] & ~rv & edge.any(2)
+        rg = torch.where(fr, bg, rg)
+        rpr = torch.where(fr, bp, rpr)
+        rv |= fr
+        stuck = live & ~fr.any(1)
+        ok &= ~stuck
+        live = live & ~stuck
+    ok &= ~live  # no short column within m layers (cannot happen: a balanced mask exists)
+    done = ok & start_live
+    k = chosen.clone()
+    going = done.clone()
+    for _ in range(m):  # walk the path back from the short column: keep (i, k), drop (i, j)
+        if syncs and not bool(going.any()):
+            break
+        i = cpr[rows, k].clamp(min=0)
+        X[rows, i, k] = X[rows, i, k] | going
+        j = rpr[rows, i]
+        RC[rows, i] += (going & (j < 0)).long()
+        going = going & (j >= 0)
+        jj = j.clamp(min=0)
+        X[rows, i, jj] = X[rows, i, jj] & ~going
+        k = torch.where(going, jj, k)
+    CC[rows, chosen] += done.long()
+    return ok
+
+
+def _repair_torch(a: torch.Tensor, x: torch.Tensor, n: int, m: int, rounds: int | None = None) -> torch.Tensor:
     """Complete greedy tiles by augmenting paths in place; mirrors ``_repair_tile``.
 
-    Returns a bool (T,) telling which tiles passed its certificate (at least half the optimum)."""
+    Returns a bool (T,) telling which tiles passed its certificate (at least half the optimum).
+    ``rounds=None``: each round gathers the tiles still short (a host read) and augments those.
+    ``rounds=R``: R rounds over every tile, the complete ones masked out, with no host read; a tile
+    still short after them fails the certificate. ``R = (n - 1) ** 2`` always suffices: a greedy
+    tile with a short row has a column that is not full either; every entry between a short row and
+    a column that is not full was kept, so at most ``n - 1`` rows are short, each by at most ``n - 1``
+    (the short rows keep at least one entry each). Both give the same masks."""
     dev = a.device
     nt = a.shape[0]
-    ninf = -_INF
     greedy = _kept_sum(a, x, m)
     rc, cc = x.sum(2), x.sum(1)
     good = torch.ones(nt, dtype=torch.bool, device=dev)
-    while True:
-        act = (good & (rc < n).any(1)).nonzero().squeeze(1)
-        if act.numel() == 0:
-            break
-        A, X, RC, CC = a[act], x[act], rc[act], cc[act]
-        nb = act.numel()
-        rows = torch.arange(nb, device=dev)
-        fr = RC < n
-        rv = fr.clone()
-        rg = torch.where(fr, 0.0, ninf).to(torch.float64)
-        rpr = torch.full((nb, m), -1, dtype=torch.long, device=dev)
-        cv = torch.zeros(nb, m, dtype=torch.bool, device=dev)
-        cg = torch.full((nb, m), ninf, dtype=torch.float64, device=dev)
-        cpr = torch.full((nb, m), -1, dtype=torch.long, device=dev)
-        live = torch.ones(nb, dtype=torch.bool, device=dev)
-        ok = torch.ones(nb, dtype=torch.bool, device=dev)
-        chosen = torch.zeros(nb, dtype=torch.long, device=dev)
-        for _ in range(m):
-            edge = fr[:, :, None] & ~X  # [t, i, k]
-            bg, bp = torch.where(edge, rg[:, :, None] + A, ninf).max(1)
-            # first i among the candidates with the largest gain (a -inf gain still counts as found)
-            bp = torch.where(edge.any(1), _first_arg(edge, bg[:, None, :], rg[:, :, None] + A, 1), bp)
-            fc = live[:, None] & ~cv & edge.any(1)
-            cg = torch.where(fc, bg, cg)
-            cpr = torch.where(fc, bp, cpr)
-            short_c = fc & (CC < n)
-            has = short_c.any(1)
-            pick = _first_arg(short_c, torch.where(short_c, cg, ninf).amax(1, keepdim=True), cg, 1)
-            chosen = torch.where(live & has, pick, chosen)
-            stuck = live & ~has & ~fc.any(1)
-            ok &= ~stuck
-            live = live & ~has & ~stuck
-            if not bool(live.any()):
+    if rounds is None:
+        while True:
+            act = (good & (rc < n).any(1)).nonzero().squeeze(1)
+            if act.numel() == 0:
                 break
-            cv |= fc
-            edge = fc[:, None, :] & X  # [t, i, k]
-            val = cg[:, None, :] - A
-            bg, _ = torch.where(edge, val, ninf).max(2)
-            bp = _first_arg(edge, bg[:, :, None], val, 2)
-            fr = live[:, None] & ~rv & edge.any(2)
-            rg = torch.where(fr, bg, rg)
-            rpr = torch.where(fr, bp, rpr)
-            rv |= fr
-            stuck = live & ~fr.any(1)
-            ok &= ~stuck
-            live = live & ~stuck
-        ok &= ~live  # no short column within m layers (cannot happen: a balanced mask exists)
-        k = chosen.clone()
-        going = ok.clone()
-        for _ in range(m):
-            if not bool(going.any()):
-                break
-            i = cpr[rows, k].clamp(min=0)
-            g = rows[going]
-            X[g, i[going], k[going]] = True
-            j = rpr[rows, i]
-            start = going & (j < 0)
-            RC[rows[start], i[start]] += 1
-            going = going & (j >= 0)
-            jj = j.clamp(min=0)
-            X[rows[going], i[going], jj[going]] = False
-            k = torch.where(going, jj, k)
-        CC[rows[ok], chosen[ok]] += 1
-        x[act], rc[act], cc[act] = X, RC, CC
-        good[act] = ok
+            X, RC, CC = x[act], rc[act], cc[act]
+            ok = _augment_torch(a[act], X, RC, CC, torch.ones(act.numel(), dtype=torch.bool, device=dev), n, m, True)
+            x[act], rc[act], cc[act] = X, RC, CC
+            good[act] = ok
+    else:
+        for _ in range(rounds):
+            good = good & _augment_torch(a, x, rc, cc, good & (rc < n).any(1), n, m, False)
+        good = good & ~(rc < n).any(1)
     kept = _kept_sum(a, x, m)
     rs = torch.sort(a, dim=2, descending=True, stable=True).values  # rows, decreasing
     cs = torch.sort(a, dim=1, descending=True, stable=True).values  # columns, decreasing
@@ -689,10 +707,23 @@ def _first_arg(cand: torch.Tensor, target: torch.Tensor, val: torch.Tensor, dim:
     return torch.where(hit, pos, size).amin(dim)
 
 
+_FIXED_ROUNDS_MAX = 4  # repair in (n-1)**2 <= this many rounds over every tile, without host reads (n <= 3)
+
+
 def _torch_masks(w: torch.Tensor, n: int, m: int, greedy: bool) -> tuple[torch.Tensor, int, int]:
     a = _tiles_of(w, m)
     short = exact = 0
-    if greedy:
+    if greedy and (n - 1) ** 2 <= _FIXED_ROUNDS_MAX:
+        # greedy and repair run without a host read; one read at the end (the two counts) decides
+        # whether a tile failed its certificate and needs the exact solver (never seen on random data)
+        x = _greedy_torch(a, n, m)
+        under = x.flatten(1).sum(1) < n * m
+        bad = under & ~_repair_torch(a, x, n, m, rounds=(n - 1) ** 2)
+        short, exact = torch.stack([under.sum(), bad.sum()]).tolist()
+        if exact:
+            idx = bad.nonzero().squeeze(1)
+            x[idx] = _solve_torch(a[idx], n, m)
+    elif greedy:
         x = _greedy_torch(a, n, m)
         under = (x.flatten(1).sum(1) < n * m).nonzero().squeeze(1)
         short = int(under.numel())
@@ -733,9 +764,10 @@ def _masks(w: torch.Tensor, n: int, m: int, method: str) -> tuple[torch.Tensor, 
     if w.numel() == 0:
         return torch.zeros(w.shape, dtype=torch.bool, device=w.device), 0, 0
     greedy = method == "approx"
-    if w.device.type == "cpu" and numba is not None and not _FORCE_TORCH:
+    cuda = w.device.type == "cuda" or _AS_CUDA
+    if w.device.type == "cpu" and numba is not None and not _FORCE_TORCH and not cuda:
         return _kernel_masks(w.detach(), n, m, greedy)
-    if w.device.type == "cuda" and not greedy and (n, m) == (2, 4):
+    if cuda and not greedy and (n, m) == (2, 4):
         return _optimal_24(w.detach()), 0, 0
     return _torch_masks(w.detach(), n, m, greedy)
 
@@ -761,7 +793,7 @@ def _patterns_24() -> torch.Tensor:
     return torch.tensor(pats, dtype=torch.bool).reshape(len(pats), 16)
 
 
-_PATTERNS_24: torch.Tensor | None = None
+_PATTERNS_24: dict[torch.device, torch.Tensor] = {}  # per device: a copy from host memory waits for the GPU
 _OPT24_CHUNK = 1 << 18  # tiles per matmul: bounds the (tiles, 90) float64 scores to 189 MB
 
 
@@ -771,15 +803,14 @@ def _optimal_24(w: torch.Tensor) -> torch.Tensor:
     pattern wins (ties to the earlier pattern, so a tie may pick another optimal mask than the
     min-cost-flow solver; the kept sum is the same up to float64 rounding). Non-finite entries get the
     value ``2*m*m*(F+1)`` as in the solver."""
-    global _PATTERNS_24
-    if _PATTERNS_24 is None:
-        _PATTERNS_24 = _patterns_24()
+    pats = _PATTERNS_24.get(w.device)
+    if pats is None:
+        pats = _PATTERNS_24[w.device] = _patterns_24().to(w.device)
     nb, nr, nc = w.shape
     a = w.abs().to(torch.float64).reshape(nb, nr // 4, 4, nc // 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 16)
     bad = ~torch.isfinite(a)
     top = a.masked_fill(bad, 0.0).amax(1, keepdim=True)
     a = torch.where(bad, (top + 1.0) * 32.0, a)
-    pats = _PATTERNS_24.to(w.device)
     pf = pats.to(torch.float64).t()
     best = torch.cat([(a[s : s + _OPT24_CHUNK] @ pf).argmax(1) for s in range(0, a.shape[0], _OPT24_CHUNK)])
     return _untile(pats[best].reshape(-1, 4, 4), w.shape, 4)

@@ -47,6 +47,16 @@ from nmsparse.training.resume import (  # noqa: F401 - RESUME_FREE_FIELDS, read_
 EVAL_BATCH = 1000
 
 
+def _refreshed_nm_buffers(model: nn.Module) -> list[str]:
+    """Names of the ``mask`` and ``step`` buffers of the N:M layers whose masks refresh (method not
+    ``"fixed"``). DDP need not broadcast them on every pass (1 byte per weight): they are equal on
+    every rank by construction (see :mod:`nmsparse.training.distributed`), and each refresh replaces
+    them with new tensors, which DDP's list of buffers (made at wrap time) would not see anyway."""
+    ids = {id(b) for _, _, _, p in nmsparse.sparse_tensors(model) if p.method != "fixed"
+           for b in p.buffers()}
+    return [name for name, b in model.named_buffers() if id(b) in ids]
+
+
 class _Indices(torch.utils.data.Dataset):
     def __init__(self, n: int) -> None:
         self.n = n
@@ -160,6 +170,8 @@ class Trainer:
             self.net = fsdp.shard(self.model)  # in place: self.net is self.model
         elif self.ctx.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.model, _refreshed_nm_buffers(self.model))
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
         cfg = config
