@@ -59,6 +59,8 @@ from nmsparse.nmmasks import _BITS, check_nm, is_nm
 try:  # numba is a hard dependency; the guard keeps the torch path usable where it cannot load.
     import numba
     import numpy as np
+
+    from nmsparse import _numba_pool
 except ImportError:  # pragma: no cover - exercised only on broken installs
     numba = None
 
@@ -457,12 +459,7 @@ def _kernel_masks(w: torch.Tensor, n: int, m: int, greedy: bool) -> tuple[torch.
     out = torch.empty(w.shape, dtype=torch.bool)
     tiles = w.shape[0] * (w.shape[1] // m) * (w.shape[2] // m)
     stats = np.zeros((max(1, (tiles + _CHUNK - 1) // _CHUNK), 2), dtype=np.int64)
-    torch_threads = torch.get_num_threads()
-    _tiles_kernel(w.numpy(), out.numpy(), n, m, greedy, stats)
-    if torch.get_num_threads() != torch_threads:
-        # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own
-        # (see nmsparse._kernels); keep torch's thread count as the caller had it.
-        torch.set_num_threads(torch_threads)
+    _numba_pool.run(_tiles_kernel, w.numpy(), out.numpy(), n, m, greedy, stats)  # torch's thread count
     short, exact = stats.sum(0).tolist()
     return out, short, exact
 
