@@ -365,3 +365,14 @@ def test_layer_built_under_inference_mode_and_caches_follow_in_place_changes():
         lin.weight.mul_(2)
     close(mod(x1), reference(x1, lin), torch.float32)
     close(mod(x5), reference(x5, lin), torch.float32)
+
+
+def test_fewer_rows_than_a_block_with_input_gradient():
+    lin = layer(nm_weight(3, 32, 2, 4, sparser=False))  # 3 output rows: padded to one block of 4
+    mod = NMLinear.from_linear(lin, 2, 4)
+    for batch in (1, 2):
+        x = torch.randn(batch, 32, requires_grad=True)
+        y = mod(x)
+        close(y, reference(x.detach(), lin), torch.float32)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, lin.weight.detach().sum(0).expand(batch, -1))

@@ -153,10 +153,6 @@ _block_4x4 = _make_dot_block(ROW_BLOCK, 4)
 _block_4x3 = _make_dot_block(ROW_BLOCK, 3)
 _block_4x2 = _make_dot_block(ROW_BLOCK, 2)
 _block_4x1 = _make_dot_block(ROW_BLOCK, 1)
-_block_1x4 = _make_dot_block(1, 4)
-_block_1x3 = _make_dot_block(1, 3)
-_block_1x2 = _make_dot_block(1, 2)
-_block_1x1 = _make_dot_block(1, 1)
 
 
 @intrinsic
@@ -187,57 +183,39 @@ def _expand_row(typingctx, vals, voff, masks, moff, out, ooff, nchunks, per):  #
     return sig, codegen
 
 
-def _matmul_rows(vals, masks, x, out, batch, rows, per, nchunks, r0, r1):  # pragma: no cover - compiled
-    """Output rows ``r0 <= r < r1`` (``r1 - r0`` a multiple of ROW_BLOCK, or a single row) for every x row:
-    x rows in tiles of 4, the last ``batch % 4`` in one tile of 1, 2 or 3."""
-    k = vals.size // max(rows, 1)
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _matmul_block(vals, masks, x, out, batch, rows, per, nchunks, i):  # pragma: no cover - compiled
+    """Block ``i`` of ROW_BLOCK output rows (the last block is moved back to end at ``rows``, recomputing
+    a few rows of the one before it: the same bits either way; needs ``rows >= ROW_BLOCK``), for every x
+    row: x rows in tiles of 4, the last ``batch % 4`` in one tile of 1, 2 or 3."""
+    r = min(i * ROW_BLOCK, rows - ROW_BLOCK)
+    k = vals.size // rows
     xs = nchunks * CHUNK
     tiled = batch - batch % 4
     rest = batch - tiled
-    if r1 - r0 == 1:
-        for b in range(0, tiled, 4):
-            _block_1x4(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, b * xs, xs, out, b * rows + r0, rows)
-        if rest == 3:
-            _block_1x3(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r0, rows)
-        elif rest == 2:
-            _block_1x2(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r0, rows)
-        elif rest == 1:
-            _block_1x1(vals, r0 * k, k, masks, r0 * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r0, rows)
-        return
-    for r in range(r0, r1, ROW_BLOCK):
-        for b in range(0, tiled, 4):
-            _block_4x4(vals, r * k, k, masks, r * nchunks, nchunks, per, x, b * xs, xs, out, b * rows + r, rows)
-        if rest == 3:
-            _block_4x3(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
-        elif rest == 2:
-            _block_4x2(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
-        elif rest == 1:
-            _block_4x1(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
-
-
-_matmul_rows_jit = numba.njit(cache=True, nogil=True, boundscheck=False)(_matmul_rows)
+    for b in range(0, tiled, 4):
+        _block_4x4(vals, r * k, k, masks, r * nchunks, nchunks, per, x, b * xs, xs, out, b * rows + r, rows)
+    if rest == 3:
+        _block_4x3(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
+    elif rest == 2:
+        _block_4x2(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
+    elif rest == 1:
+        _block_4x1(vals, r * k, k, masks, r * nchunks, nchunks, per, x, tiled * xs, xs, out, tiled * rows + r, rows)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def _matmul_kernel(vals, masks, x, out, batch, rows, per, nchunks):  # pragma: no cover - compiled
-    """out[b * rows + r] = row r of the packed weight . x[b, :], for b < batch, r < rows (parallel over
-    blocks of ROW_BLOCK output rows; the last rows % ROW_BLOCK one at a time)."""
-    blocks = rows // ROW_BLOCK
-    for i in numba.prange(blocks + rows % ROW_BLOCK):
-        if i < blocks:
-            _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, i * ROW_BLOCK, (i + 1) * ROW_BLOCK)
-        else:
-            r = blocks * ROW_BLOCK + i - blocks
-            _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, r, r + 1)
+    """out[b * rows + r] = row r of the packed weight . x[b, :], for b < batch, r < rows (>= ROW_BLOCK),
+    parallel over blocks of ROW_BLOCK output rows."""
+    for i in numba.prange(-(-rows // ROW_BLOCK)):
+        _matmul_block(vals, masks, x, out, batch, rows, per, nchunks, i)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _matmul_serial(vals, masks, x, out, batch, rows, per, nchunks):  # pragma: no cover - compiled
     """``_matmul_kernel`` on the calling thread only (small products: no thread-pool round trip)."""
-    blocks = rows // ROW_BLOCK
-    _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, 0, blocks * ROW_BLOCK)
-    for r in range(blocks * ROW_BLOCK, rows):
-        _matmul_rows_jit(vals, masks, x, out, batch, rows, per, nchunks, r, r + 1)
+    for i in range(-(-rows // ROW_BLOCK)):
+        _matmul_block(vals, masks, x, out, batch, rows, per, nchunks, i)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
@@ -316,6 +294,11 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
     out = torch.from_numpy(out_np.reshape(batch, rows))  # a base tensor (not a view) sharing out_np's memory
     if batch == 0 or rows == 0:
         return out
+    if rows < ROW_BLOCK:  # the kernel works on whole blocks of rows: pad with empty rows
+        pv = torch.zeros(ROW_BLOCK, values.shape[1], dtype=values.dtype)
+        pm = torch.zeros(ROW_BLOCK, nchunks, dtype=torch.int16)
+        pv[:rows], pm[:rows] = values, masks
+        return nm_matmul(x, pv, pm, n, m, in_features)[:, :rows].clone()
     pin = nchunks * CHUNK
     if pin != in_features:
         xp = torch.zeros(batch, pin, dtype=torch.float32)
