@@ -1,6 +1,7 @@
 """compress/decompress speed vs one plain ``w.abs()`` pass over the dense tensor (ratios; noisy machine).
 
-Run: ``.venv/bin/python benchmarks/bench_compress.py [--size 4096] [--runs 7] [--threads 2]``.
+Run: ``.venv/bin/python benchmarks/bench_compress.py [--size 4096] [--runs 7] [--threads 2]
+[--nm 2:4,4:8] [--dtypes float32,float16,bfloat16]``.
 
 For each dtype and N:M, the three operations are timed interleaved (abs, compress, decompress, abs,
 ...) in each of ``--runs`` rounds, so load changes hit all three alike; each round's ratio is
@@ -31,14 +32,18 @@ def main():
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--inner", type=int, default=3, help="timings per operation per round (best kept)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nm", default="2:4,4:8", help="comma-separated N:M patterns (N kept of M)")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated torch float dtypes")
     args = ap.parse_args()
+    patterns = [tuple(int(x) for x in p.split(":")) for p in args.nm.split(",")]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     torch.set_num_threads(args.threads)
     print(f"{args.size}x{args.size}, torch threads={torch.get_num_threads()}, {args.runs} interleaved rounds "
           f"(best of {args.inner} each), load average {os.getloadavg()[0]:.2f}")
     print(f"{'dtype':<9}{'N:M':<6}{'abs ms':>8}{'compress/abs':>22}{'decompress/abs':>22}{'stored/dense':>14}")
-    for dtype in (torch.float32, torch.float16):
-        for n, m in ((2, 4), (4, 8)):
-            w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for dtype in dtypes:
+        for n, m in patterns:
+            w = torch.randn(args.size, args.size // m * m, generator=torch.Generator().manual_seed(0)).to(dtype)
             w = w * nm_mask(w, n, m)
             c = compress(w, n, m)
             assert torch.equal(decompress(c), w)
