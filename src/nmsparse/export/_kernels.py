@@ -75,25 +75,44 @@ def pattern_table(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compress_table_kernel(n: int, m: int):
+def _compress_table_kernel(n: int, m: int, elem_bits: int):
     """Compression by table look-up of each group's non-zero pattern (m <= TABLE_MAX_M), unit by
-    unit: a few branch-free operations per group."""
+    unit: a few branch-free operations per group. When a group spans whole 64-bit words
+    (``m * elem_bits`` a multiple of 64) its pattern is computed a word at a time (``words``: a
+    ``uint64`` view of ``bits``): per lane, adding the magnitude mask to the magnitude bits carries
+    into the lane's top bit exactly when the entry is non-zero."""
     b, width, u, ub = _unit(n, m)  # width <= 7 * 3 = 21 bits: next to < 8 pending bits in an int64
     units_per_chunk = _CHUNK // u
     flush = _flusher(width + 7)
+    lanes = 64 // elem_bits
+    by_word = (m * elem_bits) % 64 == 0
+    words_per_group = m * elem_bits // 64
+    lane_abs = sum(((1 << (elem_bits - 1)) - 1) << (elem_bits * i) for i in range(lanes))
+    lane_top = sum(1 << (elem_bits - 1 + elem_bits * i) for i in range(lanes))
+    # gathers lane top bits (shifted down to bits 0, e, 2e, ...) into bits 64-lanes .. 63
+    gather = sum(1 << (64 - lanes + i - elem_bits * i) for i in range(lanes))
 
     @numba.njit(inline="always", nogil=True, boundscheck=False)
-    def group(bits, values, g, abs_bits, pos, code):  # pragma: no cover - compiled
+    def group(bits, words, values, g, abs_bits, pos, code):  # pragma: no cover - compiled
         base = g * m
         p = 0
-        for i in range(m):
-            p |= np.int64((bits[base + i] & abs_bits) != 0) << i
+        if by_word:
+            for w in range(words_per_group):
+                x = words[np.uint64(g * words_per_group + w)]
+                top = ((x & np.uint64(lane_abs)) + np.uint64(lane_abs)) & np.uint64(lane_top)
+                top >>= np.uint64(elem_bits - 1)
+                if lanes > 1:
+                    top = (top * np.uint64(gather)) >> np.uint64(64 - lanes)
+                p |= np.int64(top) << (w * lanes)
+        else:
+            for i in range(m):
+                p |= np.int64((bits[np.uint64(base + i)] & abs_bits) != 0) << i
         for j in range(n):
-            values[g * n + j] = bits[base + pos[p * n + j]]
-        return code[p]  # -1 (all bits set) for more than n non-zeros
+            values[np.uint64(g * n + j)] = bits[np.uint64(base + pos[np.uint64(p * n + j)])]
+        return code[np.uint64(p)]  # -1 (all bits set) for more than n non-zeros
 
     @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-    def kernel(bits, values, index, bad, abs_bits, pos, code):  # pragma: no cover - compiled
+    def kernel(bits, words, values, index, bad, abs_bits, pos, code):  # pragma: no cover - compiled
         groups = bits.size // m
         units = groups // u
         chunks = (groups + _CHUNK - 1) // _CHUNK
@@ -103,14 +122,14 @@ def _compress_table_kernel(n: int, m: int):
             for t in range(c * units_per_chunk, min(units, (c + 1) * units_per_chunk)):
                 out, acc, nb = t * ub, 0, 0
                 for k in range(u):  # unrolled: every shift and flush below is a constant
-                    code_k = group(bits, values, t * u + k, abs_bits, pos, code)
+                    code_k = group(bits, words, values, t * u + k, abs_bits, pos, code)
                     seen |= code_k
                     acc |= (code_k & ((1 << width) - 1)) << nb
                     nb += width
                     out, acc, nb = flush(index, out, acc, nb)
             out, acc, nb = units * ub, 0, 0
             for g in range(max(units * u, c * _CHUNK), stop):  # the last < u groups of the tensor
-                code_k = group(bits, values, g, abs_bits, pos, code)
+                code_k = group(bits, words, values, g, abs_bits, pos, code)
                 seen |= code_k
                 acc |= (code_k & ((1 << width) - 1)) << nb
                 nb += width
@@ -221,16 +240,16 @@ def _decompress_unit_kernel(n: int, m: int, elem_bits: int):
         if word:
             acc = np.uint64(0)
             for j in range(n):
-                v = np.uint64(np.int64(values[g * n + j]) & elem_mask)
+                v = np.uint64(np.int64(values[np.uint64(g * n + j)]) & elem_mask)
                 acc |= v << np.uint64(((code >> (j * b)) & ((1 << b) - 1)) * elem_bits)
-            out[g] = acc
+            out[np.uint64(g)] = acc
         else:
             base = g * m
             zero = out.dtype.type(0)
             for i in range(m):
-                out[base + i] = zero
+                out[np.uint64(base + i)] = zero
             for j in range(n):  # min(): a corrupt position stays inside its group (reported below)
-                out[base + min((code >> (j * b)) & ((1 << b) - 1), m - 1)] = values[g * n + j]
+                out[np.uint64(base + min((code >> (j * b)) & ((1 << b) - 1), m - 1))] = values[np.uint64(g * n + j)]
 
     @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def kernel(values, index, out, bad):  # pragma: no cover - compiled
@@ -245,7 +264,7 @@ def _decompress_unit_kernel(n: int, m: int, elem_bits: int):
                     o = k * width
                     acc = 0
                     for q in range(((o & 7) + width + 7) // 8):
-                        acc |= np.int64(index[t * ub + (o >> 3) + q]) << (8 * q)
+                        acc |= np.int64(index[np.uint64(t * ub + (o >> 3) + q)]) << (8 * q)
                     code = (acc >> (o & 7)) & ((1 << width) - 1)
                     seen |= bad_code(code)
                     put(values, out, t * u + k, code)
@@ -290,7 +309,7 @@ def _decompress_kernel(n: int, m: int):
                         pos_byte += 1
                         nb += 8
                 for i in range(m):
-                    out[base + i] = zero
+                    out[np.uint64(base + i)] = zero
                 prev = -1
                 ok = True
                 for j in range(n):
@@ -335,8 +354,11 @@ def compress_cpu(bits: torch.Tensor, values: torch.Tensor, index: torch.Tensor, 
     bad = np.full(chunks, -1, np.int64)
     threads = torch.get_num_threads()
     if m <= TABLE_MAX_M:
-        _compress_table_kernel(n, m)(a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits),
-                                     *pattern_table(n, m))
+        elem_bits = a.dtype.itemsize * 8
+        assert abs_bits == (1 << (elem_bits - 1)) - 1  # the word-at-a-time pattern assumes this mask
+        words = a.view(np.uint64) if (m * elem_bits) % 64 == 0 else np.empty(0, np.uint64)
+        _compress_table_kernel(n, m, elem_bits)(a, words, values.numpy(), index.numpy(), bad,
+                                                a.dtype.type(abs_bits), *pattern_table(n, m))
     else:
         _compress_kernel(n, m)(a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits))
     _restore_threads(threads)
