@@ -266,3 +266,41 @@ def test_cuda_matches_cpu():
     a, b = compress(w, 2, 4), compress(w.cuda(), 2, 4)
     assert b.values.is_cuda and torch.equal(a.index, b.index.cpu())
     assert torch.equal(decompress(b).cpu().view(torch.int16), decompress(a).view(torch.int16))
+
+
+def _zero_group_bits(index: torch.Tensor, g: int, n: int, m: int) -> torch.Tensor:
+    """A copy of ``index`` with group ``g``'s positions all set to 0 (invalid for n >= 2)."""
+    width = n * C.index_bits(m)
+    stream = int.from_bytes(bytes(index.tolist()), "little") & ~(((1 << width) - 1) << (g * width))
+    return torch.tensor(list(stream.to_bytes(index.numel(), "little")), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("n,m,dtype", [(1, 4, torch.float16), (3, 4, torch.bfloat16), (7, 8, torch.float16),
+                                       (3, 5, torch.float32)])
+def test_kernels_across_chunks_and_tail(n, m, dtype, monkeypatch):
+    """8199 groups: two full chunks of the kernels plus 7 groups, which leave a tail after the last
+    whole unit of groups for every case here; 64-bit groups (16-bit m=4) take the word-at-a-time
+    decompression. Same bytes as the torch path; corrupt groups found in chunk order."""
+    import dataclasses
+
+    w = nm_tensor((3, 2733 * m), n, m, 1, dtype, seed=7)
+    iv = INT_VIEW[dtype]
+    monkeypatch.setattr(C, "KERNEL_MIN_NUMEL", 1 << 62)
+    ref = compress(w, n, m)
+    monkeypatch.setattr(C, "KERNEL_MIN_NUMEL", 0)
+    got = compress(w, n, m)
+    assert torch.equal(got.index, ref.index) and torch.equal(got.values.view(iv), ref.values.view(iv))
+    assert_restores(decompress(got), w)
+    w[2, -m:] = 1.0  # the very last group (in the tail) has m non-zeros
+    with pytest.raises(ValueError, match=rf"\(group 8198 along dim 1\) has {m} non-zeros"):
+        compress(w, n, m)
+    w[1, 2 * m:3 * m] = 1.0  # group 2735, in chunk 0, comes first
+    with pytest.raises(ValueError, match=rf"w\[1, {2 * m}:{3 * m}\] \(group 2735 along dim 1\)"):
+        compress(w, n, m)
+    if n >= 2:
+        idx = _zero_group_bits(got.index, 8197, n, m)
+        with pytest.raises(ValueError, match=rf"group 8197 .* stores positions \[{', '.join(['0'] * n)}\]"):
+            decompress(dataclasses.replace(got, index=idx))
+        idx = _zero_group_bits(idx, 4100, n, m)  # chunk 1 comes first
+        with pytest.raises(ValueError, match=r"group 4100 \(w\[1, "):
+            decompress(dataclasses.replace(got, index=idx))

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import nmsparse
+from nmsparse.errors import LoadError
 from nmsparse.export import FormatError, detect_nm, group_axis, load_compressed, read_header, save_compressed
 from nmsparse.training.models import build_model
 
@@ -246,8 +247,9 @@ def rewrite(src, dst, meta=None, tensors=None, drop=()):
 def expect_error(path, msg, model=None):
     model = model or fresh()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FormatError, match=msg):
+    with pytest.raises(FormatError, match=msg) as e:
         load_compressed(path, model)
+    assert isinstance(e.value, LoadError) and e.value.path == str(path)  # one `except LoadError` for every bad file
     for k, v in model.state_dict().items():
         assert torch.equal(bits(v) if v.is_floating_point() else v, bits(before[k]) if v.is_floating_point()
                            else before[k]), k
@@ -344,6 +346,29 @@ def test_corrupt_and_truncated_files(saved, tmp_path):
     expect_error(tmp_path / "missing.safetensors", "is not a file")
     with pytest.raises(FormatError, match="not a readable safetensors"):
         read_header(bad)
+
+
+def test_format_error_is_a_load_error(saved, tmp_path):
+    """``except LoadError`` catches a bad compressed file and a bad checkpoint alike; FormatError keeps
+    its own message (no "cannot load" prefix) and stays a ValueError for older callers."""
+    from nmsparse.io import read_safetensors
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(saved.read_bytes()[:100])
+    caught = []
+    for load in (lambda: load_compressed(bad, fresh()), lambda: read_safetensors(bad)):
+        try:
+            load()
+        except nmsparse.LoadError as e:
+            caught.append(e)
+    fmt, other = caught
+    assert type(fmt) is FormatError and type(other) is LoadError and isinstance(fmt, ValueError)
+    assert str(fmt).startswith(f"{bad} is not a valid nmsparse compressed file: ")
+    assert fmt.path == str(bad) and fmt.problem.startswith("is not a valid nmsparse compressed file: ")
+    assert fmt.hint is None and fmt.action == "cannot load"
+    hinted = fmt.with_hint("export it again")
+    assert type(hinted) is FormatError and str(hinted) == f"{fmt}; export it again" and hinted.path == fmt.path
+    assert str(FormatError("no path here")) == "no path here" and FormatError("x").path == ""
 
 
 def test_corruption_in_the_last_tensor_leaves_the_model_unchanged(saved, tmp_path):

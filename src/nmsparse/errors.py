@@ -6,7 +6,8 @@ the expected format, or written for another model or other settings. ``str(error
 names the file, the problem and what to do; the CLIs print it on stderr and exit with code 2.
 
 It subclasses :class:`ValueError`, so code that already treats bad input as ``ValueError`` keeps
-working; catch :class:`LoadError` to tell a bad file from other bad input.
+working; catch :class:`LoadError` to tell a bad file from other bad input. Compressed model files
+raise :class:`nmsparse.export.FormatError`, a subclass (its message is its own, without "cannot load").
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nmsparse.errors import LoadError
 from nmsparse.export.compress import DTYPE_NAMES, NMCompressed, compress, decompress, index_nbytes, values_shape
 from nmsparse.export.report import ExportReport, TensorEntry
 from nmsparse.layout import check_layout, reduction_dim, target_kind
@@ -28,8 +29,26 @@ VALUES, INDEX = "::nm_values", "::nm_index"
 DETECT_M = (2, 4, 8, 16)
 
 
-class FormatError(ValueError):
-    """A compressed file that is unreadable, inconsistent, or does not fit the model."""
+class FormatError(LoadError):
+    """A compressed file that is unreadable, inconsistent, or does not fit the model.
+
+    A :class:`nmsparse.errors.LoadError` (hence a ``ValueError``), so ``except LoadError`` catches every
+    file nmsparse cannot load. ``str(error)`` is ``message`` as raised (it names the file); ``path`` is
+    the file and ``problem`` the message without the file name in front."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike = "") -> None:
+        path = str(path)
+        problem = message
+        for lead in (f"{path}: ", f"{path} "):
+            if path and problem.startswith(lead):
+                problem = problem[len(lead):]
+                break
+        self.path, self.problem, self.hint, self.action = path, problem, None, "cannot load"
+        ValueError.__init__(self, message)  # the message as written, not LoadError's "cannot load PATH: ..."
+
+    def with_hint(self, hint: str | None, *, action: str | None = None) -> "FormatError":
+        """The same error with ``hint`` appended (``action`` is ignored: the message says what failed)."""
+        return FormatError(f"{self}; {hint}" if hint else str(self), path=self.path)
 
 
 def group_axis(module: nn.Module, layout: str = "channels") -> tuple[tuple[int, ...], int] | None:
@@ -189,20 +208,22 @@ def read_header(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
-        raise FormatError(f"{path} is not a readable safetensors file: {e}") from None
+        raise FormatError(f"{path} is not a readable safetensors file: {e}", path=path) from None
     return _parse_meta(meta, path)
 
 
 def _parse_meta(meta: dict, path) -> dict:
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path} is not an nmsparse compressed file (metadata 'format' is "
-                          f"{meta.get('format')!r}, expected {FORMAT!r})")
+                          f"{meta.get('format')!r}, expected {FORMAT!r})", path=path)
     try:
         version = int(meta.get("format_version", ""))
     except ValueError:
-        raise FormatError(f"{path}: metadata 'format_version' {meta.get('format_version')!r} is not an integer") from None
+        raise FormatError(f"{path}: metadata 'format_version' {meta.get('format_version')!r} is not an integer",
+                          path=path) from None
     if version != FORMAT_VERSION:
-        raise FormatError(f"{path} has format version {version}; this nmsparse reads version {FORMAT_VERSION}")
+        raise FormatError(f"{path} has format version {version}; this nmsparse reads version {FORMAT_VERSION}",
+                          path=path)
     try:
         n, m = int(meta["n"]), int(meta["m"])
         n, m = check_nm(n, m)
@@ -210,9 +231,9 @@ def _parse_meta(meta: dict, path) -> dict:
         listed = json.loads(meta["compressed"])
         dense_layers = json.loads(meta.get("dense_layers", "[]"))
     except (KeyError, ValueError, TypeError) as e:
-        raise FormatError(f"{path}: bad metadata: {type(e).__name__}: {e}") from None
+        raise FormatError(f"{path}: bad metadata: {type(e).__name__}: {e}", path=path) from None
     if not isinstance(listed, list):
-        raise FormatError(f"{path}: metadata 'compressed' must be a JSON list")
+        raise FormatError(f"{path}: metadata 'compressed' must be a JSON list", path=path)
     seen = set()
     for i, e in enumerate(listed):
         ok = (isinstance(e, dict) and set(e) == {"name", "shape", "dtype", "view", "dim"}
@@ -223,9 +244,10 @@ def _parse_meta(meta: dict, path) -> dict:
               and math.prod(e["shape"]) == math.prod(e["view"]))
         if not ok:
             raise FormatError(f"{path}: entry {i} of metadata 'compressed' is malformed: {e!r} (needs name, shape, "
-                              f"dtype, view and dim, with prod(view) == prod(shape) and 0 <= dim < len(view))")
+                              f"dtype, view and dim, with prod(view) == prod(shape) and 0 <= dim < len(view))",
+        path=path)
         if e["name"] in seen:
-            raise FormatError(f"{path}: tensor {e['name']!r} is listed twice in metadata 'compressed'")
+            raise FormatError(f"{path}: tensor {e['name']!r} is listed twice in metadata 'compressed'", path=path)
         seen.add(e["name"])
     return {"n": n, "m": m, "layout": layout, "version": version, "compressed": listed,
             "dense_layers": dense_layers, "nmsparse_version": meta.get("nmsparse_version")}
@@ -243,7 +265,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"load_compressed needs an nn.Module, got {type(model).__name__}")
     if not Path(path).is_file():
-        raise FormatError(f"{path} is not a file")
+        raise FormatError(f"{path} is not a file", path=path)
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
             raise ValueError(f"layer {name!r} of the model has parametrizations (N:M training machinery); load into "
@@ -267,7 +289,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except FormatError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors' own errors on truncated or lying files
-        raise FormatError(f"{path} is not a valid nmsparse compressed file: {type(e).__name__}: {e}") from None
+        raise FormatError(f"{path} is not a valid nmsparse compressed file: {type(e).__name__}: {e}",
+                          path=path) from None
     with torch.no_grad():
         model.load_state_dict(new, strict=True)
     return model
@@ -277,46 +300,46 @@ def _check_names(header: dict, keys: set[str], state: dict, path) -> None:
     listed = {e["name"] for e in header["compressed"]}
     for name in sorted(listed):
         if name not in state:
-            raise FormatError(f"{path}: compressed tensor {name!r} is not in the model")
+            raise FormatError(f"{path}: compressed tensor {name!r} is not in the model", path=path)
     expected = set()
     for key in state:
         expected |= {key + VALUES, key + INDEX} if key in listed else {key}
     for key in sorted(expected):
         if key not in keys:
-            raise FormatError(f"{path}: tensor {key!r} of the model is missing from the file")
+            raise FormatError(f"{path}: tensor {key!r} of the model is missing from the file", path=path)
     for key in sorted(keys - expected):
-        raise FormatError(f"{path}: the file holds tensor {key!r}, which is not in the model")
+        raise FormatError(f"{path}: the file holds tensor {key!r}, which is not in the model", path=path)
 
 
 def _check_like(key: str, t: torch.Tensor, target: torch.Tensor, path) -> None:
     if t.dtype != target.dtype:
         raise FormatError(f"{path}: tensor {key!r} has dtype {t.dtype} in the file but {target.dtype} in the model "
-                          "(convert the model first, e.g. model.half())")
+                          "(convert the model first, e.g. model.half())", path=path)
     if t.shape != target.shape:
         raise FormatError(f"{path}: tensor {key!r} has shape {tuple(t.shape)} in the file but "
-                          f"{tuple(target.shape)} in the model")
+                          f"{tuple(target.shape)} in the model", path=path)
 
 
 def _load_one(f, e: dict, target: torch.Tensor, axis, header: dict, path) -> torch.Tensor:
     key, n, m = e["name"], header["n"], header["m"]
     if axis is None:
         raise FormatError(f"{path}: {key!r} is stored compressed but is not the weight of a Linear, Conv or Conv1D "
-                          "layer of the model")
+                          "layer of the model", path=path)
     if DTYPE_NAMES.get(target.dtype) != e["dtype"] or tuple(e["shape"]) != tuple(target.shape):
         raise FormatError(f"{path}: tensor {key!r} is {e['dtype']} {tuple(e['shape'])} in the file but "
-                          f"{str(target.dtype).replace('torch.', '')} {tuple(target.shape)} in the model")
+                          f"{str(target.dtype).replace('torch.', '')} {tuple(target.shape)} in the model", path=path)
     if (tuple(e["view"]), e["dim"]) != (tuple(axis[0]), axis[1]):
         raise FormatError(f"{path}: tensor {key!r} is grouped as view {tuple(e['view'])} dim {e['dim']} in the file, "
                           f"but the model's layer groups it as view {tuple(axis[0])} dim {axis[1]} "
-                          f"(layout {header['layout']!r})")
+                          f"(layout {header['layout']!r})", path=path)
     values, index = f.get_tensor(key + VALUES), f.get_tensor(key + INDEX)
     want = values_shape(tuple(e["view"]), e["dim"], n, m)
     if values.dtype != target.dtype or tuple(values.shape) != want:
         raise FormatError(f"{path}: {key + VALUES!r} is {values.dtype} {tuple(values.shape)}, expected "
-                          f"{target.dtype} {want}")
+                          f"{target.dtype} {want}", path=path)
     c = NMCompressed(values, index, n, m, e["dim"], tuple(e["view"]), target.dtype)
     try:
         dense = decompress(c)
     except ValueError as err:
-        raise FormatError(f"{path}: compressed tensor {key!r}: {err}") from None
+        raise FormatError(f"{path}: compressed tensor {key!r}: {err}", path=path) from None
     return dense.reshape(target.shape)
