@@ -22,6 +22,8 @@ import numba
 import numpy as np
 import torch
 
+from nmsparse import _numba_pool
+
 _CHUNK = 1 << 12  # groups per parallel work item; a multiple of 8
 
 
@@ -332,13 +334,6 @@ def _decompress_kernel(n: int, m: int):
     return kernel
 
 
-def _restore_threads(torch_threads: int) -> None:
-    # numba's OpenMP pool, when it starts, sets the process-wide OpenMP thread count to its own;
-    # that would silently change torch's thread count under the caller.
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-
-
 def _first_bad(bad: np.ndarray) -> int:
     hit = bad[bad >= 0]
     return int(hit.min()) if hit.size else -1
@@ -352,16 +347,14 @@ def compress_cpu(bits: torch.Tensor, values: torch.Tensor, index: torch.Tensor, 
     a = bits.numpy()
     chunks = (a.size // m + _CHUNK - 1) // _CHUNK
     bad = np.full(chunks, -1, np.int64)
-    threads = torch.get_num_threads()
     if m <= TABLE_MAX_M:
         elem_bits = a.dtype.itemsize * 8
         assert abs_bits == (1 << (elem_bits - 1)) - 1  # the word-at-a-time pattern assumes this mask
         words = a.view(np.uint64) if (m * elem_bits) % 64 == 0 else np.empty(0, np.uint64)
-        _compress_table_kernel(n, m, elem_bits)(a, words, values.numpy(), index.numpy(), bad,
-                                                a.dtype.type(abs_bits), *pattern_table(n, m))
+        _numba_pool.run(_compress_table_kernel(n, m, elem_bits), a, words, values.numpy(), index.numpy(), bad,
+                        a.dtype.type(abs_bits), *pattern_table(n, m))
     else:
-        _compress_kernel(n, m)(a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits))
-    _restore_threads(threads)
+        _numba_pool.run(_compress_kernel(n, m), a, values.numpy(), index.numpy(), bad, a.dtype.type(abs_bits))
     return _first_bad(bad)
 
 
@@ -372,13 +365,11 @@ def decompress_cpu(values: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
     o = out.numpy()
     chunks = (o.size // m + _CHUNK - 1) // _CHUNK
     bad = np.full(chunks, -1, np.int64)
-    threads = torch.get_num_threads()
     if n * b <= UNIT_MAX_CODE_BITS:
         bits = o.dtype.itemsize * 8
         if m * bits == 64:
             o = o.view(np.uint64)
-        _decompress_unit_kernel(n, m, bits)(values.numpy(), index.numpy(), o, bad)
+        _numba_pool.run(_decompress_unit_kernel(n, m, bits), values.numpy(), index.numpy(), o, bad)
     else:
-        _decompress_kernel(n, m)(values.numpy(), index.numpy(), o, bad)
-    _restore_threads(threads)
+        _numba_pool.run(_decompress_kernel(n, m), values.numpy(), index.numpy(), o, bad)
     return _first_bad(bad)
