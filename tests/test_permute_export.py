@@ -121,8 +121,39 @@ def test_rejected_permutation_leaves_the_model_and_says_why(monkeypatch):
     assert score.permuted and score.settings["accept"] == "score"
 
 
+def test_tries_keep_the_search_with_the_lowest_calibration_error(monkeypatch):
+    """Three searches (a fake one: a random permutation per seed); the space keeps the one whose
+    calibration output error, computed here independently, is the lowest."""
+    from nmsparse.permute import channels
+    from nmsparse.permute.search import SearchResult, kept
+
+    seeds = []
+
+    def fake(rows, n, m, *, search, escapes, seed):
+        seeds.append(seed)
+        perm = torch.randperm(rows.shape[1], generator=torch.Generator().manual_seed(seed))
+        return SearchResult(perm, kept(rows, None, n, m), kept(rows, perm, n, m), False, 1, 0.0)
+
+    monkeypatch.setattr(channels, "search_permutation", fake)
+    torch.manual_seed(0)
+    model = _outliers(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))).eval()
+    x = torch.randn(64, 16)
+    original = copy.deepcopy(model)
+    rep = nmsparse.permute_channels(model, 2, 4, example_inputs=x, calib=[x], keep_dense=(), tries=3, seed=5)
+    assert seeds == [5, 7, 9] and rep.settings["tries"] == 3
+    lin = original[2]
+    h = input_grams(original, [lin], [x])[lin]
+    score = lin.weight.detach().abs().double()
+    errs = [output_error(lin, h, score, torch.randperm(32, generator=torch.Generator().manual_seed(s)), 2, 4)
+            for s in seeds]
+    sp = next(s for s in rep.spaces if s.searched == ["2"])
+    assert sp.error_after == pytest.approx(min(errs), rel=1e-12)
+    assert sp.permuted == (min(errs) < sp.error_before)
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(accept="best"), "accept must be one of"),
+    (dict(tries=0), "tries must be an integer >= 1"),
     (dict(accept="error"), "accept='error' needs calib"),
 ])
 def test_accept_errors(kw, msg):

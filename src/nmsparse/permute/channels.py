@@ -40,6 +40,7 @@ def permute_channels(
     escapes: int = 100,
     seed: int = 0,
     accept: str = "auto",
+    tries: int = 1,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> PermuteReport:
@@ -60,7 +61,9 @@ def permute_channels(
     ``"error"`` keeps a space's permutation only if it also lowers the summed relative output error
     of the space's sparse layers on ``calib`` (their N:M-masked output against the dense one;
     :mod:`nmsparse.permute.calib_check`), else leaves the space as it is (status ``"rejected"``);
-    ``"auto"`` (default): ``"error"`` when ``calib`` is given, else ``"score"``. Afterwards the outputs on ``example_inputs`` are compared with the original ones
+    ``"auto"`` (default): ``"error"`` when ``calib`` is given, else ``"score"``. ``tries``: local
+    searches per space with different seeds (``seed``, ``seed + 2``, ...); the one with the lowest
+    calibration output error is kept under ``accept="error"``, the highest objective otherwise. Afterwards the outputs on ``example_inputs`` are compared with the original ones
     (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
     restored and a RuntimeError raised. The model's training mode is kept.
     """
@@ -75,6 +78,8 @@ def permute_channels(
         raise ValueError("permute_channels needs example_inputs (one input batch) to trace the model's graph")
     if accept not in ACCEPTS:
         raise ValueError(f"accept must be one of {ACCEPTS}, got {accept!r}")
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ValueError(f"tries must be an integer >= 1, got {tries!r}")
     if accept == "error" and calib is None:
         raise ValueError("accept='error' needs calib=, an iterable of input batches (the output error of the "
                          "pruned layers is measured on them); accept='score' needs none")
@@ -83,7 +88,8 @@ def permute_channels(
         raise ValueError("method='wanda' needs calib=, an iterable of input batches (its input norms score "
                          "the weights); method='magnitude' needs none")
     entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
-    settings = dict(method=method, layout=layout, search=search, escapes=escapes, seed=seed, accept=accept)
+    settings = dict(method=method, layout=layout, search=search, escapes=escapes, seed=seed, accept=accept,
+                    tries=tries)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -101,7 +107,11 @@ def permute_channels(
                  if method == "wanda" or accept == "error" else {})
         scores = {k: _score(modules[k], layout, input_norms(modules[k], grams[modules[k]])
                             if method == "wanda" else None) for k in sparse}
-        results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed)
+        error = None
+        if accept == "error":
+            def error(names, perm):
+                return sum(output_error(modules[c], grams[modules[c]], scores[c], perm, n, m) for c in names)
+        results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error)
         if accept == "error":
             _check_errors(results, perms, modules, grams, scores, n, m)
         reference = _run(model, example_inputs)
@@ -129,7 +139,7 @@ def permute_channels(
         model.train(was_training)
 
 
-def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed):
+def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error):
     results, perms = [], {}
     for sp in an.spaces:
         members = [f"{k}:{name}" for k, name, _ in sp.members]
@@ -150,8 +160,17 @@ def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, 
         if not searched or sp.size % m:
             continue
         rows = torch.cat([scores[c] / scores[c].sum().clamp_min(1e-300) for c in searched])
-        r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed)
-        res.before, res.after, res.exact, res.moves, res.time_s = r.before, r.after, r.exact, r.moves, r.time_s
+        best, spent = None, 0.0
+        for k in range(tries):
+            r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed + 2 * k)
+            spent += r.time_s
+            key = -r.after if error is None else error(searched, r.perm)
+            if best is None or key < best[0]:
+                best = (key, r)
+            if r.exact:
+                break  # the optimum: other seeds find the same
+        r = best[1]
+        res.before, res.after, res.exact, res.moves, res.time_s = r.before, r.after, r.exact, r.moves, spent
         if not torch.equal(r.perm, torch.arange(sp.size)):
             res.permuted = True
             perms[sp.id] = r.perm
