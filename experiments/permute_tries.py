@@ -59,7 +59,8 @@ def main() -> None:
         pr = nmsparse.prune(model, n, m, method="magnitude", calib=calib)
         with torch.no_grad():
             preds[tries] = torch.cat([model(data.x_test[s:s + 1000]).argmax(1) for s in range(0, 10000, 1000)])
-        row.update(mean_error_after=pr.mean("error_after"), one_shot=float((preds[tries] == data.y_test).double().mean()))
+        acc = float((preds[tries] == data.y_test).double().mean())
+        row.update(mean_error_after=pr.mean("error_after"), one_shot=acc)
         if tries:
             d = (preds[tries] == data.y_test).double() - (preds[0] == data.y_test).double()
             row["paired_sd"] = float(d.std() / len(d) ** 0.5)

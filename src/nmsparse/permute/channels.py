@@ -63,7 +63,8 @@ def permute_channels(
     :mod:`nmsparse.permute.calib_check`), else leaves the space as it is (status ``"rejected"``);
     ``"auto"`` (default): ``"error"`` when ``calib`` is given, else ``"score"``. ``tries``: local
     searches per space with different seeds (``seed``, ``seed + 2``, ...); the one with the lowest
-    calibration output error is kept under ``accept="error"``, the highest objective otherwise. Afterwards the outputs on ``example_inputs`` are compared with the original ones
+    calibration output error is kept under ``accept="error"``, the highest objective otherwise.
+    Afterwards the outputs on ``example_inputs`` are compared with the original ones
     (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
     restored and a RuntimeError raised. The model's training mode is kept.
     """
@@ -107,10 +108,10 @@ def permute_channels(
                  if method == "wanda" or accept == "error" else {})
         scores = {k: _score(modules[k], layout, input_norms(modules[k], grams[modules[k]])
                             if method == "wanda" else None) for k in sparse}
-        error = None
-        if accept == "error":
-            def error(names, perm):
-                return sum(output_error(modules[c], grams[modules[c]], scores[c], perm, n, m) for c in names)
+        def error(names, perm):
+            return sum(output_error(modules[c], grams[modules[c]], scores[c], perm, n, m) for c in names)
+
+        error = error if accept == "error" else None
         results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error)
         if accept == "error":
             _check_errors(results, perms, modules, grams, scores, n, m)

@@ -7,15 +7,17 @@ starts a *channel space*; the walk follows each tensor's channel dimension throu
 
 * pass-through (the space and its channel dim flow on): activations, dropout, identity, pooling
   over spatial dims, ``flatten`` / ``transpose`` / ``permute`` that keep the channels whole,
-  reductions, ``select``, ``narrow``, ``unsqueeze``, ``squeeze`` over other dims, a depthwise conv (its weight rows follow the permutation), BatchNorm
-  over dim 1 and LayerNorm over the last dim (their statistics are per channel resp. invariant
-  under a permutation of the channels; their weight, bias and running statistics follow it).
+  reductions, ``select``, ``narrow``, ``unsqueeze``, ``squeeze`` over other dims, a depthwise conv
+  (its weight rows follow the permutation), BatchNorm over dim 1 and LayerNorm over the last dim
+  (their statistics are per channel resp. invariant under a permutation of the channels; their
+  weight, bias and running statistics follow it).
 * ties: an elementwise op between two tracked tensors (a residual addition) merges their spaces,
   so every producer and consumer on either side shares one permutation; an elementwise op with a
   parameter of full channel size (a ViT's position embedding) permutes that parameter too.
 * stops (the space is *blocked* and every layer on it stays unpermuted, with the reason): reshape /
   view / cat / getitem / matmul / an attention head split, a select or slice of some channels,
-  anything not listed above, a grouped conv, a space that reaches the model's output, a module used twice on different spaces.
+  anything not listed above, a grouped conv, a space that reaches the model's output, a module used
+  twice on different spaces.
 
 Nothing here modifies the model.
 """

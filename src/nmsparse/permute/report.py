@@ -10,9 +10,10 @@ class PermuteLayer:
     """One weight-bearing layer. ``status``: ``"permuted"`` (its input channels were reordered),
     ``"identity"`` (searched; no better grouping than the current one), ``"rejected"`` (a better
     grouping was found but raised the calibration output error; not applied; ``reason`` says by how
-    much), or ``"unpermuted"`` with ``reason``. ``kept_before`` / ``kept_after``: fraction of the layer's ``|w|`` (or Wanda score)
-    an N:M mask keeps without / with the permutation (sparse layers only). ``space``: id of its
-    input-channel space; ``search_s``: seconds of that space's search (shared by its layers)."""
+    much), or ``"unpermuted"`` with ``reason``. ``kept_before`` / ``kept_after``: fraction of the
+    layer's ``|w|`` (or Wanda score) an N:M mask keeps without / with the permutation (sparse layers
+    only). ``space``: id of its input-channel space; ``search_s``: seconds of that space's search
+    (shared by its layers)."""
 
     param: str
     kind: str

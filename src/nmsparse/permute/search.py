@@ -100,9 +100,9 @@ def search_permutation(
     ``search``: ``"exact"`` (raises if :func:`exact_cost` is over budget), ``"local"``, or
     ``"auto"`` (exact when affordable, else local). ``escapes``: random perturbations of the local
     search after it converges (each a kick of 1 to 3 random swaps); ``restarts``: independent local
-    searches (escape streams ``seed``, ``seed + 1``, ...; one when ``escapes`` is 0), the best is kept. Deterministic for a
-    seed. The identity is returned unless the search found a strictly better partition; the result
-    is canonical (channels sorted within a group, groups by their first channel).
+    searches (escape streams ``seed``, ``seed + 1``, ...; one when ``escapes`` is 0), the best is
+    kept. Deterministic for a seed. The identity is returned unless the search found a strictly
+    better partition; the result is canonical (channels sorted within a group, groups by their first channel).
     """
     check_score(score, n, m)
     if search not in SEARCHES:
