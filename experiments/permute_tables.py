@@ -37,11 +37,28 @@ def main() -> None:
         unperm = {e["param"]: e["reason"] for e in first if e["sparse"] and e["status"] == "unpermuted"}
         if unperm:
             print("\nUnpermuted sparse layers: " + "; ".join(f"`{k}`: {v}" for k, v in unperm.items()))
-        print("\n| N:M | method | permute | mean kept \\|w\\| | top-1 one-shot | after fine-tuning | prune s |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| N:M | method | permute | spaces permuted | mean kept \\|w\\| | mean calib. error | top-1 one-shot | "
+              "after fine-tuning | prune s |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for x in r["runs"]:
-            print(f"| {x['nm']} | {x['method']} | {'yes' if x['permute'] else 'no'} | {x['mean_kept_abs']:.4f} | "
-                  f"{pct(x['one_shot'])} | {pct(x.get('finetuned'))} | {x['prune_s']:.1f} |")
+            def acc(key, sd):
+                v = pct(x.get(key))
+                return v if sd not in x else f"{v} (±{100 * x[sd]:.2f})"
+            print(f"| {x['nm']} | {x['method']} | {x['permute']} | {x.get('spaces_permuted', '-')} | "
+                  f"{x['mean_kept_abs']:.4f} | {x['mean_error_after']:.4f} | {acc('one_shot', 'paired_sd')} | "
+                  f"{acc('finetuned', 'finetuned_paired_sd')} | {x['prune_s']:.1f} |")
+        if r.get("seeds"):
+            print("\n2:4 magnitude one-shot with other search seeds (accept=score): "
+                  + "; ".join(f"seed {x['seed']}: kept {x['kept_total'][1]:.4f}, calib. error "
+                              f"{x['mean_error_after']:.4f}, top-1 {pct(x['one_shot'])}" for x in r["seeds"]))
+        for nm, spaces in r.get("spaces", {}).items():
+            print(f"\n{nm} accept=error, per searched space (kept score before -> after; summed calibration output "
+                  "error before -> after): " + "; ".join(
+                      f"{s['size']} ch ({', '.join(s['searched'][:2])}{', ...' if len(s['searched']) > 2 else ''}): "
+                      + (f"{s['before']:.3f} -> {s['after']:.3f}; " if s['before'] is not None else "")
+                      + (f"{s['error_before']:.4f} -> {s['error_after']:.4f}" if s['error_before'] is not None
+                         else "identity") + (" REJECTED" if s['rejected'] else "")
+                      for s in spaces))
         print(f"\nload average {r['loadavg_start'][0]:.1f} at start, {r.get('loadavg_end', [0])[0]:.1f} at end; "
               f"wall {r.get('wall_s', 0):.0f} s")
 

@@ -13,12 +13,15 @@ from torch import nn
 
 from nmsparse.nmmasks import check_nm
 from nmsparse.permute.apply import apply_space
-from nmsparse.permute.graph import CONV, Analysis, TraceError, analyse
+from nmsparse.permute.calib_check import input_grams, input_norms, output_error, run as _run
+from nmsparse.permute.graph import CONV, Analysis, TraceError
 from nmsparse.permute.report import PermuteLayer, PermuteReport, SpaceResult
 from nmsparse.permute.search import SEARCHES, kept, search_permutation
+from nmsparse.permute.tracing import analyse
 from nmsparse.selection import KEEP_DENSE, Patterns, plan
 
 SCORES = ("magnitude", "wanda")
+ACCEPTS = ("auto", "score", "error")
 
 
 def permute_channels(
@@ -36,6 +39,8 @@ def permute_channels(
     search: str = "auto",
     escapes: int = 100,
     seed: int = 0,
+    accept: str = "auto",
+    tries: int = 1,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> PermuteReport:
@@ -52,7 +57,14 @@ def permute_channels(
     over its sparse consumers of the kept fraction of ``|w|`` (``method="magnitude"``) or of the Wanda
     score ``|w| * ||x||`` (``method="wanda"``, input norms from ``calib``: an iterable of batches or
     of ``(inputs, targets)``). The kept fraction of no layer space goes down (the identity is a
-    candidate). Afterwards the outputs on ``example_inputs`` are compared with the original ones
+    candidate). ``accept``: ``"score"`` keeps every permutation that raises that objective;
+    ``"error"`` keeps a space's permutation only if it also lowers the summed relative output error
+    of the space's sparse layers on ``calib`` (their N:M-masked output against the dense one;
+    :mod:`nmsparse.permute.calib_check`), else leaves the space as it is (status ``"rejected"``);
+    ``"auto"`` (default): ``"error"`` when ``calib`` is given, else ``"score"``. ``tries``: local
+    searches per space with different seeds (``seed``, ``seed + 2``, ...); the one with the lowest
+    calibration output error is kept under ``accept="error"``, the highest objective otherwise.
+    Afterwards the outputs on ``example_inputs`` are compared with the original ones
     (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
     restored and a RuntimeError raised. The model's training mode is kept.
     """
@@ -65,11 +77,20 @@ def permute_channels(
         raise ValueError(f"escapes must be an integer >= 0, got {escapes!r}")
     if example_inputs is None:
         raise ValueError("permute_channels needs example_inputs (one input batch) to trace the model's graph")
+    if accept not in ACCEPTS:
+        raise ValueError(f"accept must be one of {ACCEPTS}, got {accept!r}")
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ValueError(f"tries must be an integer >= 1, got {tries!r}")
+    if accept == "error" and calib is None:
+        raise ValueError("accept='error' needs calib=, an iterable of input batches (the output error of the "
+                         "pruned layers is measured on them); accept='score' needs none")
+    accept = ("error" if calib is not None else "score") if accept == "auto" else accept
     if method == "wanda" and calib is None:
         raise ValueError("method='wanda' needs calib=, an iterable of input batches (its input norms score "
                          "the weights); method='magnitude' needs none")
     entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
-    settings = dict(method=method, layout=layout, search=search, escapes=escapes, seed=seed)
+    settings = dict(method=method, layout=layout, search=search, escapes=escapes, seed=seed, accept=accept,
+                    tries=tries)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -77,14 +98,23 @@ def permute_channels(
         try:
             an = analyse(model, example_inputs)
         except TraceError as e:
-            why = f"model cannot be traced by torch.fx ({e}); nothing permuted"
+            why = f"model cannot be traced ({e}); nothing permuted"
             layers = [PermuteLayer(e_.param, e_.kind, e_.shape, e_.sparse, "unpermuted", why) for e_ in entries]
             return PermuteReport(n, m, layers, [], settings, time.perf_counter() - t0, traced=False)
+        settings["graph"] = an.tracer
         modules = dict(model.named_modules())
         sparse = {e.name for e in entries if e.sparse}
-        norms = _input_norms(model, [modules[k] for k in sparse], calib) if method == "wanda" else {}
-        scores = {k: _score(modules[k], layout, norms.get(modules[k])) for k in sparse}
-        results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed)
+        grams = (input_grams(model, [modules[k] for k in sorted(sparse)], calib)
+                 if method == "wanda" or accept == "error" else {})
+        scores = {k: _score(modules[k], layout, input_norms(modules[k], grams[modules[k]])
+                            if method == "wanda" else None) for k in sparse}
+        def error(names, perm):
+            return sum(output_error(modules[c], grams[modules[c]], scores[c], perm, n, m) for c in names)
+
+        error = error if accept == "error" else None
+        results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error)
+        if accept == "error":
+            _check_errors(results, perms, modules, grams, scores, n, m)
         reference = _run(model, example_inputs)
         backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for sid, perm in perms.items():
@@ -110,7 +140,7 @@ def permute_channels(
         model.train(was_training)
 
 
-def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed):
+def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error):
     results, perms = [], {}
     for sp in an.spaces:
         members = [f"{k}:{name}" for k, name, _ in sp.members]
@@ -131,12 +161,35 @@ def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, 
         if not searched or sp.size % m:
             continue
         rows = torch.cat([scores[c] / scores[c].sum().clamp_min(1e-300) for c in searched])
-        r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed)
-        res.before, res.after, res.exact, res.moves, res.time_s = r.before, r.after, r.exact, r.moves, r.time_s
+        best, spent = None, 0.0
+        for k in range(tries):
+            r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed + 2 * k)
+            spent += r.time_s
+            key = -r.after if error is None else error(searched, r.perm)
+            if best is None or key < best[0]:
+                best = (key, r)
+            if r.exact:
+                break  # the optimum: other seeds find the same
+        r = best[1]
+        res.before, res.after, res.exact, res.moves, res.time_s = r.before, r.after, r.exact, r.moves, spent
         if not torch.equal(r.perm, torch.arange(sp.size)):
             res.permuted = True
             perms[sp.id] = r.perm
     return results, perms
+
+
+def _check_errors(results, perms, modules, grams, scores, n, m) -> None:
+    """Keep a space's permutation only if it lowers the summed calibration output error of its
+    searched layers; record both errors on the space's result."""
+    for res in results:
+        if not res.permuted:
+            continue
+        layers = [(modules[c], grams[modules[c]], scores[c]) for c in res.searched if modules[c] in grams]
+        res.error_before = sum(output_error(mod, h, s, None, n, m) for mod, h, s in layers)
+        res.error_after = sum(output_error(mod, h, s, perms[res.id], n, m) for mod, h, s in layers)
+        if not res.error_after < res.error_before:
+            res.permuted, res.rejected = False, True
+            del perms[res.id]
 
 
 def _layers(entries, an, results, perms, scores, n, m) -> list[PermuteLayer]:
@@ -160,6 +213,10 @@ def _layers(entries, an, results, perms, scores, n, m) -> list[PermuteLayer]:
             if res.blocked:
                 row.reason = f"its channel space goes through {res.blocked}" if not res.blocked.startswith(
                     ("reaches", "layout", "module", "produced")) else res.blocked
+            elif res.rejected:
+                row.status, row.search_s, row.exact = "rejected", res.time_s, res.exact
+                row.reason = (f"the permutation raised the calibration output error of its space's layers "
+                              f"({res.error_before:.4g} -> {res.error_after:.4g}); left as it was")
             elif sid in perms:
                 row.status = "permuted"
                 row.search_s, row.exact = res.time_s, res.exact
@@ -182,43 +239,6 @@ def _score(module: nn.Module, layout: str, norms: torch.Tensor | None) -> torch.
     if w.dim() > 2:
         w = w.movedim(1, -1).reshape(-1, w.shape[1])
     return w.cpu()
-
-
-@torch.no_grad()
-def _input_norms(model: nn.Module, mods: list[nn.Module], calib: Iterable) -> dict[nn.Module, torch.Tensor]:
-    """Per input column (channel x kernel position for a conv) the L2 norm over the calibration
-    inputs of each module in ``mods``."""
-    from nmsparse.prune.geometry import im2col
-
-    sums: dict[nn.Module, torch.Tensor] = {}
-
-    def hook(mod, args):
-        x = args[0].detach().to(torch.float64)
-        f = im2col(mod, x) if isinstance(mod, CONV) else x.reshape(-1, x.shape[-1])
-        s = f.pow(2).sum(0)
-        sums[mod] = s if mod not in sums else sums[mod] + s
-
-    handles = [mod.register_forward_pre_hook(hook) for mod in mods]
-    try:
-        any_batch = False
-        for item in calib:
-            any_batch = True
-            _run(model, item[0] if isinstance(item, (tuple, list)) else item)
-        if not any_batch:
-            raise ValueError("calib is empty: give at least one input batch")
-    finally:
-        for h in handles:
-            h.remove()
-    return {mod: s.sqrt().view(mod.weight.shape[1:]) for mod, s in sums.items()}
-
-
-def _run(model: nn.Module, inputs: Any) -> Any:
-    with torch.no_grad():
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Which layers must share one input-channel permutation: a walk over the model's ``torch.fx`` graph.
+"""Which layers must share one input-channel permutation: a walk over the model's graph (from
+``torch.fx`` or ``torch.export``, see :mod:`nmsparse.permute.tracing`).
 
 Permuting a layer's input channels keeps the model's function only if the tensor it reads is
 permuted the same way where it is produced. Every Linear / Conv (groups = 1) / Embedding output
@@ -6,15 +7,17 @@ starts a *channel space*; the walk follows each tensor's channel dimension throu
 
 * pass-through (the space and its channel dim flow on): activations, dropout, identity, pooling
   over spatial dims, ``flatten`` / ``transpose`` / ``permute`` that keep the channels whole,
-  reductions over other dims, a depthwise conv (its weight rows follow the permutation), BatchNorm
-  over dim 1 and LayerNorm over the last dim (their statistics are per channel resp. invariant
-  under a permutation of the channels; their weight, bias and running statistics follow it).
+  reductions, ``select``, ``narrow``, ``unsqueeze``, ``squeeze`` over other dims, a depthwise conv
+  (its weight rows follow the permutation), BatchNorm over dim 1 and LayerNorm over the last dim
+  (their statistics are per channel resp. invariant under a permutation of the channels; their
+  weight, bias and running statistics follow it).
 * ties: an elementwise op between two tracked tensors (a residual addition) merges their spaces,
   so every producer and consumer on either side shares one permutation; an elementwise op with a
   parameter of full channel size (a ViT's position embedding) permutes that parameter too.
 * stops (the space is *blocked* and every layer on it stays unpermuted, with the reason): reshape /
-  view / cat / getitem / matmul / an attention head split, anything not listed above, a grouped
-  conv, a space that reaches the model's output, a module used twice on different spaces.
+  view / cat / getitem / matmul / an attention head split, a select or slice of some channels,
+  anything not listed above, a grouped conv, a space that reaches the model's output, a module used
+  twice on different spaces.
 
 Nothing here modifies the model.
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -81,6 +83,7 @@ class Analysis:
 
     spaces: list[Space]
     input_space: dict[str, int | str]
+    tracer: str = "torch.fx"
 
 
 class Stopped(str):
@@ -91,60 +94,15 @@ class TraceError(RuntimeError):
     """The model could not be traced symbolically."""
 
 
-def trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple]:
-    """``torch.fx`` graph of ``model`` and positional example inputs for its placeholders.
+class Walker:
+    """The walk over ``graph`` (a ``torch.fx`` graph in the vocabulary of the module doc, with
+    ``meta["tensor_meta"].shape`` on its nodes) whose ``call_module`` targets and ``get_attr`` names
+    are those of ``model``."""
 
-    Hugging Face models are traced with ``transformers.utils.fx.symbolic_trace`` (the only tracer
-    that handles their control flow) from a mapping of keyword inputs; other models with
-    ``torch.fx.symbolic_trace``. Raises :class:`TraceError` when tracing fails.
-    """
-    try:
-        if _is_hf(model):
-            if not isinstance(example_inputs, Mapping):
-                raise TraceError("a Hugging Face model needs example_inputs as a mapping of keyword inputs "
-                                 "(a tokenizer's output)")
-            try:
-                from transformers.utils.fx import symbolic_trace as hf_trace
-            except ImportError:
-                hf_trace = None
-            if hf_trace is None:
-                import transformers
-
-                raise TraceError(f"transformers {transformers.__version__} has no transformers.utils.fx, the only "
-                                 "tracer of its models' control flow (torch.fx.symbolic_trace fails on them)")
-            gm = hf_trace(model, input_names=list(example_inputs))
-            args = tuple(example_inputs[p.target] for p in gm.graph.nodes if p.op == "placeholder")
-            return gm, args
-        gm = fx.symbolic_trace(model)
-    except TraceError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any tracer failure means: not traceable
-        raise TraceError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    placeholders = [p for p in gm.graph.nodes if p.op == "placeholder"]
-    if isinstance(example_inputs, Mapping):
-        args = tuple(example_inputs[p.target] if p.target in example_inputs else _default(p) for p in placeholders)
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs) + tuple(_default(p) for p in placeholders[len(example_inputs):])
-    else:
-        args = (example_inputs,) + tuple(_default(p) for p in placeholders[1:])
-    return gm, args
-
-
-def _default(p: fx.Node) -> Any:
-    if p.args:
-        return p.args[0]
-    raise TraceError(f"example_inputs give no value for the model's input {p.target!r}")
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
-               for c in type(model).__mro__)
-
-
-class _Walker:
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
+    def __init__(self, graph: fx.Graph, model: nn.Module) -> None:
+        self.graph = graph
+        self.model = model
+        self.modules = dict(model.named_modules())
         self.parent: list[int] = []
         self.spaces: list[Space] = []
         self.reasons: list[str | None] = []
@@ -206,7 +164,7 @@ class _Walker:
 
     # -- the walk -------------------------------------------------------------------------------
     def run(self) -> Analysis:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "placeholder":
                 continue
             if node.op == "get_attr":
@@ -226,7 +184,7 @@ class _Walker:
         # a parameter tied between modules (an embedding and an LM head) would be permuted once per
         # space it is on, and its other users not at all: leave every space that touches one
         tied: dict[str, str] = {}
-        for alias, first in tied_aliases(self.gm).items():
+        for alias, first in tied_aliases(self.model).items():
             a, b = alias.rpartition(".")[0], first.rpartition(".")[0]
             tied[a], tied[b] = b, a
             tied[alias], tied[first] = first, alias
@@ -351,6 +309,8 @@ class _Walker:
             self.val[node] = (t[0], dims.index(t[1]))
         elif tgt in REDUCTIONS or tgt in (torch.mean, torch.sum, torch.amax, torch.amin):
             self.reduction(node, t, nd)
+        elif not method and tgt in (torch.select, torch.narrow, torch.unsqueeze, torch.squeeze) and nd is not None:
+            self.index(node, t, nd)
         else:
             self.block(t[0], f"{_opname(node)} ({node.name}), which the analysis does not follow", node)
 
@@ -363,6 +323,27 @@ class _Walker:
         if t[1] in dims:
             return  # reduced over the channels: invariant under their permutation
         self.val[node] = (t[0], t[1] if keep else t[1] - sum(d < t[1] for d in dims))
+
+    def index(self, node: fx.Node, t: tuple[int, int], nd: int) -> None:
+        """select / narrow / unsqueeze / squeeze along ``dim``: the channels pass unless they are the
+        dim selected from or cut (a narrow keeping every channel passes)."""
+        dim = _arg(node, 1, "dim", None)
+        out = self.shape(node)
+        if dim is None or out is None:
+            self.block(t[0], f"{_opname(node)} ({node.name}) over every dim", node)
+            return
+        tgt, c = node.target, t[1]
+        if tgt is torch.unsqueeze:
+            d = dim % (nd + 1)
+            self.val[node] = (t[0], c + (d <= c))
+        elif dim % nd == c and not (tgt is torch.narrow and out[c] == self.shape(node.args[0])[c]):
+            self.block(t[0], f"{_opname(node)} ({node.name}), which takes part of the channels", node)
+        elif tgt is torch.narrow:
+            self.val[node] = t
+        else:  # select, squeeze of a size-1 dim: that dim disappears
+            d = dim % nd
+            gone = tgt is torch.select or self.shape(node.args[0])[d] == 1
+            self.val[node] = (t[0], c - (gone and d < c))
 
     def flatten(self, node: fx.Node, t: tuple[int, int], shape, start: int, end: int) -> None:
         if shape is None:
@@ -436,18 +417,3 @@ def _flat(x: Any) -> list:
 def _opname(node: fx.Node) -> str:
     t = node.target
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def analyse(model: nn.Module, example_inputs: Any) -> Analysis:
-    """Channel spaces of ``model`` (see module doc). Raises :class:`TraceError` when the model cannot
-    be traced or the traced graph cannot run on ``example_inputs``."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    gm, args = trace(model, example_inputs)
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
-    except Exception as e:  # noqa: BLE001
-        raise TraceError(f"the traced graph does not run on example_inputs: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    return _Walker(gm).run()

@@ -28,10 +28,11 @@ def permute_for_prune(model: nn.Module, n: int, m: int, *, method: str, calib: I
                       include, exclude, keep_dense, seed: int = 0) -> PermuteReport:
     """Permute ``model``'s channels for pruning by ``method``: Wanda scores for the methods that read
     activations in their masks (wanda, sparsegpt), magnitude for magnitude and AdaPrune (whose mask
-    is the magnitude mask)."""
+    is the magnitude mask). A space's permutation is kept only if it lowers the calibration output
+    error of the space's layers (``accept="error"``)."""
     score = "wanda" if method in ("wanda", "sparsegpt") else "magnitude"
     first = next(iter(calib))
-    return permute_channels(model, n, m, example_inputs=_inputs(first), calib=calib if score == "wanda" else None,
+    return permute_channels(model, n, m, example_inputs=_inputs(first), calib=calib, accept="error",
                             method=score, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
                             seed=seed)
 

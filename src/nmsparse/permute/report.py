@@ -8,10 +8,12 @@ import dataclasses
 @dataclasses.dataclass
 class PermuteLayer:
     """One weight-bearing layer. ``status``: ``"permuted"`` (its input channels were reordered),
-    ``"identity"`` (searched; no better grouping than the current one), or ``"unpermuted"`` with
-    ``reason``. ``kept_before`` / ``kept_after``: fraction of the layer's ``|w|`` (or Wanda score)
-    an N:M mask keeps without / with the permutation (sparse layers only). ``space``: id of its
-    input-channel space; ``search_s``: seconds of that space's search (shared by its layers)."""
+    ``"identity"`` (searched; no better grouping than the current one), ``"rejected"`` (a better
+    grouping was found but raised the calibration output error; not applied; ``reason`` says by how
+    much), or ``"unpermuted"`` with ``reason``. ``kept_before`` / ``kept_after``: fraction of the
+    layer's ``|w|`` (or Wanda score) an N:M mask keeps without / with the permutation (sparse layers
+    only). ``space``: id of its input-channel space; ``search_s``: seconds of that space's search
+    (shared by its layers)."""
 
     param: str
     kind: str
@@ -43,6 +45,9 @@ class SpaceResult:
     exact: bool | None = None
     moves: int = 0
     time_s: float = 0.0
+    error_before: float | None = None  # summed relative calibration output error of the searched layers
+    error_after: float | None = None  # ... with the permutation (accept="error" only)
+    rejected: bool = False  # found, but it raised that error: not applied
 
 
 @dataclasses.dataclass
@@ -87,6 +92,8 @@ class PermuteReport:
             status = e.status if e.status != "unpermuted" else f"unpermuted: {e.reason}"
             if e.status == "identity":
                 status = "identity: no better grouping found"
+            elif e.status == "rejected":
+                status = f"rejected: {e.reason}"
             rows.append((e.param, "x".join(map(str, e.shape)), "-" if e.space is None else str(e.space),
                          f(e.kept_before), f(e.kept_after),
                          "-" if e.search_s is None else f"{e.search_s:.2f}s" + (" exact" if e.exact else ""),

@@ -100,9 +100,9 @@ def search_permutation(
     ``search``: ``"exact"`` (raises if :func:`exact_cost` is over budget), ``"local"``, or
     ``"auto"`` (exact when affordable, else local). ``escapes``: random perturbations of the local
     search after it converges (each a kick of 1 to 3 random swaps); ``restarts``: independent local
-    searches (escape streams ``seed``, ``seed + 1``, ...), the best is kept. Deterministic for a
-    seed. The identity is returned unless the search found a strictly better partition; the result
-    is canonical (channels sorted within a group, groups by their first channel).
+    searches (escape streams ``seed``, ``seed + 1``, ...; one when ``escapes`` is 0), the best is
+    kept. Deterministic for a seed. The identity is returned unless the search found a strictly
+    better partition; the result is canonical (channels sorted within a group, groups by their first channel).
     """
     check_score(score, n, m)
     if search not in SEARCHES:
@@ -140,7 +140,8 @@ def search_permutation(
         else:
             kernels.run(kernels.refresh_all, st, start, n, split_a, split_b, gain0, which0)
         best_val = -np.inf
-        for k in range(restarts):  # independent runs from the identity, different escape streams
+        for k in range(restarts if escapes else 1):  # runs from the identity, different escape streams
+            # (without escapes every run is the same deterministic ascent: one is enough)
             found, val, mv = kernels.run(kernels.local_search, st, start.copy(), n, split_a, split_b, gain0.copy(),
                                          which0.copy(), escapes, seed + k, tol, max_moves)
             moves += int(mv)

@@ -187,7 +187,9 @@ def prune(
     Supported tensors: ``weight`` of Linear, Conv1d/2d/3d and ``transformers``' ``Conv1D``, and
     ``nn.MultiheadAttention.in_proj_weight`` (its query/key/value projections are calibrated on the
     layer's query/key/value inputs). ``permute``: first reorder channels with
-    :func:`nmsparse.permute_channels` (function-preserving) so the masks keep more; needs ``calib``.
+    :func:`nmsparse.permute_channels` (function-preserving) so the masks keep more; needs ``calib``
+    (a channel space's permutation is kept only where it lowers the calibration output error of its
+    layers, ``accept="error"``).
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """

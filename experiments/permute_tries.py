@@ -1,0 +1,76 @@
+"""One-shot magnitude N:M with channel permutations chosen by calibration output error among several
+local searches (``permute_channels(..., accept="error", tries=k)``), against one search
+(``tries=1``, what ``prune(permute=True)`` does) and no permutation, on a Fashion-MNIST checkpoint.
+
+    python experiments/permute_tries.py --checkpoint runs/fm2_vit/final.safetensors --tries 5 \\
+        --out docs/results/permute_tries_vit.json
+
+The choice sees only the 100 calibration (training) images; the test set is read once per row at
+the end. ``paired_sd``: standard deviation of the accuracy difference to the unpermuted row (same
+test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import nmsparse
+from nmsparse.prune.cli import balanced_indices, read_checkpoint
+from nmsparse.training.data import load_dataset
+from nmsparse.training.models import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--nm", default="2:4")
+    p.add_argument("--tries", type=int, default=5)
+    p.add_argument("--calib", type=int, default=100)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    tensors, src = read_checkpoint(args.checkpoint)
+    data = load_dataset(src.get("data", "fashion-mnist"), src.get("data_dir"))
+    dense = build_model(src["model"], image_size=data.image_size, in_channels=data.in_channels,
+                        num_classes=data.num_classes)
+    dense.load_state_dict(tensors)
+    dense.eval()
+    calib = [data.x_train[balanced_indices(data.y_train, args.calib, 0)]]
+    n, m = (int(v) for v in args.nm.split(":"))
+    out = {"checkpoint": args.checkpoint, "model": src["model"], "nm": args.nm, "loadavg_start": os.getloadavg(),
+           "rows": []}
+    preds = {}
+    for tries in (0, 1, args.tries):
+        model = copy.deepcopy(dense)
+        t0 = time.perf_counter()
+        row = {"tries": tries}
+        if tries:
+            rep = nmsparse.permute_channels(model, n, m, example_inputs=calib[0], calib=calib, accept="error",
+                                            tries=tries)
+            row.update(permute_s=time.perf_counter() - t0, kept_total=list(rep.total()),
+                       spaces=[(s.size, s.error_before, s.error_after, s.rejected) for s in rep.spaces if s.searched])
+        pr = nmsparse.prune(model, n, m, method="magnitude", calib=calib)
+        with torch.no_grad():
+            preds[tries] = torch.cat([model(data.x_test[s:s + 1000]).argmax(1) for s in range(0, 10000, 1000)])
+        acc = float((preds[tries] == data.y_test).double().mean())
+        row.update(mean_error_after=pr.mean("error_after"), one_shot=acc)
+        if tries:
+            d = (preds[tries] == data.y_test).double() - (preds[0] == data.y_test).double()
+            row["paired_sd"] = float(d.std() / len(d) ** 0.5)
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    out["loadavg_end"] = os.getloadavg()
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
