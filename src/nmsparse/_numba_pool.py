@@ -57,7 +57,8 @@ def run(kernel: Callable[..., Any], *args: Any) -> Any:
     threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
-    result = kernel(*args)
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
-    return result
+    try:
+        return kernel(*args)
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)

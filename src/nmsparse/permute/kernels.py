@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-import torch
 
 PARALLEL_WORK = 1 << 26  # pair-split-row evaluations from which the first refresh runs in parallel
 
@@ -326,13 +325,3 @@ def local_search(st, groups, n, split_a, split_b, gain, which, escapes, seed, to
 def refresh_all(st, groups, n, split_a, split_b, gain, which):  # pragma: no cover - compiled
     """Best move of every pair of groups, on one thread."""
     _refresh(st, groups, n, split_a, split_b, gain, which, np.arange(groups.shape[0]))
-
-
-def run(kernel, *args):
-    """Call a kernel, then restore torch's thread count (numba's OpenMP pool may change it)."""
-    threads = torch.get_num_threads()
-    try:
-        return kernel(*args)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from nmsparse import _numba_pool
 from nmsparse.nmmasks import check_nm
 from nmsparse.permute import kernels
 
@@ -126,8 +127,8 @@ def search_permutation(
         groups, exact = ident.view(-1, m).numpy(), True
     elif exact:
         masks, cols, start = _candidates(c, m)
-        vals = kernels.run(kernels.subset_values, st, cols, n)
-        picks, _ = kernels.run(kernels.exact_partition, vals, masks, start, c)
+        vals = _numba_pool.run(kernels.subset_values, st, cols, n)
+        picks, _ = _numba_pool.run(kernels.exact_partition, vals, masks, start, c)
         groups = cols[picks]
     else:
         split_a, split_b = _splits(m)
@@ -136,13 +137,13 @@ def search_permutation(
         g = start.shape[0]
         gain0, which0 = np.full((g, g), -np.inf), np.zeros((g, g), np.int64)
         if g * g * r * split_a.shape[0] > kernels.PARALLEL_WORK:  # compile the parallel kernel only if worth it
-            kernels.run(kernels.refresh_parallel, st, start, n, split_a, split_b, gain0, which0, np.arange(g))
+            _numba_pool.run(kernels.refresh_parallel, st, start, n, split_a, split_b, gain0, which0, np.arange(g))
         else:
-            kernels.run(kernels.refresh_all, st, start, n, split_a, split_b, gain0, which0)
+            _numba_pool.run(kernels.refresh_all, st, start, n, split_a, split_b, gain0, which0)
         best_val = -np.inf
         for k in range(restarts if escapes else 1):  # runs from the identity, different escape streams
             # (without escapes every run is the same deterministic ascent: one is enough)
-            found, val, mv = kernels.run(kernels.local_search, st, start.copy(), n, split_a, split_b, gain0.copy(),
+            found, val, mv = _numba_pool.run(kernels.local_search, st, start.copy(), n, split_a, split_b, gain0.copy(),
                                          which0.copy(), escapes, seed + k, tol, max_moves)
             moves += int(mv)
             if val > best_val:
