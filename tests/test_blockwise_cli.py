@@ -86,6 +86,8 @@ def test_cli_prunes_streams_and_scores(folder, tmp_path):
     (["--calib-text", "SHORT", "--seqlen", "32"], "not more than --seqlen 32"),
     (["--calib-text", "CALIB", "--eval-perplexity", "missing.txt"], "--eval-perplexity missing.txt is not a file"),
     (["--calib-text", "CALIB", "--seqlen", "32", "--tokenizer", "NOWHERE"], "no tokenizer in"),
+    (["--calib-text", "CALIB", "--blocks", "0"], "--blocks must be a positive integer"),
+    (["--calib-text", "CALIB", "--seqlen", "32", "--blocks", "3"], "blocks must be an integer from 1 to the model's 2"),
 ])
 def test_cli_errors(folder, tmp_path, capsys, extra, message):
     names = {"CALIB": folder / "calib.txt", "SHORT": folder / "short.txt", "NOWHERE": tmp_path / "nowhere"}
@@ -112,3 +114,5 @@ def test_cli_needs_a_source(tmp_path, capsys):
     assert "pass --checkpoint" in err and "--hf-model" in err
     assert main(["prune", "--hf-model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is not a save_pretrained folder" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", "x.safetensors", "--blocks", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "--blocks is for --hf-model folders" in capsys.readouterr().err

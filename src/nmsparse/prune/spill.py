@@ -45,8 +45,6 @@ class HiddenSpill:
 
     def append(self, kwargs: dict[str, Any]) -> None:
         """Add one batch's keyword arguments (its hidden states go to the current file)."""
-        if self._next:
-            raise RuntimeError("append() after advance() began")
         kw = dict(kwargs)
         self._slots.append(self._write(self._files[0], kw.pop(self.KEY)))
         self._extras.append(kw)
