@@ -106,7 +106,7 @@ def prune(args: argparse.Namespace) -> None:
         cmd += ["--blocks", str(args.blocks)]
     if args.solver:
         cmd += ["--solver", args.solver]
-    cmd += ["--calib-batch", str(args.calib_batch)]
+    cmd += ["--calib-batch", str(args.calib_batch), "--block-log", str(Path(args.out).with_suffix(".blocks.jsonl"))]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -160,6 +160,7 @@ def main() -> None:
     else:
         if args.out.exists():
             shutil.rmtree(args.out)
+        args.out.with_suffix(".blocks.jsonl").unlink(missing_ok=True)
         prune(args)
 
 

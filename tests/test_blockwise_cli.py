@@ -54,8 +54,12 @@ def test_cli_prunes_streams_and_scores(folder, tmp_path):
     out = tmp_path / "out"
     res = _run("--hf-model", str(src), "--calib-text", str(folder / "calib.txt"), "--calib-samples", "8",
                "--seqlen", "32", "--nm", "2:4", "--method", "sparsegpt", "--eval-perplexity",
-               str(folder / "eval.txt"), "--eval-windows", "4", "--out", str(out), "--no-progress")
+               str(folder / "eval.txt"), "--eval-windows", "4", "--out", str(out), "--no-progress",
+               "--block-log", str(tmp_path / "blocks.jsonl"))
     assert res.returncode == 0, res.stderr
+    logged = [json.loads(line) for line in (tmp_path / "blocks.jsonl").read_text().splitlines()]
+    assert [b["block"] for b in logged] == [0, 1] and all(b["peak_rss_bytes"] > 0 < b["cpu_s"] for b in logged)
+    assert logged[0]["memory"]["rss_after_shell_load_bytes"] > 0
     report = json.loads((out / "prune_report.json").read_text())
     s = report["summary"]
     assert s["calib_samples"] == 8 and s["pruned_perplexity"]["windows"] == 4

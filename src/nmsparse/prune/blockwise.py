@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -82,6 +82,7 @@ def prune_pretrained(
     dtype: torch.dtype | None = None,
     progress: bool | str = False,
     blocks: int | None = None,
+    on_block: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> PruneReport:
     """Prune the ``transformers`` model saved in ``path`` to N:M (N kept per group of M) block by block
@@ -94,7 +95,10 @@ def prune_pretrained(
     outside the blocks (embeddings, the head) stay dense and are listed with that reason.
     ``options`` are :func:`nmsparse.prune`'s (``solver``, ``damp``, ``transposable``, ...).
     ``blocks``: prune the first ``blocks`` blocks only (to measure time and memory on part of a large
-    model); the later ones are copied unchanged, listed dense with that reason.
+    model); the later ones are copied unchanged, listed dense with that reason. ``on_block``: called after
+    each block with its entry of ``settings["blocks"]`` (seconds, CPU seconds, resident memory now and at
+    peak so far) and ``"memory"`` (resident memory after the shell's load and after it is freed), e.g. to
+    log a run of hours as it goes.
     """
     if model_class is None:
         from transformers import AutoModelForCausalLM
@@ -169,6 +173,8 @@ def prune_pretrained(
             blocks_info.append({"block": i, "layers": len(local), "time_s": time.perf_counter() - t0,
                                 "cpu_s": time.process_time() - c0, "rss_bytes": rss_bytes(),
                                 "peak_rss_bytes": peak_rss_bytes()})
+            if on_block is not None:
+                on_block({**blocks_info[-1], "memory": dict(memory)})
             bar.update(1)
         bar.close()
         spill.close()

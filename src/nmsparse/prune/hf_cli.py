@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-windows", type=int, default=None, help="score at most K windows of --eval-perplexity")
     g.add_argument("--blocks", type=int, default=None,
                    help="prune the first K blocks only, copy the rest unchanged (to measure part of a large model)")
+    g.add_argument("--block-log", default=None,
+                   help="file to append one JSON line to after each block (seconds, CPU seconds, memory)")
 
 
 def _error(msg: str) -> int:
@@ -75,6 +77,16 @@ def _tokens(tok, path: str, limit: int | None = None, chunk_chars: int = 200_000
 
 def _ids(tok, text: str) -> torch.Tensor:
     return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def _block_logger(path: str | None):
+    if path is None:
+        return None
+
+    def log(info: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({**info, "load": os.getloadavg()}) + "\n")
+    return log
 
 
 def run(args: argparse.Namespace, n: int, m: int) -> int:
@@ -146,7 +158,7 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
                   keep_dense=_keep_dense(args.keep_dense), transposable=args.transposable, solver=args.solver,
                   damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
                   transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=mode,
-                  blocks=args.blocks)
+                  blocks=args.blocks, on_block=_block_logger(args.block_log))
     out_existed = out.exists()
     replace = out_existed and any(out.iterdir())  # --overwrite: write beside it, swap at the end
     target = out.with_name(f".{out.name}.new") if replace else out
