@@ -127,6 +127,9 @@ def _prune_nmsparse_stream(model, calib, args) -> str:
     from nmsparse.prune.streaming import CheckpointReader
 
     CheckpointReader(out).copy_into(dict(model.state_dict()))
+    import shutil
+
+    shutil.rmtree(src, ignore_errors=True)
     return (f"nmsparse (block-wise streaming prune_pretrained), {len(rep.results)} layers pruned, "
             f"mean error after {rep.mean('error_after'):.4g}"), timing
 
