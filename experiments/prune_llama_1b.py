@@ -10,7 +10,10 @@ Calibration text: the Python standard library's sources. Pruning runs in a fresh
 
     python experiments/prune_llama_1b.py make --folder /tmp/llama1b [--layers 22]
     python experiments/prune_llama_1b.py prune --folder /tmp/llama1b --out /tmp/llama1b-2of4 \\
-        --method sparsegpt --calib-samples 128 --seqlen 512
+        --method sparsegpt --calib-samples 128 --seqlen 512 [--blocks K] [--threads T]
+
+``--blocks K`` prunes the first K blocks only (the rest are copied unchanged): the time per block is that of
+the pruned blocks, and the peak resident memory is that of the whole process, the shell's load included.
 """
 
 from __future__ import annotations
@@ -99,18 +102,35 @@ def prune(args: argparse.Namespace) -> None:
            "--method", args.method, "--out", str(args.out), "--no-progress", "--keep-dense", "none"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.blocks:
+        cmd += ["--blocks", str(args.blocks)]
+    if args.solver:
+        cmd += ["--solver", args.solver]
+    cmd += ["--calib-batch", str(args.calib_batch), "--block-log", str(Path(args.out).with_suffix(".blocks.jsonl"))]
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     rep = json.loads((Path(args.out) / "prune_report.json").read_text())
     s = rep["report"]["settings"]
-    blocks = s["blocks"]
-    times = [b["time_s"] for b in blocks]
-    result = {"folder": str(args.folder), "method": args.method, "nm": args.nm, "calib_samples": args.calib_samples,
-              "seqlen": args.seqlen, "blocks": len(blocks), "checkpoint_gib": s["checkpoint_bytes"] / 2**30,
-              "peak_rss_gib": s["peak_rss_bytes"] / 2**30, "block_time_s": times,
-              "median_block_s": sorted(times)[len(times) // 2], "wall_s": wall,
-              "load": os.getloadavg(), "torch_threads": args.threads}
+    pruned = [b for b in s["blocks"] if b["layers"]]
+    times = [b["time_s"] for b in pruned]
+    cpus = [b["cpu_s"] for b in pruned]
+    gib = 2**30
+    result = {"folder": str(args.folder), "method": args.method, "solver": s.get("solver"), "nm": args.nm,
+              "calib_samples": args.calib_samples, "seqlen": args.seqlen, "calib_batch": args.calib_batch,
+              "blocks_pruned": len(pruned), "blocks_total": len(s["blocks"]),
+              "checkpoint_gib": s["checkpoint_bytes"] / gib,
+              "peak_rss_gib": s["peak_rss_bytes"] / gib,
+              "memory_gib": {k.replace("_bytes", ""): v / gib for k, v in s["memory"].items()},
+              "block_peak_rss_gib": [b["peak_rss_bytes"] / gib for b in pruned],
+              "block_rss_after_gib": [b["rss_bytes"] / gib for b in pruned],
+              "block_time_s": times, "block_cpu_s": cpus,
+              "median_block_s": sorted(times)[len(times) // 2] if times else None,
+              "median_block_cpu_s": sorted(cpus)[len(cpus) // 2] if cpus else None,
+              "prune_s": rep["summary"]["prune_s"], "wall_s": wall,
+              "load_before": load_before, "load_after": os.getloadavg(), "torch_threads": args.threads,
+              "command": " ".join(cmd[2:])}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -130,6 +150,9 @@ def main() -> None:
     b.add_argument("--calib-samples", type=int, default=128)
     b.add_argument("--seqlen", type=int, default=512)
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--blocks", type=int, default=None, help="prune the first K blocks only (time budget)")
+    b.add_argument("--calib-batch", type=int, default=8, help="calibration windows per forward pass")
+    b.add_argument("--solver", default=None, help="AdaPrune solver (exact or adam)")
     b.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.cmd == "make":
@@ -137,6 +160,7 @@ def main() -> None:
     else:
         if args.out.exists():
             shutil.rmtree(args.out)
+        args.out.with_suffix(".blocks.jsonl").unlink(missing_ok=True)
         prune(args)
 
 

@@ -54,8 +54,12 @@ def test_cli_prunes_streams_and_scores(folder, tmp_path):
     out = tmp_path / "out"
     res = _run("--hf-model", str(src), "--calib-text", str(folder / "calib.txt"), "--calib-samples", "8",
                "--seqlen", "32", "--nm", "2:4", "--method", "sparsegpt", "--eval-perplexity",
-               str(folder / "eval.txt"), "--eval-windows", "4", "--out", str(out), "--no-progress")
+               str(folder / "eval.txt"), "--eval-windows", "4", "--out", str(out), "--no-progress",
+               "--block-log", str(tmp_path / "blocks.jsonl"))
     assert res.returncode == 0, res.stderr
+    logged = [json.loads(line) for line in (tmp_path / "blocks.jsonl").read_text().splitlines()]
+    assert [b["block"] for b in logged] == [0, 1] and all(b["peak_rss_bytes"] > 0 < b["cpu_s"] for b in logged)
+    assert logged[0]["memory"]["rss_after_shell_load_bytes"] > 0
     report = json.loads((out / "prune_report.json").read_text())
     s = report["summary"]
     assert s["calib_samples"] == 8 and s["pruned_perplexity"]["windows"] == 4
@@ -86,6 +90,8 @@ def test_cli_prunes_streams_and_scores(folder, tmp_path):
     (["--calib-text", "SHORT", "--seqlen", "32"], "not more than --seqlen 32"),
     (["--calib-text", "CALIB", "--eval-perplexity", "missing.txt"], "--eval-perplexity missing.txt is not a file"),
     (["--calib-text", "CALIB", "--seqlen", "32", "--tokenizer", "NOWHERE"], "no tokenizer in"),
+    (["--calib-text", "CALIB", "--blocks", "0"], "--blocks must be a positive integer"),
+    (["--calib-text", "CALIB", "--seqlen", "32", "--blocks", "3"], "blocks must be an integer from 1 to the model's 2"),
 ])
 def test_cli_errors(folder, tmp_path, capsys, extra, message):
     names = {"CALIB": folder / "calib.txt", "SHORT": folder / "short.txt", "NOWHERE": tmp_path / "nowhere"}
@@ -112,3 +118,5 @@ def test_cli_needs_a_source(tmp_path, capsys):
     assert "pass --checkpoint" in err and "--hf-model" in err
     assert main(["prune", "--hf-model", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is not a save_pretrained folder" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", "x.safetensors", "--blocks", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "--blocks is for --hf-model folders" in capsys.readouterr().err

@@ -190,6 +190,8 @@ def _main(args: argparse.Namespace) -> int:
         return _error(f"{', '.join(given)} set the fine-tuning; pass --finetune-epochs K too")
     if args.hf_model:
         return hf_cli.run(args, n, m)
+    if getattr(args, "blocks", None) is not None:
+        return _error("--blocks is for --hf-model folders (block-wise pruning) only")
     if args.checkpoint is None:
         return _error("pass --checkpoint (final.safetensors of 'nmsparse train') or --hf-model (a transformers folder)")
     if not Path(args.checkpoint).exists():

@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="compute dtype fp32, bf16 or fp16 (default: the checkpoint's)")
     g.add_argument("--eval-perplexity", default=None, help="text file: perplexity of the dense and pruned model")
     g.add_argument("--eval-windows", type=int, default=None, help="score at most K windows of --eval-perplexity")
+    g.add_argument("--blocks", type=int, default=None,
+                   help="prune the first K blocks only, copy the rest unchanged (to measure part of a large model)")
+    g.add_argument("--block-log", default=None,
+                   help="file to append one JSON line to after each block (seconds, CPU seconds, memory)")
 
 
 def _error(msg: str) -> int:
@@ -75,6 +79,16 @@ def _ids(tok, text: str) -> torch.Tensor:
     return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
+def _block_logger(path: str | None):
+    if path is None:
+        return None
+
+    def log(info: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({**info, "load": os.getloadavg()}) + "\n")
+    return log
+
+
 def run(args: argparse.Namespace, n: int, m: int) -> int:
     """The ``--hf-model`` path of ``nmsparse prune`` (arguments already checked by the caller:
     ``--nm``, ``--method``, ``--solver`` and the positive integers)."""
@@ -93,7 +107,7 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
         return _error("--hf-model needs --calib-text FILE, a text file to draw calibration windows from")
     if args.eval_perplexity and not Path(args.eval_perplexity).is_file():
         return _error(f"--eval-perplexity {args.eval_perplexity} is not a file")
-    for name in ("seqlen", "calib_batch", "eval_windows"):
+    for name in ("seqlen", "calib_batch", "eval_windows", "blocks"):
         v = getattr(args, name)
         if v is not None and v < (2 if name == "seqlen" else 1):
             return _error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -143,7 +157,8 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     kwargs = dict(method=args.method, calib=calib, include=args.include, exclude=args.exclude,
                   keep_dense=_keep_dense(args.keep_dense), transposable=args.transposable, solver=args.solver,
                   damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
-                  transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=mode)
+                  transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=mode,
+                  blocks=args.blocks, on_block=_block_logger(args.block_log))
     out_existed = out.exists()
     replace = out_existed and any(out.iterdir())  # --overwrite: write beside it, swap at the end
     target = out.with_name(f".{out.name}.new") if replace else out

@@ -4,19 +4,22 @@ The token ids are cut into non-overlapping windows of ``seqlen`` tokens (the rem
 SparseGPT and Wanda evaluate WikiText-2; each window is scored on its own, and the perplexity is
 ``exp(total negative log-likelihood / predicted tokens)`` with ``seqlen - 1`` predicted tokens per
 window. A model in memory is run as it is; a ``save_pretrained`` folder is streamed block by block
-(:mod:`nmsparse.prune.streaming`), so a model larger than memory can be scored too.
+(:mod:`nmsparse.prune.streaming`), the hidden states of all windows kept on disk with one batch in memory
+at a time (:mod:`nmsparse.prune.spill`), so a model larger than memory can be scored too.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
-from nmsparse.prune.streaming import BlockStream, run_block
+from nmsparse.prune.spill import HiddenSpill
+from nmsparse.prune.streaming import BlockStream, block_output
 
 
 def windows(token_ids: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -63,12 +66,16 @@ def perplexity(
 
             model_class = AutoModelForCausalLM
         stream = BlockStream(model, model_class, dtype)
-        hidden = stream.block_inputs(batches)
-        for i in range(stream.num_blocks):
-            run_block(stream.load_block(i), hidden)
-        for b, kw in zip(batches, hidden):
-            out = stream.run_tail({"input_ids": b, "labels": b}, kw["hidden_states"])
-            total += float(out.loss) * b.shape[0] * (seqlen - 1)
+        with HiddenSpill(tempfile.gettempdir()) as spill:  # one batch's hidden states in memory at a time
+            for kw in stream.iter_block_inputs(batches):
+                spill.append(kw)
+            for i in range(stream.num_blocks):
+                block = stream.load_block(i)
+                spill.advance(lambda kw: block_output(block(**kw)))
+                del block
+            for j, b in enumerate(batches):
+                out = stream.run_tail({"input_ids": b, "labels": b}, spill.load(j)["hidden_states"])
+                total += float(out.loss) * b.shape[0] * (seqlen - 1)
     count = len(w) * (seqlen - 1)
     nll = total / count
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": len(w)}

@@ -197,18 +197,26 @@ class BlockStream:
             blk.to(self.dtype)
         return blk.eval()
 
+    def drop_shell(self) -> None:
+        """Free the shell's tensors (embeddings, head: 500 MiB for a 1B LLaMA) once nothing needs them;
+        :meth:`block_inputs` and :meth:`run_tail` cannot be used afterwards, blocks still load."""
+        self.shell = self._shell_blocks = None
+
     def shell_state(self) -> dict[str, torch.Tensor]:
         """The shell's tensors under their names in the whole model (tied duplicates once)."""
         aliases = tied_aliases(self.shell)
         return {k: v for k, v in self.shell.state_dict().items() if k not in aliases}
 
     # -- running -----------------------------------------------------------------------------------
-    @torch.no_grad()
     def block_inputs(self, calib: Iterable) -> list[dict[str, Any]]:
         """For each calibration batch (a tensor of token ids or a tokenizer's mapping), the keyword
         arguments of the first block's call, hidden states under ``"hidden_states"``."""
+        return list(self.iter_block_inputs(calib))
+
+    @torch.no_grad()
+    def iter_block_inputs(self, calib: Iterable) -> Iterator[dict[str, Any]]:
+        """:meth:`block_inputs` one batch at a time (the caller may store each away before the next)."""
         catch = _Catch()
-        out = []
         with self._stand_in(catch):
             for item in calib:
                 inputs = calibration._inputs(item)
@@ -227,9 +235,8 @@ class BlockStream:
                                          "arguments to its blocks: block-wise streaming supports one")
                 kw.pop("past_key_values", None)
                 kw.pop("past_key_value", None)
-                out.append(kw)
                 catch.seen = None
-        return out
+                yield kw
 
     @torch.no_grad()
     def run_tail(self, inputs: Any, hidden: torch.Tensor) -> Any:
