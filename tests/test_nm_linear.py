@@ -300,10 +300,10 @@ def test_to_nm_linear_leaves_small_layers_dense_by_default():
     model = mlp()
     nmsparse.sparsify(model, 2, 4, keep_dense=())
     nmsparse.finalize(model)
-    rep = to_nm_linear(model)  # 24x64, 64x40, 40x8: far below the default 2**21 weights
+    rep = to_nm_linear(model)  # 24x64, 64x40, 40x8: far below the default 2**22 weights
     assert not rep.converted and all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.ReLU))
     assert rep.layers[1].reason == (
-        "2560 weights < min_weights=2097152: a weight this small sits in the CPU caches, where dense BLAS "
+        "2560 weights < min_weights=4194304: a weight this small sits in the CPU caches, where dense BLAS "
         "is as fast as the packed kernel (min_weights=0 converts it anyway, for the memory)")
     rep = to_nm_linear(model, min_weights=2560)  # the bound is inclusive: 64x40 converts, 24x64 does not
     assert [e.converted for e in rep.layers] == [False, True, False]

@@ -16,10 +16,11 @@ from nmsparse.kernels.nm_linear import NMLinear, unsupported_reason
 from nmsparse.nmmasks import check_nm
 
 AUTO_MAX_DENSITY = 0.75  # auto-detection converts n:m only when n/m <= this (else packing saves little)
-# Layers with fewer weights stay dense by default: such a weight (8 MiB in fp32) sits in the CPU's
+# Layers with fewer weights stay dense by default: such a weight (16 MiB in fp32) sits in the CPU's
 # caches, where dense BLAS is compute-bound and as fast as or faster than the packed kernel (measured
-# in docs/inference.md: 384x384 to 1024x1024 run at 0.4-1.0x dense at 1-12 rows, 2048x2048 at 1.1-1.6x).
-DEFAULT_MIN_WEIGHTS = 1 << 21
+# with benchmarks/bench_nm_shapes.py, docs/inference.md: 2 threads, 384x384 to 2048x1024 run at
+# 0.3-1.3x dense at 1-24 rows; 2048x2048 at 0.92-1.67x, 4096x4096 at 1.05-1.64x).
+DEFAULT_MIN_WEIGHTS = 1 << 22
 
 
 @dataclasses.dataclass
@@ -103,7 +104,8 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
 
     ``min_weights``: a layer with fewer weights (``out * in``) stays dense, with that reason: small
     weights live in the CPU caches, where dense BLAS is at least as fast as the kernel (default
-    ``2**21``; ``min_weights=0`` converts them too, trading some speed for 47% less weight memory).
+    ``2**22``, e.g. 2048x2048; ``min_weights=0`` converts them too, trading speed for 47% less weight
+    memory).
     """
     if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
         raise ValueError(f"min_weights must be an integer >= 0 (weights per layer), got {min_weights!r}")
