@@ -70,6 +70,16 @@ def paired(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> float:
     return float(d.std() / len(y) ** 0.5)
 
 
+def load_dense(checkpoint: str):
+    """The trained dense model of an ``nmsparse train`` checkpoint (eval mode), its dataset and settings."""
+    tensors, src = read_checkpoint(checkpoint)
+    data = load_dataset(src.get("data", "fashion-mnist"), src.get("data_dir"))
+    dense = build_model(src["model"], image_size=data.image_size, in_channels=data.in_channels,
+                        num_classes=data.num_classes)
+    dense.load_state_dict(tensors)
+    return dense.eval(), data, src
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
@@ -81,12 +91,7 @@ def main() -> None:
     p.add_argument("--configs", default="2:4/magnitude/ft,2:4/adaprune/ft,4:8/magnitude/ft,4:8/adaprune/ft")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    tensors, src = read_checkpoint(args.checkpoint)
-    data = load_dataset(src.get("data", "fashion-mnist"), src.get("data_dir"))
-    dense = build_model(src["model"], image_size=data.image_size, in_channels=data.in_channels,
-                        num_classes=data.num_classes)
-    dense.load_state_dict(tensors)
-    dense.eval()
+    dense, data, src = load_dense(args.checkpoint)
     calib_x = data.x_train[balanced_indices(data.y_train, args.calib, 0)]
     calib = [calib_x[s:s + 100] for s in range(0, len(calib_x), 100)]
     ft_x, ft_y = data.x_train[:args.finetune_subset], data.y_train[:args.finetune_subset]

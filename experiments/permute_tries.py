@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 import nmsparse
-from nmsparse.prune.cli import balanced_indices, read_checkpoint
-from nmsparse.training.data import load_dataset
-from nmsparse.training.models import build_model
+from nmsparse.prune.cli import balanced_indices
+from permute_fmnist import load_dense
 
 
 def main() -> None:
@@ -36,12 +35,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=100)
     args = p.parse_args()
     torch.set_num_threads(1)
-    tensors, src = read_checkpoint(args.checkpoint)
-    data = load_dataset(src.get("data", "fashion-mnist"), src.get("data_dir"))
-    dense = build_model(src["model"], image_size=data.image_size, in_channels=data.in_channels,
-                        num_classes=data.num_classes)
-    dense.load_state_dict(tensors)
-    dense.eval()
+    dense, data, src = load_dense(args.checkpoint)
     calib = [data.x_train[balanced_indices(data.y_train, args.calib, 0)]]
     n, m = (int(v) for v in args.nm.split(":"))
     out = {"checkpoint": args.checkpoint, "model": src["model"], "nm": args.nm, "loadavg_start": os.getloadavg(),
