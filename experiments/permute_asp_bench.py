@@ -33,6 +33,7 @@ import torch
 
 from nmsparse.permute import kept, search_permutation
 from nmsparse.prune.cli import read_checkpoint
+from nmsparse.training.checkpoint import atomic_write
 from nmsparse.training.models import build_model
 
 PKG = "apex/contrib/sparsity/permutation_search_kernels"
@@ -111,9 +112,7 @@ def main() -> None:
         for k in ("asp_s", "ours_s", "ours_local_s"):
             r[k + "_median"] = statistics.median(r[k])
     out = {"checkpoint": args.checkpoint, "loadavg": os.getloadavg(), "rounds": args.rounds, "layers": rows}
-    tmpf = out_path.with_suffix(".tmp")
-    tmpf.write_text(json.dumps(out, indent=1) + "\n")
-    tmpf.replace(out_path)
+    atomic_write(out_path, lambda f: f.write((json.dumps(out, indent=1) + "\n").encode()))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ import nmsparse
 from nmsparse.prune.cli import balanced_indices, evaluate, read_checkpoint, support_mask
 from nmsparse.training.data import load_dataset
 from nmsparse.training.models import build_model
+from nmsparse.training.checkpoint import atomic_write
 
 
 def finetune(model, src: dict, x: torch.Tensor, y: torch.Tensor, n: int, m: int, pruned: list[str]) -> None:
@@ -105,9 +105,7 @@ def main() -> None:
 
     def save():
         result["wall_s"], result["loadavg_end"] = time.perf_counter() - t0, os.getloadavg()
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(args.out)
+        atomic_write(args.out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
 
     permuted = {}  # (nm, accept) -> (model, report, seconds)
     for nm in sorted({c.split("/")[0] for c in args.configs.split(",")}):

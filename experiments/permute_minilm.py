@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import nmsparse
+from nmsparse.training.checkpoint import atomic_write
 
 
 def _prune_minilm():
@@ -77,9 +78,7 @@ def main() -> None:
         out["runs"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("layers", "spaces")}), flush=True)
         out["loadavg_end"] = os.getloadavg()
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.out)
+        atomic_write(args.out, lambda f: f.write((json.dumps(out, indent=1) + "\n").encode()))
 
 
 if __name__ == "__main__":

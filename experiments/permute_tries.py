@@ -17,12 +17,12 @@ import copy
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
 import nmsparse
 from nmsparse.prune.cli import balanced_indices
+from nmsparse.training.checkpoint import atomic_write
 from permute_fmnist import load_dense
 
 
@@ -61,9 +61,7 @@ def main() -> None:
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     out["loadavg_end"] = os.getloadavg()
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(args.out)
+    atomic_write(args.out, lambda f: f.write((json.dumps(out, indent=1) + "\n").encode()))
 
 
 if __name__ == "__main__":
