@@ -218,35 +218,33 @@ def _pair_best_splits(st, cols, m, n, split_a, split_b):  # pragma: no cover - c
     return acc[best] - acc[0], best
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _refresh_pair(st, groups, n, split_a, split_b, gain, which, rows, t):  # pragma: no cover - compiled
+    """Work item ``t`` of a refresh: the pair (``rows[t // g]``, ``t % g``), g groups; nothing on the diagonal."""
+    g = groups.shape[0]
+    i = rows[t // g]
+    j = t % g
+    if i == j:
+        return
+    a, b = (i, j) if i < j else (j, i)
+    gn, s = _pair_best(st, groups, a, b, n, split_a, split_b)
+    gain[a, b] = gn
+    which[a, b] = s
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def refresh_parallel(st, groups, n, split_a, split_b, gain, which, rows):  # pragma: no cover - compiled
     """Recompute the cached best move of every pair that involves a group listed in ``rows``
     (all pairs when ``rows`` lists every group)."""
-    g = groups.shape[0]
-    for t in numba.prange(rows.size * g):
-        i = rows[t // g]
-        j = t % g
-        if i == j:
-            continue
-        a, b = (i, j) if i < j else (j, i)
-        gn, s = _pair_best(st, groups, a, b, n, split_a, split_b)
-        gain[a, b] = gn
-        which[a, b] = s
+    for t in numba.prange(rows.size * groups.shape[0]):
+        _refresh_pair(st, groups, n, split_a, split_b, gain, which, rows, t)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def _refresh(st, groups, n, split_a, split_b, gain, which, rows):  # pragma: no cover - compiled
     """:func:`refresh_parallel` on one thread."""
-    g = groups.shape[0]
-    for t in range(rows.size * g):
-        i = rows[t // g]
-        j = t % g
-        if i == j:
-            continue
-        a, b = (i, j) if i < j else (j, i)
-        gn, s = _pair_best(st, groups, a, b, n, split_a, split_b)
-        gain[a, b] = gn
-        which[a, b] = s
+    for t in range(rows.size * groups.shape[0]):
+        _refresh_pair(st, groups, n, split_a, split_b, gain, which, rows, t)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
