@@ -34,6 +34,7 @@ from nmsparse.kernels import NMLinear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import prune_minilm as pm  # noqa: E402
+import timing  # noqa: E402
 
 
 def pruned_model(cache: str | None, n: int, m: int):
@@ -86,17 +87,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16, help="longest sentence, in tokens with [CLS]/[SEP]")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5, help="passes over the sentences per run")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--crossover", type=int, default=None, help="NMLinear crossover (default: the class's)")
     ap.add_argument("--min-weights", type=int, default=0,
                     help="to_nm_linear's min_weights (default 0 here: convert every layer, MiniLM's are all small)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: process CPU time (needs --threads 1; less sensitive to other jobs on a shared machine)")
+    timing.add_args(ap)
     args = ap.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        ap.error("--clock cpu needs --threads 1 (with more threads CPU time adds up the threads' spinning)")
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(args.threads)
+    clock = timing.setup(ap, args)
     model, tok = pruned_model(args.cache, 2, 4)
     model.eval()
     nm = copy.deepcopy(model)
@@ -118,7 +114,7 @@ def main() -> None:
         embed_one(model, e), embed_one(nm, e)
     all_d, all_n, ratios, loads = [], [], [], []
     for r in range(args.runs):
-        loads.append("/".join(f"{v:.1f}" for v in os.getloadavg()))
+        loads.append(timing.load())
         td, tn = [], []
         for _ in range(args.reps):
             for _, e in encs:
@@ -131,7 +127,7 @@ def main() -> None:
         all_n += tn
         print(f"run {r + 1}: dense {statistics.median(td) * 1e3:.2f} ms, NMLinear {statistics.median(tn) * 1e3:.2f} ms, "
               f"ratio {ratios[-1]:.2f} (load {loads[-1]})", flush=True)
-    loads.append("/".join(f"{v:.1f}" for v in os.getloadavg()))
+    loads.append(timing.load())
     (db, _), (nb, nc) = linear_bytes(model), linear_bytes(nm)
     print(f"\nlatency per sentence (median over {len(all_d)} calls each, {args.threads} threads, {args.clock} clock): "
           f"dense {statistics.median(all_d) * 1e3:.2f} ms, NMLinear {statistics.median(all_n) * 1e3:.2f} ms")

@@ -14,7 +14,6 @@ the load average before each run (the machine may be shared). A weight of ``--si
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
@@ -23,15 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import nmsparse
+import timing
 from nmsparse.kernels import NMLinear
 
 CONFIGS = {"2:4-fp32": (2, 4, torch.float32), "4:8-fp32": (4, 8, torch.float32), "2:4-bf16": (2, 4, torch.bfloat16)}
 VARIANTS = ("kernel", "nmlinear", "no_cache")
 HEADERS = {"kernel": "packed kernel only", "nmlinear": "NMLinear (default)", "no_cache": "NMLinear cache_dense=False"}
-
-
-def load() -> str:
-    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def layers(size: int, n: int, m: int, dtype: torch.dtype, variants=VARIANTS, seed: int = 0):
@@ -80,20 +76,12 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.6, help="seconds per batch size per run (sets the calls)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="which NMLinear variants to interleave with dense (fewer: a smaller working set in cache)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="cpu: process CPU time (needs --threads 1; less sensitive to other jobs on a shared machine)")
+    timing.add_args(ap)
     args = ap.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        ap.error("--clock cpu needs --threads 1 (with more threads CPU time adds up the threads' spinning)")
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    torch.set_num_threads(args.threads)
-    import numba
-
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    clock = timing.setup(ap, args)
     batches = [int(b) for b in args.batches.split(",")]
     variants = tuple(args.variants.split(","))
     if not variants or any(v not in VARIANTS for v in variants):
@@ -104,11 +92,11 @@ def main() -> None:
         w, mods = layers(args.size, n, m, dtype, variants)
         runs, loads = [], []
         for r in range(args.runs):
-            loads.append(load())
+            loads.append(timing.load())
             runs.append(one_run(w, mods, batches, args.budget, dtype, clock))
             print(f"  {name} run {r + 1}/{args.runs} (load {loads[-1]}): "
                   + " ".join(f"b{b}:{runs[-1][b][variants[0]]:.2f}" for b in batches), flush=True)
-        loads.append(load())
+        loads.append(timing.load())
         print(f"\n{name}, {args.size}x{args.size}, dense_time / time: median [min, max] over {args.runs} runs; "
               f"load average (1/5/15 min) before each run and at the end: {', '.join(loads)}")
         if args.markdown:

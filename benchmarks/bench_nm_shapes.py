@@ -13,7 +13,6 @@ product memory-bound, where reading 53% of the bytes wins.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import nmsparse
+import timing
 from nmsparse.kernels import NMLinear
 
 SHAPES = "384x384,1536x384,384x1536,1024x1024,2048x1024,2048x2048,4096x4096"
@@ -51,16 +51,12 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,12,16,24")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.3, help="seconds per shape and row count per run")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    timing.add_args(ap)
     args = ap.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        ap.error("--clock cpu needs --threads 1")
-    torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = timing.setup(ap, args)
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"threads {args.threads}, clock {args.clock}, runs {args.runs}, "
-          f"load {'/'.join(f'{v:.1f}' for v in os.getloadavg())}")
+          f"load {timing.load()}")
     print("\n| weight (out x in) | fp32 MiB | " + " | ".join(f"{r} rows" for r in rows_list) + " |")
     print("|---|---:|" + "---:|" * len(rows_list))
     for shape in args.shapes.split(","):
@@ -79,7 +75,7 @@ def main() -> None:
             v = [run[r] for run in runs]
             cells.append(f"{statistics.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]")
         print(f"| {out_f}x{in_f} | {out_f * in_f * 4 / 2**20:.1f} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nload at the end {'/'.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(f"\nload at the end {timing.load()}")
 
 
 if __name__ == "__main__":
