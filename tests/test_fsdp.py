@@ -26,10 +26,16 @@ from nmsparse.training.config import TrainConfig
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-# (n, m, sparsify options): plain 2:4, and transposable 4:8 where a rank's rows (12 of the second
-# layer's 24) are not a multiple of m: masks come from the gathered weight, so tiles stay whole
-CASES = {"plain": (2, 4, dict(method="srste", decay=2e-2)),
-         "transposable": (4, 8, dict(method="srste", decay=2e-2, transposable=True, update_every=2))}
+# (n, m, sparsify options, layer widths, shard(masks=...)): shard-local masks (the default) for plain
+# 2:4 SR-STE, 4:8 transposable (rows per rank 24, 16, 8: whole 8 x 8 tiles) and fixed masks; masks
+# from the gathered weight for transposable 4:8 where a rank's rows (12 of the second layer's 24) are
+# not a multiple of m
+CASES = {"plain": (2, 4, dict(method="srste", decay=2e-2), (48, 24, 8), "local"),
+         "transposable": (4, 8, dict(method="srste", decay=2e-2, transposable=True, update_every=2),
+                          (48, 32, 16), "local"),
+         "fixed": (2, 4, dict(method="fixed"), (48, 24, 8), "local"),
+         "gathered": (4, 8, dict(method="srste", decay=2e-2, transposable=True, update_every=2),
+                      (48, 24, 8), "gathered")}
 STEPS, SAVE_AFTER, BATCH = 4, 2, 16
 RUN = dict(model="mlp", data="digits", nm="2:4", method="srste", epochs=2, batch_size=64, lr=0.05,
            warmup_epochs=0.5, train_subset=256, test_subset=101, threads=1, fsdp=True)
@@ -41,11 +47,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _plain(case: str) -> nn.Module:
+    a, b, c = CASES[case][3]
+    return nn.Sequential(nn.Linear(32, a), nn.ReLU(), nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c))
+
+
 def _net(case: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 8))
-    n, m, kw = CASES[case]
+    model = _plain(case)
+    n, m, kw = CASES[case][:3]
     nmsparse.sparsify(model, n, m, keep_dense=(), **kw)
+    if kw["method"] == "fixed":  # a trained-looking start: the mask of other weights than W's own
+        with torch.no_grad():
+            for _, mod, p in nmsparse.sparse_layers(model):
+                p.mask = nmsparse.layer_mask(torch.randn_like(p.mask, dtype=torch.float), n, m)
     return model
 
 
@@ -86,12 +101,16 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
     out: dict = {}
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     for case in CASES:
-        model = fsdp.shard(_net(case))
+        model = _net(case)
         layer = model[2].parametrizations.weight[0]
         layer.mask_fn = functools.partial(_recording, layer.mask_fn)
+        model = fsdp.shard(model, masks=CASES[case][4])
         SEEN.clear()
         opt = _sgd(model)
-        masks, sharded_rows = [], {}
+        masks, sharded_rows, pruned_gathered = [], {}, []
+        # what the layer's forward gets from FSDP2's all-gather: E * W (local masks) or W
+        model[2].register_forward_pre_hook(lambda mod, _: pruned_gathered.append(
+            float(mod.parametrizations.weight.original.detach().eq(0).float().mean())))
         for i, (x, y) in enumerate(_batches()):
             _step(model, opt, x[part], y[part])
             masks.append(nmsparse.masks(model))
@@ -101,13 +120,25 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
             sharded_rows[name] = mod.parametrizations.weight.original.to_local().shape[0]
         full, final = fsdp.full_state_dict(model), fsdp.finalized_state_dict(model)
         # resume: a fresh model (other initial weights) loads the checkpoint, then takes the last steps
-        model2 = fsdp.shard(_net(case, seed=7))
+        model2 = fsdp.shard(_net(case, seed=7), masks=CASES[case][4])
         opt2 = _sgd(model2)
         fsdp.load_checkpoint(f"{dump}/{case}.dcp", model2, opt2)
         for x, y in _batches()[SAVE_AFTER:]:
             _step(model2, opt2, x[part], y[part])
         out[case] = dict(masks=masks, full=full, final=final, resumed=fsdp.full_state_dict(model2),
-                         rows=sharded_rows, seen=list(SEEN))
+                         rows=sharded_rows, seen=list(SEEN), zeros=pruned_gathered)
+    # reshard_after_forward=False: a training step after an evaluation pass (which leaves the
+    # parameters unsharded) still refreshes its masks
+    model = fsdp.shard(_net("plain"), reshard_after_forward=False)
+    opt = _sgd(model)
+    out["noreshard"] = []
+    for x, y in _batches():
+        _step(model, opt, x[part], y[part])
+        model.eval()
+        with torch.no_grad():
+            model(x[part])
+        model.train()
+        out["noreshard"].append(nmsparse.masks(model))
     out["errors"] = []
     for call in (lambda: nmsparse.sparsify(model, 2, 4), lambda: fsdp.shard(model)):
         try:
@@ -154,14 +185,19 @@ def _reference(case: str):
 @pytest.mark.parametrize("case", list(CASES))
 def test_fsdp_matches_single_process(two_ranks, case):
     _, (r0, r1) = two_ranks
-    n, m, kw = CASES[case]
+    n, m, kw, (a, b, c), where = CASES[case]
     ref, ref_masks = _reference(case)
-    # shards really are shards: each rank holds half the rows, 12 of 24 for the second layer
-    assert r0[case]["rows"] == {"0": 24, "2": 12, "4": 4}
-    # ... but the mask function gets the whole gathered (24, 48) weight, as a plain tensor, at every
-    # update (every step; every other step with update_every=2)
-    updates = STEPS // kw.get("update_every", 1)
-    assert r0[case]["seen"] == r1[case]["seen"] == [("Tensor", (24, 48))] * updates
+    # shards really are shards: each rank holds half the rows
+    assert r0[case]["rows"] == {"0": a // 2, "2": b // 2, "4": c // 2}
+    # the mask function gets, at every update (every step; every other step with update_every=2;
+    # never for fixed masks), the rank's own rows with local masks, the whole gathered weight else
+    updates = 0 if kw["method"] == "fixed" else STEPS // kw.get("update_every", 1)
+    rows = b // 2 if where == "local" else b
+    assert r0[case]["seen"] == r1[case]["seen"] == [("Tensor", (rows, a))] * updates
+    # FSDP2 gathered E * W (zeros: at least the pruned fraction) with local masks, dense W else
+    for zeros in (r0[case]["zeros"], r1[case]["zeros"]):
+        assert len(zeros) == STEPS
+        assert all(z >= 1 - n / m for z in zeros) if where == "local" else all(z < 0.01 for z in zeros)
     # every step's masks: N:M (transposable where asked), equal on both ranks and to one process
     check = nmsparse.layer_is_transposable_nm if kw.get("transposable") else nmsparse.layer_is_nm
     assert len(r0[case]["masks"]) == len(r1[case]["masks"]) == STEPS
@@ -180,11 +216,19 @@ def test_fsdp_matches_single_process(two_ranks, case):
     assert final.keys() == ref_final.keys() == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     for k in ref_final:
         torch.testing.assert_close(final[k], ref_final[k], rtol=1e-5, atol=1e-6, msg=k)
-    fresh = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 24), nn.ReLU(), nn.Linear(24, 8))
-    fresh.load_state_dict(final)
+    _plain(case).load_state_dict(final)
     # resumed from the DCP checkpoint: bit for bit the uninterrupted run (weights, masks, mask steps)
     for k, v in full.items():
         assert torch.equal(r0[case]["resumed"][k], v), k
+
+
+def test_local_masks_without_reshard_after_forward(two_ranks):
+    _, (r0, r1) = two_ranks
+    _, ref_masks = _reference("plain")
+    for got in (r0["noreshard"], r1["noreshard"]):
+        assert len(got) == STEPS
+        for mg, mr in zip(got, ref_masks):
+            assert all(torch.equal(mg[k], mr[k]) for k in mr)
 
 
 def test_sparsify_after_shard_and_shard_twice_are_refused(two_ranks):
@@ -201,9 +245,13 @@ def test_errors_before_any_collective(tmp_path):
 
     with pytest.raises(ValueError, match="fsdp must be true or false, got 'yes'"):
         TrainConfig(fsdp="yes").validate(check_out=False)
+    with pytest.raises(ValueError, match="fsdp_masks must be 'local' or 'gathered', got 'rows'"):
+        TrainConfig(fsdp=True, fsdp_masks="rows").validate(check_out=False)
     model = _net("plain")
     with pytest.raises(ValueError, match="FSDP2 needs a process group: run under 'torchrun"):
         fsdp.shard(model)
+    with pytest.raises(ValueError, match="masks must be 'local' or 'gathered', got 'rows'"):
+        fsdp.shard(model, masks="rows")
     with pytest.raises(ValueError, match="is not a torch.distributed.checkpoint folder"):
         fsdp.load_checkpoint(tmp_path, model)
     with pytest.raises(ValueError, match="names no FSDP checkpoint folder \\('../elsewhere'\\)"):
@@ -350,3 +398,40 @@ def test_damaged_dcp_folder_leaves_the_model_unchanged(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert "raised cannot load the checkpoint" in res.stdout, res.stdout + res.stderr
     assert "changed []" in res.stdout, res.stdout
+
+
+def test_local_masks_refused_where_shards_split_groups():
+    """shard(masks='local') checks every layer before anything changes; the error names the layer,
+    its shape, the rows per rank and the way out."""
+    from transformers.pytorch_utils import Conv1D
+
+    from nmsparse.training.fsdp_masks import check_local
+
+    def layers(model):
+        return [(f[: -len(t) - 1], mod, t, p) for f, mod, t, p in nmsparse.sparse_tensors(model)]
+
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 24))
+    nmsparse.sparsify(model, 4, 8, keep_dense=(), transposable=True)
+    check_local(layers(model), 1)
+    with pytest.raises(ValueError, match=r"layer '1': weight \(24, 48\) over 2 ranks puts 12 rows on a rank, not "
+                                         r"whole transposable m x m tiles; .* multiple of 8: use another number of "
+                                         r"processes or shard\(..., masks='gathered'\)"):
+        check_local(layers(model), 2)
+    check_local(layers(model), 3)  # 16, 16 and 16 rows; 8 and 8 rows
+    # Conv1D stores (in, out): dim 0 holds the groups, so whole groups per rank are needed
+    conv = nn.Sequential(Conv1D(8, 12))
+    nmsparse.sparsify(conv, 2, 4, keep_dense=())
+    check_local(layers(conv), 3)
+    with pytest.raises(ValueError, match=r"layer '0': weight \(12, 8\) over 2 ranks puts 6 rows on a rank, not "
+                                         r"whole groups of 4 \(dim 0 is the input\)"):
+        check_local(layers(conv), 2)
+    # plain masks of (out, in) weights: any rows, an uneven last shard included
+    plain = nn.Sequential(nn.Linear(8, 7))
+    nmsparse.sparsify(plain, 2, 4, keep_dense=())
+    check_local(layers(plain), 2)
+    tied = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+    tied[1].weight = tied[0].weight
+    nmsparse.sparsify(tied, 2, 4, keep_dense=(), include=["1"], shared="sparsify")
+    with pytest.raises(ValueError, match="its weight is shared by several modules; shard-local masks do not "
+                                         "support that: use shard\\(..., masks='gathered'\\)"):
+        check_local(layers(tied), 2)

@@ -67,7 +67,13 @@ class NMParametrization(nn.Module):
     ``mask_fn(weight) -> BoolTensor`` computes the keep-mask in the layer's layout; ``n``, ``m`` and
     ``layout`` are recorded for reports and checks. Buffers ``mask`` and ``step`` (training-mode
     forward passes seen) are part of the ``state_dict``, so a checkpoint resumes the mask schedule.
+
+    ``gathered_masked`` (set by :mod:`nmsparse.training.fsdp_masks`): the weight this module gets is
+    already ``E * W`` (FSDP2 gathered it masked); it passes it through, and its mask is refreshed on
+    the shard, not by :meth:`refresh`.
     """
+
+    gathered_masked = False
 
     def __init__(
         self,
@@ -134,7 +140,7 @@ class NMParametrization(nn.Module):
         new mask replaces the ``mask`` buffer (a new tensor) instead of being compared with it and
         copied in: a module called twice in one pass keeps, for the first call's backward, the
         mask that call used (autograd's saved-tensor version check never fires)."""
-        if self.method == "fixed":
+        if self.method == "fixed" or self.gathered_masked:
             return
         if getattr(self, "shared", False):  # several users call this per pass: act once per value of W
             seen = (weight.data_ptr(), weight._version)
@@ -149,6 +155,8 @@ class NMParametrization(nn.Module):
         self._mark_step_written()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.gathered_masked:
+            return weight
         return sparse_weight(weight, self.mask, self.method, self.decay)
 
     def extra_repr(self) -> str:

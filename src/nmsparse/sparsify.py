@@ -55,9 +55,10 @@ def _check_transposable(transposable: object, mask_method: object, mask_fn: obje
 
 
 def _check_not_sharded(model: nn.Module) -> None:
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if (any(type(p).__name__ == "DTensor" for p in model.parameters())
+            or any(c.__name__ == "FSDPModule" for mod in model.modules() for c in type(mod).__mro__)):
         raise ValueError("sparsify a model before sharding it (fully_shard / FSDP2 or tensor parallel): "
-                         "this model already has DTensor parameters")
+                         "this model already has DTensor parameters or fully_shard modules")
 
 
 def _refresh_hook(module: nn.Module, args: tuple) -> None:
@@ -183,8 +184,10 @@ def sparse_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, NMParametr
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Current keep-masks, keyed by the dense tensor's name in the original model
     (e.g. ``"layer1.0.conv1.weight"``, ``"layers.0.self_attn.in_proj_weight"``). Returns copies:
-    later training does not change them."""
-    return {full: p.mask.clone() for full, _, _, p in sparse_tensors(model)}
+    later training does not change them. Under FSDP2 with shard-local masks (each rank holds its
+    rows, a DTensor) the whole masks are gathered: a collective, call it on every rank."""
+    return {full: p.mask.full_tensor() if hasattr(p.mask, "full_tensor") else p.mask.clone()
+            for full, _, _, p in sparse_tensors(model)}
 
 
 def dense_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:

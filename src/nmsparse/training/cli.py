@@ -92,6 +92,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters and optimizer state with FSDP2 instead of DDP; "
                         "the checkpoint's model and optimizer go to checkpoint.dcp/ (docs/distributed.md)")
+    g.add_argument("--fsdp-masks", choices=("local", "gathered"), default="local",
+                   help="with --fsdp: each rank computes the masks of its own rows and FSDP2 gathers E * W "
+                        "(local, default), or every rank computes every mask from the gathered weight (gathered; "
+                        "needed when a rank's rows would split transposable tiles)")
     p.set_defaults(func=_main)
 
 
@@ -103,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed, threads=args.threads, train_subset=args.train_subset,
         test_subset=args.test_subset, sad_nm=args.sad_nm, device=args.device, out=args.out,
-        fsdp=args.fsdp,
+        fsdp=args.fsdp, fsdp_masks=args.fsdp_masks,
     )
 
 

@@ -51,7 +51,9 @@ class TrainConfig:
     is the N:M at which SAD of the dense weights' magnitude masks is tracked. ``warmup_epochs`` of
     linear warm-up are followed by a cosine decay to zero, both stepped per iteration.
     ``train_subset`` / ``test_subset`` keep only the first k images (quick runs).
-    ``fsdp`` shards parameters and optimizer state with FSDP2 instead of DDP (under torchrun).
+    ``fsdp`` shards parameters and optimizer state with FSDP2 instead of DDP (under torchrun);
+    ``fsdp_masks`` is ``"local"`` (each rank computes its rows' masks) or ``"gathered"`` (every rank
+    every mask, from the gathered weight), see :func:`nmsparse.training.fsdp.shard`.
     """
 
     model: str = "resnet"
@@ -79,6 +81,7 @@ class TrainConfig:
     device: str = "cpu"
     out: str = "runs/x"
     fsdp: bool = False
+    fsdp_masks: str = "local"
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -189,6 +192,8 @@ class TrainConfig:
                 fail(f"device {self.device!r} asked for, but CUDA is not available")
         if not isinstance(self.fsdp, bool):
             fail(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.fsdp_masks not in ("local", "gathered"):
+            fail(f"fsdp_masks must be 'local' or 'gathered', got {self.fsdp_masks!r}")
         if not isinstance(self.out, str) or not self.out:
             fail(f"out must be a non-empty path, got {self.out!r}")
         if check_out:

@@ -9,16 +9,14 @@ What is sharded: every parameter, the dense weights ``original`` included, on di
 over the mesh. What is not: buffers. Each sparse layer's ``mask`` (bool, the shape of the whole
 weight) and ``step`` stay whole on every rank.
 
-How masks are computed: FSDP2's pre-forward hook (registered with ``prepend=True``, so it runs before
-nmsparse's mask-refresh hook on the same module, and a parent's runs before any child's) all-gathers
-the dense weights a forward needs. The refresh hook then sees the whole unsharded ``W`` and computes
-``E`` from it: the same ``W`` on every rank gives the same ``E`` on every rank, with no communication
-of its own and no constraint on how rows fall on ranks. Computing ``E`` per rank on its own shard rows
-would not save the gather (the forward needs ``W`` whole anyway) and would add one: the forward's
-``E * W`` needs ``E`` whole, so the shard masks would have to be all-gathered every step. This holds
-for transposable masks too: their m x m tiles are whole in the gathered weight, so rows per rank need
-not be a multiple of m. Cost: every rank computes every mask (a cost linear in the number of weights,
-small next to the forward's matmuls) and holds every mask (1 byte per weight, unsharded).
+How masks are computed: by default (``shard(masks="local")``) each rank computes the masks of its
+own rows from its shard and FSDP2 all-gathers ``E * W`` instead of ``W`` (no communication of its
+own; :mod:`nmsparse.training.fsdp_masks`), with the ``mask`` buffers sharded like the weights.
+Transposable masks and ``Conv1D`` weights need whole m-row units per rank (checked). With
+``masks="gathered"``, FSDP2's pre-forward hook (registered with ``prepend=True``, so it runs before
+nmsparse's mask-refresh hook) all-gathers the dense ``W`` and every rank computes every whole mask
+from it: no constraint on rows per rank, every mask held whole on every rank. ``docs/distributed.md``
+compares the two.
 
 Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` write and read model and optimizer
 with ``torch.distributed.checkpoint`` (each rank writes and reads its own shards; a resumed run may
@@ -49,7 +47,7 @@ from torch import nn
 
 from nmsparse.layout import layer_mask
 from nmsparse.selection import plan
-from nmsparse.sparsify import sparse_layers
+from nmsparse.sparsify import sparse_layers, sparse_tensors
 
 
 def _require_dist() -> None:
@@ -59,41 +57,67 @@ def _require_dist() -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when some parameter of ``model`` is a DTensor (``fully_shard`` or tensor parallel ran)."""
+    """True when ``fully_shard`` was applied to ``model`` or a submodule, or some parameter is a DTensor
+    (tensor parallel). Unsharded between a forward and its backward (or after a forward with
+    ``reshard_after_forward=False``), a sharded model's parameters are plain tensors for a while."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return (any(isinstance(m, FSDPModule) for m in model.modules())
+            or any(isinstance(p, DTensor) for p in model.parameters()))
 
 
 def shard(model: nn.Module, *, mesh=None, units: Iterable[nn.Module] | None = None,
-          reshard_after_forward: bool = True) -> nn.Module:
+          reshard_after_forward: bool = True, masks: str = "local") -> nn.Module:
     """Apply FSDP2's ``fully_shard`` to each module of ``units``, then to ``model``; returns ``model``.
 
     ``units`` defaults to every N:M sparse layer (its own all-gather group, so its dense weight is
     gathered just before its forward); pass a model's blocks (e.g. transformer layers) for larger
     groups. ``mesh`` defaults to a 1-D mesh over all processes on the parameters' device type.
-    Sparsify ``model`` before calling this (see module doc). Masks are computed from the gathered
-    dense weights, identical on every rank; on CPU, from a copy (see :func:`_on_private_copy`).
+    Sparsify ``model`` before calling this (see module doc).
+
+    ``masks="local"`` (default): each rank computes the masks of its own rows from its shard and
+    FSDP2 gathers ``E * W`` (:mod:`nmsparse.training.fsdp_masks`); transposable masks and ``Conv1D``
+    weights need rows per rank to be a multiple of m (checked, ValueError naming the layer).
+    ``masks="gathered"``: every rank computes every whole mask from the gathered dense ``W``
+    (no constraint on rows; on CPU from a copy, see :func:`_on_private_copy`).
+    All checks run before the model is changed.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from nmsparse.training import fsdp_masks
+
+    if masks not in ("local", "gathered"):
+        raise ValueError(f"masks must be 'local' or 'gathered', got {masks!r}")
     _require_dist()
     if is_sharded(model):
-        raise ValueError("model is already sharded (it has DTensor parameters); call shard() once, "
+        raise ValueError("model is already sharded (fully_shard modules or DTensor parameters); call shard() once, "
                          "on a model that nmsparse.sparsify has already made N:M")
     if mesh is None:
         p = next(model.parameters(), None)
         dev = p.device.type if p is not None else "cpu"
         mesh = init_device_mesh(dev, (dist.get_world_size(),))
-    for _, _, p in sparse_layers(model):
-        if not isinstance(p.mask_fn, functools.partial) or p.mask_fn.func is not _on_private_copy:
-            p.mask_fn = functools.partial(_on_private_copy, p.mask_fn)
+    if mesh.ndim != 1:
+        raise ValueError(f"shard() takes a 1-D device mesh, got {mesh.ndim} dimensions")
+    layers = [(full[: -len(t) - 1] if full != t else "", mod, t, p) for full, mod, t, p in sparse_tensors(model)]
+    if masks == "local":
+        fsdp_masks.check_local(layers, mesh.size())
+        fsdp_masks.prepare(layers)
+    else:
+        for _, _, _, p in layers:
+            if not isinstance(p.mask_fn, functools.partial) or p.mask_fn.func is not _on_private_copy:
+                p.mask_fn = functools.partial(_on_private_copy, p.mask_fn)
     chosen = [mod for _, mod, _ in sparse_layers(model)] if units is None else list(units)
     for mod in chosen:
         if mod is not model:
             fully_shard(mod, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if masks == "local":
+        fsdp_masks.finish(layers, mesh)
+        if not reshard_after_forward:
+            for mod in [*chosen, model]:
+                mod.register_forward_pre_hook(fsdp_masks.reshard_before_training_forward, prepend=True)
     return model
 
 
@@ -137,7 +161,9 @@ def sync_buffers(model: nn.Module, src: int = 0) -> None:
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    from nmsparse.training.fsdp_masks import local_weight
+
+    state = {"model": {k: local_weight(v) for k, v in get_model_state_dict(model).items()}}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     return state

@@ -167,7 +167,7 @@ class Trainer:
         if config.fsdp:
             from nmsparse.training import fsdp
 
-            self.net = fsdp.shard(self.model)  # in place: self.net is self.model
+            self.net = fsdp.shard(self.model, masks=config.fsdp_masks)  # in place: self.net is self.model
         elif self.ctx.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
