@@ -116,6 +116,7 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
             masks.append(nmsparse.masks(model))
             if i + 1 == SAVE_AFTER:
                 fsdp.save_checkpoint(f"{dump}/{case}.dcp", model, opt)
+                saved = fsdp.full_state_dict(model)
         for name, mod, _ in nmsparse.sparse_layers(model):
             sharded_rows[name] = mod.parametrizations.weight.original.to_local().shape[0]
         full, final = fsdp.full_state_dict(model), fsdp.finalized_state_dict(model)
@@ -126,7 +127,7 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
         for x, y in _batches()[SAVE_AFTER:]:
             _step(model2, opt2, x[part], y[part])
         out[case] = dict(masks=masks, full=full, final=final, resumed=fsdp.full_state_dict(model2),
-                         rows=sharded_rows, seen=list(SEEN), zeros=pruned_gathered)
+                         rows=sharded_rows, seen=list(SEEN), zeros=pruned_gathered, saved=saved)
     # reshard_after_forward=False: a training step after an evaluation pass (which leaves the
     # parameters unsharded) still refreshes its masks
     model = fsdp.shard(_net("plain"), reshard_after_forward=False)
@@ -220,6 +221,33 @@ def test_fsdp_matches_single_process(two_ranks, case):
     # resumed from the DCP checkpoint: bit for bit the uninterrupted run (weights, masks, mask steps)
     for k, v in full.items():
         assert torch.equal(r0[case]["resumed"][k], v), k
+
+
+def _load_alone(rank: int, world: int, port: int, dump: str, case: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from nmsparse.training import fsdp
+
+    dist.init_process_group("gloo")
+    model = fsdp.shard(_net(case, seed=7), masks=CASES[case][4])
+    fsdp.load_checkpoint(f"{dump}/{case}.dcp", model, _sgd(model))
+    torch.save(fsdp.full_state_dict(model), f"{dump}/{case}-alone.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_of_two_ranks_loads_into_one(two_ranks):
+    """DCP reshards: weights and shard-local masks saved by 2 ranks load into 1 (every row on it)."""
+    dump, (r0, _) = two_ranks
+    mp.start_processes(_load_alone, args=(1, _free_port(), str(dump), "plain"), nprocs=1, join=True,
+                       start_method="spawn")
+    alone = torch.load(dump / "plain-alone.pt", weights_only=True)
+    assert alone.keys() == r0["plain"]["saved"].keys()
+    for k, v in r0["plain"]["saved"].items():
+        assert torch.equal(alone[k], v), k
 
 
 def test_local_masks_without_reshard_after_forward(two_ranks):
@@ -435,3 +463,21 @@ def test_local_masks_refused_where_shards_split_groups():
     with pytest.raises(ValueError, match="its weight is shared by several modules; shard-local masks do not "
                                          "support that: use shard\\(..., masks='gathered'\\)"):
         check_local(layers(tied), 2)
+
+
+def test_masked_shard_keeps_views_and_moves_only():
+    """The dense shard's wrapper survives what fully_shard does to a parameter (views, chunks,
+    new_zeros + copy_, moves) and in-place updates; clones and arithmetic give plain tensors."""
+    from nmsparse.training.fsdp_masks import MaskedShard, local_weight
+
+    model = _net("plain")
+    p = model[2].parametrizations.weight[0]
+    t = MaskedShard(torch.arange(12.0).view(3, 4), p)
+    for view in (t.view(-1), t.detach(), t[1:], t.narrow(0, 0, 2), torch.chunk(t, 2)[0], t.new_zeros(2, 4),
+                 t.to("cpu", torch.float64)):
+        assert type(view) is MaskedShard and view.owner is p
+    for plain in (t.clone(), t * 2, t.sum(), torch.cat([t, t])):
+        assert type(plain) is torch.Tensor
+    assert t.add_(1) is t and torch.equal(t.data_, torch.arange(1.0, 13.0).view(3, 4))
+    t.narrow(0, 0, 1).copy_(torch.zeros(1, 4))  # through a view: writes the wrapped storage
+    assert torch.equal(local_weight(t)[0], torch.zeros(4)) and type(local_weight(t)) is torch.Tensor

@@ -321,7 +321,10 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) state dict on CPU on rank 0, ``{}`` on the other ranks (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from nmsparse.training.fsdp_masks import local_weight
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: local_weight(v) for k, v in full.items()}
 
 
 def finalized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -38,13 +38,13 @@ from nmsparse.parametrization import NMParametrization, SharedNM
 
 aten = torch.ops.aten
 
-# ops whose results are (views or copies of) the shard and must keep gathering E * W: what
-# fully_shard does to a parameter (chunk, narrow, new_zeros + copy_, view), detach and moves
+# ops whose results are the shard (views, or its new home) and must keep gathering E * W: what
+# fully_shard does to a parameter (chunk, narrow, new_zeros + copy_, view), detach, and moves
+# (``.to(device)``, FSDP2's CPU offload); any other result (a clone, arithmetic) is a plain tensor
 _KEEP = {aten.view.default, aten._unsafe_view.default, aten.as_strided.default, aten.slice.Tensor,
          aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
          aten.detach.default, aten.alias.default, aten.new_zeros.default, aten.new_empty.default,
-         aten.new_empty_strided.default, aten.empty_like.default, aten.zeros_like.default,
-         aten.clone.default, aten._to_copy.default}
+         aten.new_empty_strided.default, aten._to_copy.default}
 
 
 class MaskedShard(torch.Tensor):
@@ -209,9 +209,12 @@ def _grad_hook(p: NMParametrization):
 
 
 def local_weight(t: torch.Tensor) -> torch.Tensor:
-    """The plain tensor a :class:`MaskedShard` (or a DTensor of one) wraps, for checkpoint writers."""
+    """The plain tensor a :class:`MaskedShard` (or a DTensor of one) wraps, for checkpoint writers
+    and state dicts."""
     from torch.distributed.tensor import DTensor
 
+    if isinstance(t, MaskedShard):  # a "full" tensor on a one-rank mesh is the shard itself
+        return t.data_
     if isinstance(t, DTensor) and isinstance(t._local_tensor, MaskedShard):
         return DTensor.from_local(t._local_tensor.data_, t.device_mesh, t.placements, run_check=False,
                                   shape=t.shape, stride=t.stride())
