@@ -64,6 +64,29 @@ def _net(case: str, seed: int = 0) -> nn.Module:
     return model
 
 
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(64, 32), nn.Linear(32, 32), nn.Linear(32, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x)))).mean(1)
+
+
+def _tied() -> nn.Module:
+    torch.manual_seed(0)
+    model = _TiedLM()
+    nmsparse.sparsify(model, 2, 4, keep_dense=(), shared="sparsify", method="srste", decay=2e-2)
+    return model
+
+
+def _token_batches():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randint(0, 64, (BATCH, 5), generator=g), torch.randint(0, 64, (BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
 def _batches():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(BATCH, 32, generator=g), torch.randint(0, 8, (BATCH,), generator=g)) for _ in range(STEPS)]
@@ -140,6 +163,13 @@ def _worker(rank: int, world: int, port: int, dump: str) -> None:
             model(x[part])
         model.train()
         out["noreshard"].append(nmsparse.masks(model))
+    # a tied weight made N:M (shared="sparsify"): its owner and user go into one FSDP2 unit
+    model = fsdp.shard(_tied(), masks="gathered")
+    opt = _sgd(model)
+    out["tied"] = []
+    for x, y in _token_batches():
+        _step(model, opt, x[part], y[part])
+        out["tied"].append(nmsparse.masks(model))
     out["errors"] = []
     for call in (lambda: nmsparse.sparsify(model, 2, 4), lambda: fsdp.shard(model)):
         try:
@@ -248,6 +278,20 @@ def test_checkpoint_of_two_ranks_loads_into_one(two_ranks):
     assert alone.keys() == r0["plain"]["saved"].keys()
     for k, v in r0["plain"]["saved"].items():
         assert torch.equal(alone[k], v), k
+
+
+def test_tied_sparse_weight_in_one_unit(two_ranks):
+    _, (r0, r1) = two_ranks
+    model, ref = _tied(), []
+    opt = _sgd(model)
+    for x, y in _token_batches():
+        _step(model, opt, x, y)
+        ref.append(nmsparse.masks(model))
+    for got in (r0["tied"], r1["tied"]):
+        assert len(got) == STEPS and got[0].keys() == {"head.weight", "mid.weight"}
+        for mg, mr in zip(got, ref):
+            assert all(torch.equal(mg[k], mr[k]) for k in mr)
+    assert any(not torch.equal(ref[0][k], ref[-1][k]) for k in ref[0])  # the masks did change
 
 
 def test_local_masks_without_reshard_after_forward(two_ranks):

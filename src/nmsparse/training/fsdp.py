@@ -108,7 +108,7 @@ def shard(model: nn.Module, *, mesh=None, units: Iterable[nn.Module] | None = No
         for _, _, _, p in layers:
             if not isinstance(p.mask_fn, functools.partial) or p.mask_fn.func is not _on_private_copy:
                 p.mask_fn = functools.partial(_on_private_copy, p.mask_fn)
-    chosen = [mod for _, mod, _ in sparse_layers(model)] if units is None else list(units)
+    chosen = _default_units(model) if units is None else list(units)
     for mod in chosen:
         if mod is not model:
             fully_shard(mod, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -116,9 +116,27 @@ def shard(model: nn.Module, *, mesh=None, units: Iterable[nn.Module] | None = No
     if masks == "local":
         fsdp_masks.finish(layers, mesh)
         if not reshard_after_forward:
-            for mod in [*chosen, model]:
-                mod.register_forward_pre_hook(fsdp_masks.reshard_before_training_forward, prepend=True)
+            for unit in [*chosen, model]:
+                for mod in unit if isinstance(unit, list) else [unit]:
+                    mod.register_forward_pre_hook(fsdp_masks.reshard_before_training_forward, prepend=True)
     return model
+
+
+def _default_units(model: nn.Module) -> list:
+    """One FSDP2 unit per N:M sparse layer; a weight shared by several modules (tied, made N:M with
+    ``shared="sparsify"``) puts its owner and every user in one unit (a list), as FSDP2 requires."""
+    from torch.nn.utils import parametrize
+
+    users: dict[int, list[nn.Module]] = {}
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod):
+            for plist in mod.parametrizations.values():
+                users.setdefault(id(plist.original), []).append(mod)
+    units = []
+    for _, mod, tname, _ in sparse_tensors(model):
+        group = users.get(id(mod.parametrizations[tname].original), [mod])
+        units.append(group[0] if len(group) == 1 else group)
+    return units
 
 
 def _on_private_copy(mask_fn: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
