@@ -494,3 +494,17 @@ def test_reproduce_reads_damaged_metrics_up_to_the_damage(tmp_path):
     assert read_metrics(p) == [{"epoch": 1}, {"epoch": 2}]
     p.write_bytes(b'{"epoch": 1}\n[1, 2]\n')
     assert read_metrics(tmp_path) == [{"epoch": 1}]
+
+
+def test_load_errors_survive_pickling():
+    """multiprocessing hands exceptions between processes by pickling them: message and fields kept."""
+    import pickle
+
+    from nmsparse.errors import LoadError
+    from nmsparse.export.files import FormatError
+
+    for err in (LoadError("run/x.pt", "is truncated", "train again", action="cannot resume from"),
+                FormatError("m.nms: header names no tensors", path="m.nms")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert (back.path, back.problem, back.hint, back.action) == (err.path, err.problem, err.hint, err.action)

@@ -29,9 +29,21 @@ class LoadError(ValueError):
         msg = f"{self.action} {self.path}: {self.problem}"
         return f"{msg}; {self.hint}" if self.hint else msg
 
+    def __reduce__(self):
+        # pickled (multiprocessing hands errors between processes) as message and fields: the default
+        # would call ``cls(message)``, which the required ``problem`` refuses
+        return _restore, (type(self), str(self), dict(self.__dict__))
+
     def with_hint(self, hint: str | None, *, action: str | None = None) -> "LoadError":
         """The same error with another ``hint`` (and ``action``): callers know what the user should do."""
         return LoadError(self.path, self.problem, hint, action=action or self.action)
+
+
+def _restore(cls: type, message: str, fields: dict) -> LoadError:
+    err = cls.__new__(cls)
+    ValueError.__init__(err, message)
+    err.__dict__.update(fields)
+    return err
 
 
 __all__ = ["LoadError"]
