@@ -12,6 +12,9 @@ benchmarks of issue 10, written to ``docs/results/gpu/gpu_check.json`` and ``gpu
    training step dense vs masked-dense vs semi-structured with transposable optimal 2:4 masks
    refreshed every 40 steps (goal >= 1.15x over dense); one profiled semi-structured step.
 5. A GPT block end to end (d=2048, 16 heads, 4 x 2048 tokens), the same three variants.
+6. FSDP2 on one process (no communication: what nmsparse's FSDP2 paths cost on the device): the MLP
+   block in fp32, 2:4 SR-STE, AdamW, one step: unsharded masked-dense vs ``fsdp.shard`` with
+   shard-local masks vs ``masks="gathered"``; masks and weights of the three compared after the steps.
 
 Timing: CUDA events around ``iters`` calls after warm-up, variants interleaved, median of ``rounds``.
 ``--cpu-smoke`` runs every section on tiny shapes on the CPU (the emulation), without the tests, so CI
@@ -269,6 +272,55 @@ def bench_gpt(dev: str, d: int, heads: int, batch: int, seq: int, steps: int, ro
     return out
 
 
+def bench_fsdp(dev: str, d: int, h: int, tokens: int, steps: int, rounds: int, warmup: int = 2) -> dict:
+    """One-process FSDP2 (nccl on CUDA, gloo on the CPU): step time of an N:M MLP block unsharded,
+    sharded with shard-local masks and with gathered masks; the three end equal (checked)."""
+    import torch.distributed as dist
+
+    from nmsparse.training import fsdp
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        variants = {}
+        for name in ("unsharded", "fsdp local masks", "fsdp gathered masks"):
+            torch.manual_seed(0)
+            model = MLP(d, h).to(dev)
+            nmsparse.sparsify(model, 2, 4, method="srste", keep_dense=())
+            if name != "unsharded":
+                fsdp.shard(model, masks="local" if "local" in name else "gathered")
+            variants[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        g = torch.Generator(device=dev).manual_seed(1)
+        x = torch.randn(tokens, d, device=dev, generator=g)
+        target = torch.randn(tokens, d, device=dev, generator=g)
+
+        def step(model, opt):
+            loss = F.mse_loss(model(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        res = Timer(dev, warmup=warmup, iters=steps, rounds=rounds).compare(
+            {k: (lambda m=m, o=o: step(m, o)) for k, (m, o) in variants.items()})
+        for v in res.values():
+            v["x unsharded"] = v["ms"] / res["unsharded"]["ms"]
+        # every variant took the same number of steps on the same data: compare the end states
+        ref = variants["unsharded"][0].state_dict()
+        diff = {}
+        for name in ("fsdp local masks", "fsdp gathered masks"):
+            full = fsdp.full_state_dict(variants[name][0])
+            diff[name] = {"max_abs_diff": max(float((full[k].float().cpu() - ref[k].float().cpu()).abs().max())
+                                              for k in ref),
+                          "masks_equal": all(torch.equal(full[k].cpu(), ref[k].cpu()) for k in ref
+                                             if k.endswith(".mask"))}
+        return {"d": d, "hidden": h, "tokens": tokens, "steps_per_timing": steps, "results": res,
+                "against unsharded": diff}
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
 def profile_step(fn) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -300,7 +352,7 @@ def markdown(report: dict) -> str:
     if t:
         lines += [f"CUDA tests: `{t['command']}` -> rc {t['rc']}: {t['summary']}", ""]
     for sec, title in (("masks", "Masks"), ("linear", "Linear inference"), ("mlp", "MLP training step"),
-                       ("gpt", "GPT block training step")):
+                       ("gpt", "GPT block training step"), ("fsdp", "FSDP2, one process")):
         if isinstance(report.get(sec), dict) and "error" in report[sec]:
             lines += [f"## {title}", "", "```", report[sec]["error"], "```", ""]
     m = report.get("masks")
@@ -347,6 +399,14 @@ def markdown(report: dict) -> str:
         lines += [f"| {k} | {v['ms']:.2f} | {v['min']:.2f}-{v['max']:.2f} | {v['speedup']:.2f} |"
                   for k, v in p["results"].items()]
         lines.append("")
+    p = report.get("fsdp")
+    if p and "results" in p:
+        lines += [f"## FSDP2 on one process: MLP block {p['d']}->{p['hidden']}->{p['d']}, {p['tokens']} tokens, fp32, "
+                  "2:4 SR-STE, AdamW", "", "| variant | ms/step (median) | range | x unsharded |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['ms']:.2f} | {v['min']:.2f}-{v['max']:.2f} | {v['x unsharded']:.2f} |"
+                  for k, v in p["results"].items()]
+        lines += [""] + [f"{k} vs unsharded after the same steps: max |difference| {v['max_abs_diff']:.3g}, "
+                         f"masks equal: {v['masks_equal']}" for k, v in p["against unsharded"].items()] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -395,6 +455,8 @@ def main(argv=None) -> int:
             dev, 4096, 16384, 8192, 40, 3, True),
         "gpt": lambda: bench_gpt(dev, 64, 2, 2, 16, 1, 1, warmup=1) if smoke else bench_gpt(
             dev, 2048, 16, 4, 2048, 40, 3),  # 40 steps: each timing holds one mask update
+        "fsdp": lambda: bench_fsdp(dev, 64, 128, 32, 1, 1, warmup=1) if smoke else bench_fsdp(
+            dev, 4096, 16384, 8192, 10, 3),
     }
     for name, fn in sections.items():
         print(f"== {name}", flush=True)

@@ -22,7 +22,7 @@ def test_cpu_smoke_writes_every_section(gpu_check, tmp_path):
     assert gpu_check.main(["--cpu-smoke", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["environment"]["device"] == "cpu"
-    for section in ("masks", "linear", "mlp", "gpt"):
+    for section in ("masks", "linear", "mlp", "gpt", "fsdp"):
         assert "error" not in report[section], report[section]
     assert set(report["masks"]["results"]) == {"abs", "nm_mask 2:4", "transposable 2:4 optimal",
                                                "transposable 2:4 approx",
@@ -37,6 +37,10 @@ def test_cpu_smoke_writes_every_section(gpu_check, tmp_path):
     assert set(report["gpt"]["results"]) == {"dense", "masked-dense", "semi-structured"}
     assert len(report["gpt"]["backend_layers"]) == 4
     assert "## Linear inference" in md and "## MLP block 64->128->64" in md and "## GPT block" in md
+    assert set(report["fsdp"]["results"]) == {"unsharded", "fsdp local masks", "fsdp gathered masks"}
+    for v in report["fsdp"]["against unsharded"].values():
+        assert v["masks_equal"] and v["max_abs_diff"] < 1e-5
+    assert "## FSDP2 on one process" in md
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
