@@ -58,13 +58,17 @@ def permute_channels(
     over its sparse consumers of the kept fraction of ``|w|`` (``method="magnitude"``) or of the Wanda
     score ``|w| * ||x||`` (``method="wanda"``, input norms from ``calib``: an iterable of batches or
     of ``(inputs, targets)``). The kept fraction of no layer space goes down (the identity is a
-    candidate). ``accept``: ``"score"`` keeps every permutation that raises that objective;
-    ``"error"`` keeps a space's permutation only if it also lowers the summed relative output error
-    of the space's sparse layers on ``calib`` (their N:M-masked output against the dense one;
-    :mod:`nmsparse.permute.calib_check`), else leaves the space as it is (status ``"rejected"``);
-    ``"auto"`` (default): ``"error"`` when ``calib`` is given, else ``"score"``. ``tries``: local
-    searches per space with different seeds (``seed``, ``seed + 2``, ...); the one with the lowest
-    calibration output error is kept under ``accept="error"``, the highest objective otherwise.
+    candidate). ``accept``: ``"network"`` keeps a space's permutation only if it lowers the whole
+    pruned network's relative output error on ``calib`` (every sparse layer masked N:M by its score,
+    greedy over the spaces in graph order; :mod:`nmsparse.permute.network`), so that on ``calib`` the
+    pruned network is never worse than without permutation; ``"error"`` keeps it only if it lowers
+    the summed relative output error of the space's own sparse layers on ``calib``
+    (:mod:`nmsparse.permute.calib_check`); ``"score"`` keeps every permutation that raises the
+    objective; a space not kept is left as it is (status ``"rejected"``). ``"auto"`` (default):
+    ``"network"`` when ``calib`` is given, else ``"score"``. ``tries``: local searches per space with
+    different seeds (``seed``, ``seed + 2``, ...): under ``"network"`` each distinct result is a
+    candidate of the greedy step; under ``"error"`` the one with the lowest calibration output error
+    of the space's layers is kept, under ``"score"`` the highest objective.
     Afterwards the outputs on ``example_inputs`` are compared with the original ones
     (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
     restored and a RuntimeError raised. The model's training mode is kept.
