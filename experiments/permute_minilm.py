@@ -5,10 +5,11 @@ this script imports), plus what ``permute_channels`` reports for the model (its 
 
     python experiments/permute_minilm.py --eval 300 --escapes 0 --out docs/results/permute_minilm.json
 
-The permutation is that of ``prune(permute=True)`` (``permute_channels`` with the calibration batches,
-magnitude scores, ``accept="error"``: a space's permutation is kept only if it lowers the calibration
-output error of its layers) and, as a second row, every permutation that raises the kept |w|
-(``accept="score"``); ``--escapes`` is the local search's escape count (``prune`` uses 100; the
+Rows (``--accepts``): ``network``, the permutation of ``prune(permute=True)`` (``permute_channels``
+with the calibration batches, magnitude scores, ``accept="network"``: a space's permutation is kept
+only if it lowers the pruned network's output error on the calibration batches); ``error`` (kept
+only where it lowers the calibration output error of the space's own layers); ``score`` (every
+permutation that raises the kept |w|); ``--escapes`` is the local search's escape count (``prune`` uses 100; the
 1536-channel FFN spaces make each escape cost a full re-ascent, so this script defaults to 0).
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--nm", default="2:4")
     ap.add_argument("--escapes", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--accepts", default="network,error,score")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,7 +58,7 @@ def main() -> None:
            "calibration_sentences": len(calib_s), "escapes": args.escapes, "loadavg_start": os.getloadavg(),
            "runs": []}
     sel = dict(include="encoder.*", keep_dense=())
-    for accept in (None, "error", "score"):
+    for accept in [None] + args.accepts.split(","):
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
         row = {"permute": accept or "no"}
@@ -70,7 +72,9 @@ def main() -> None:
                                for e in p.layers if e.sparse},
                        spaces=[{"searched": s.searched, "size": s.size, "before": s.before, "after": s.after,
                                 "error_before": s.error_before, "error_after": s.error_after,
-                                "rejected": s.rejected, "time_s": s.time_s} for s in p.spaces if s.searched])
+                                "network_before": s.network_before, "network_after": s.network_after,
+                                "rejected": s.rejected, "time_s": s.time_s} for s in p.spaces if s.searched],
+                       network=p.settings.get("network"))
             print(p.table(), flush=True)
         rep = nmsparse.prune(model, n, m, method="magnitude", calib=calib, **sel)
         row.update(prune_s=time.perf_counter() - t0, kept_abs=rep.mean("kept_abs"),

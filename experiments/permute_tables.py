@@ -1,6 +1,7 @@
 """Markdown tables of docs/permute.md from the JSON results of experiments/permute_fmnist.py.
 
     python experiments/permute_tables.py docs/results/permute_fmnist_resnet.json docs/results/permute_fmnist_vit.json
+    python experiments/permute_tables.py docs/results/permute_network_resnet.json docs/results/permute_network_vit.json
 """
 
 from __future__ import annotations
@@ -13,9 +14,51 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def network_tables(path: str, r: dict) -> None:
+    """Tables of an experiments/permute_network.py result."""
+    print(f"\n#### {r['model']} ({path}), dense top-1 {pct(r['dense'])}%\n")
+    ft = any("finetuned" in x for x in r["runs"])
+    print("| N:M | method | permute | spaces permuted | calib. network error | top-1 one-shot |"
+          + (" after one epoch |" if ft else "") + " prune s |")
+    print("|---|---|---|---|---|---|" + ("---|" if ft else "") + "---|")
+    for x in r["runs"]:
+        def acc(key, sd):
+            v = pct(x.get(key))
+            return v if sd not in x else f"{v} (±{100 * x[sd]:.2f})"
+        spaces = "-"
+        if x["permute"]:
+            spaces = f"{x['spaces_permuted']} of {len(x['spaces'])}"
+            if (x["settings"].get("pruned_check") or {}).get("kept") == "unpermuted":
+                spaces += " (guard: unpermuted kept)"
+        print(f"| {x['nm']} | {x['method']} | {'yes' if x['permute'] else 'no'} | {spaces} | "
+              f"{x['network_error']:.5f} | {acc('one_shot', 'paired_sd')} |"
+              + (f" {acc('finetuned', 'finetuned_paired_sd')} |" if ft else "") + f" {x['prune_s']:.1f} |")
+    if r.get("seeds"):
+        print("\n2:4 magnitude, `prune(permute=True, seed=s)` (unpermuted: calib. network error "
+              f"{r['seeds'][0].get('unpermuted_network_error', float('nan')):.5f}, top-1 "
+              f"{pct(r['seeds'][0].get('unpermuted_one_shot'))}): " + "; ".join(
+                  f"seed {x['seed']}: {x['spaces_permuted']} spaces, error {x['network_error']:.5f}, top-1 "
+                  f"{pct(x['one_shot'])}" for x in r["seeds"]))
+    for x in r["runs"]:
+        if x["permute"] and x["method"] == "magnitude":
+            print(f"\n{x['nm']} greedy steps (calib. network error before -> with the space's permutation): " + "; ".join(
+                f"{s['size']} ch ({', '.join(s['searched'][:2])}{', ...' if len(s['searched']) > 2 else ''}): "
+                f"{s['network_before']:.4f} -> {s['network_after']:.4f}" + (" rejected" if s["rejected"] else "")
+                for s in x["spaces"] if s["network_before"] is not None))
+        if x["permute"] and x["settings"].get("pruned_check"):
+            c = x["settings"]["pruned_check"]
+            print(f"\n{x['nm']} {x['method']} guard: pruned network error permuted {c['permuted']:.6f}, "
+                  f"unpermuted {c['unpermuted']:.6f}: {c['kept']} kept")
+    print(f"\nload average {r['loadavg_start'][0]:.1f} at start, {r.get('loadavg_end', [0])[0]:.1f} at end; "
+          f"wall {r.get('wall_s', 0):.0f} s")
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         r = json.load(open(path))
+        if r["runs"] and "network_error" in r["runs"][0]:
+            network_tables(path, r)
+            continue
         print(f"\n### {r['model']} ({path}), dense top-1 {pct(r['dense'])}%, {r['test_images']} test images\n")
         nms = list(r["kept"])
         print("| layer | shape | " + " | ".join(f"{nm} kept before | {nm} after | {nm} search s" for nm in nms) + " |")

@@ -1,6 +1,8 @@
-"""One-shot magnitude N:M with channel permutations chosen by calibration output error among several
-local searches (``permute_channels(..., accept="error", tries=k)``), against one search
-(``tries=1``, what ``prune(permute=True)`` does) and no permutation, on a Fashion-MNIST checkpoint.
+"""One-shot magnitude N:M with channel permutations chosen on the calibration data among several
+local searches (``permute_channels(..., accept=A, tries=k)``, ``--accept``: ``network``, the pruned
+network's output error, or ``error``, the space's layers' output error), against one search
+(``tries=1``, what ``prune(permute=True)`` does with ``accept="network"``) and no permutation, on a
+Fashion-MNIST checkpoint.
 
     python experiments/permute_tries.py --checkpoint runs/fm2_vit/final.safetensors --tries 5 \\
         --out docs/results/permute_tries_vit.json
@@ -33,12 +35,14 @@ def main() -> None:
     p.add_argument("--nm", default="2:4")
     p.add_argument("--tries", type=int, default=5)
     p.add_argument("--calib", type=int, default=100)
+    p.add_argument("--accept", default="error", choices=("error", "network"))
     args = p.parse_args()
     torch.set_num_threads(1)
     dense, data, src = load_dense(args.checkpoint)
     calib = [data.x_train[balanced_indices(data.y_train, args.calib, 0)]]
     n, m = (int(v) for v in args.nm.split(":"))
-    out = {"checkpoint": args.checkpoint, "model": src["model"], "nm": args.nm, "loadavg_start": os.getloadavg(),
+    out = {"checkpoint": args.checkpoint, "model": src["model"], "nm": args.nm, "accept": args.accept,
+           "loadavg_start": os.getloadavg(),
            "rows": []}
     preds = {}
     for tries in (0, 1, args.tries):
@@ -46,10 +50,13 @@ def main() -> None:
         t0 = time.perf_counter()
         row = {"tries": tries}
         if tries:
-            rep = nmsparse.permute_channels(model, n, m, example_inputs=calib[0], calib=calib, accept="error",
+            rep = nmsparse.permute_channels(model, n, m, example_inputs=calib[0], calib=calib, accept=args.accept,
                                             tries=tries)
             row.update(permute_s=time.perf_counter() - t0, kept_total=list(rep.total()),
-                       spaces=[(s.size, s.error_before, s.error_after, s.rejected) for s in rep.spaces if s.searched])
+                       network=rep.settings.get("network"),
+                       spaces=[(s.size, s.network_before, s.network_after, s.rejected) if args.accept == "network"
+                               else (s.size, s.error_before, s.error_after, s.rejected)
+                               for s in rep.spaces if s.searched])
         pr = nmsparse.prune(model, n, m, method="magnitude", calib=calib)
         with torch.no_grad():
             preds[tries] = torch.cat([model(data.x_test[s:s + 1000]).argmax(1) for s in range(0, 10000, 1000)])

@@ -78,7 +78,7 @@ def test_bert_model_is_permuted_through_torch_export():
 def test_bert_with_calibration_data_checks_the_output_error():
     model, inputs = _bert(layers=1)
     rep, _ = _check_preserved(model, inputs, keep_dense=(), calib=[inputs], method="wanda",
-                             escapes=5)
+                             escapes=5, accept="error")
     assert rep.settings["accept"] == "error" and rep.settings["method"] == "wanda"
     sp = next(s for s in rep.spaces if "encoder.layer.0.output.dense" in s.searched)
     assert sp.error_before is not None and sp.error_after is not None
@@ -110,7 +110,7 @@ def test_rejected_permutation_leaves_the_model_and_says_why(monkeypatch):
     x = torch.randn(4, 1, 28, 28)
     state = copy.deepcopy(model.state_dict())
     monkeypatch.setattr(channels, "output_error", lambda mod, h, s, perm, n, m: 0.0 if perm is None else 1.0)
-    rep = nmsparse.permute_channels(model, 2, 4, example_inputs=x, calib=[x], escapes=0)
+    rep = nmsparse.permute_channels(model, 2, 4, example_inputs=x, calib=[x], escapes=0, accept="error")
     assert not rep.permuted and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     rejected = [e for e in rep.layers if e.status == "rejected"]
     assert rejected and all("raised the calibration output error" in e.reason for e in rejected)
@@ -139,7 +139,8 @@ def test_tries_keep_the_search_with_the_lowest_calibration_error(monkeypatch):
     model = _outliers(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))).eval()
     x = torch.randn(64, 16)
     original = copy.deepcopy(model)
-    rep = nmsparse.permute_channels(model, 2, 4, example_inputs=x, calib=[x], keep_dense=(), tries=3, seed=5)
+    rep = nmsparse.permute_channels(model, 2, 4, example_inputs=x, calib=[x], keep_dense=(), tries=3, seed=5,
+                                    accept="error")
     assert seeds == [5, 7, 9] and rep.settings["tries"] == 3
     lin = original[2]
     h = input_grams(original, [lin], [x])[lin]

@@ -15,13 +15,14 @@ from nmsparse.nmmasks import check_nm
 from nmsparse.permute.apply import apply_space
 from nmsparse.permute.calib_check import input_grams, input_norms, output_error, run as _run
 from nmsparse.permute.graph import CONV, Analysis, TraceError
+from nmsparse.permute.network import NetworkObjective, accept_greedy, weight_score
 from nmsparse.permute.report import PermuteLayer, PermuteReport, SpaceResult
 from nmsparse.permute.search import SEARCHES, kept, search_permutation
 from nmsparse.permute.tracing import analyse
 from nmsparse.selection import KEEP_DENSE, Patterns, plan
 
 SCORES = ("magnitude", "wanda")
-ACCEPTS = ("auto", "score", "error")
+ACCEPTS = ("auto", "score", "error", "network")
 
 
 def permute_channels(
@@ -57,13 +58,17 @@ def permute_channels(
     over its sparse consumers of the kept fraction of ``|w|`` (``method="magnitude"``) or of the Wanda
     score ``|w| * ||x||`` (``method="wanda"``, input norms from ``calib``: an iterable of batches or
     of ``(inputs, targets)``). The kept fraction of no layer space goes down (the identity is a
-    candidate). ``accept``: ``"score"`` keeps every permutation that raises that objective;
-    ``"error"`` keeps a space's permutation only if it also lowers the summed relative output error
-    of the space's sparse layers on ``calib`` (their N:M-masked output against the dense one;
-    :mod:`nmsparse.permute.calib_check`), else leaves the space as it is (status ``"rejected"``);
-    ``"auto"`` (default): ``"error"`` when ``calib`` is given, else ``"score"``. ``tries``: local
-    searches per space with different seeds (``seed``, ``seed + 2``, ...); the one with the lowest
-    calibration output error is kept under ``accept="error"``, the highest objective otherwise.
+    candidate). ``accept``: ``"network"`` keeps a space's permutation only if it lowers the whole
+    pruned network's relative output error on ``calib`` (every sparse layer masked N:M by its score,
+    greedy over the spaces in graph order; :mod:`nmsparse.permute.network`), so that on ``calib`` the
+    pruned network is never worse than without permutation; ``"error"`` keeps it only if it lowers
+    the summed relative output error of the space's own sparse layers on ``calib``
+    (:mod:`nmsparse.permute.calib_check`); ``"score"`` keeps every permutation that raises the
+    objective; a space not kept is left as it is (status ``"rejected"``). ``"auto"`` (default):
+    ``"network"`` when ``calib`` is given, else ``"score"``. ``tries``: local searches per space with
+    different seeds (``seed``, ``seed + 2``, ...): under ``"network"`` each distinct result is a
+    candidate of the greedy step; under ``"error"`` the one with the lowest calibration output error
+    of the space's layers is kept, under ``"score"`` the highest objective.
     Afterwards the outputs on ``example_inputs`` are compared with the original ones
     (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
     restored and a RuntimeError raised. The model's training mode is kept.
@@ -81,10 +86,12 @@ def permute_channels(
         raise ValueError(f"accept must be one of {ACCEPTS}, got {accept!r}")
     if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
         raise ValueError(f"tries must be an integer >= 1, got {tries!r}")
-    if accept == "error" and calib is None:
-        raise ValueError("accept='error' needs calib=, an iterable of input batches (the output error of the "
-                         "pruned layers is measured on them); accept='score' needs none")
-    accept = ("error" if calib is not None else "score") if accept == "auto" else accept
+    if accept in ("error", "network") and calib is None:
+        raise ValueError(f"accept={accept!r} needs calib=, an iterable of input batches (the output error of the "
+                         "pruned layers or network is measured on them); accept='score' needs none")
+    accept = ("network" if calib is not None else "score") if accept == "auto" else accept
+    if calib is not None and not isinstance(calib, (list, tuple)):
+        calib = list(calib)  # read more than once
     if method == "wanda" and calib is None:
         raise ValueError("method='wanda' needs calib=, an iterable of input batches (its input norms score "
                          "the weights); method='magnitude' needs none")
@@ -112,9 +119,16 @@ def permute_channels(
             return sum(output_error(modules[c], grams[modules[c]], scores[c], perm, n, m) for c in names)
 
         error = error if accept == "error" else None
-        results, perms = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error)
+        results, perms, cands = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed,
+                                               tries, error)
         if accept == "error":
             _check_errors(results, perms, modules, grams, scores, n, m)
+        elif accept == "network":
+            t1 = time.perf_counter()
+            norms = {k: input_norms(modules[k], grams[modules[k]]) if method == "wanda" else None for k in sparse}
+            settings["network"] = _check_network(model, calib, results, perms, cands, modules, sparse, norms,
+                                                 n, m, layout)
+            settings["network"]["time_s"] = time.perf_counter() - t1
         reference = _run(model, example_inputs)
         backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for sid, perm in perms.items():
@@ -141,7 +155,10 @@ def permute_channels(
 
 
 def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error):
-    results, perms = [], {}
+    """Search every permutable space; returns the per-space results, the best permutation of each
+    space that found one other than the identity, and every distinct non-identity permutation the
+    space's searches found (best first: the candidates of ``accept="network"``)."""
+    results, perms, cands = [], {}, {}
     for sp in an.spaces:
         members = [f"{k}:{name}" for k, name, _ in sp.members]
         res = SpaceResult(sp.id, sp.size, sp.producers, sp.consumers, members, sp.blocked, [])
@@ -161,21 +178,47 @@ def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, 
         if not searched or sp.size % m:
             continue
         rows = torch.cat([scores[c] / scores[c].sum().clamp_min(1e-300) for c in searched])
-        best, spent = None, 0.0
+        best, spent, found = None, 0.0, []
         for k in range(tries):
             r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed + 2 * k)
             spent += r.time_s
             key = -r.after if error is None else error(searched, r.perm)
             if best is None or key < best[0]:
                 best = (key, r)
+            found.append((key, k, r.perm))
             if r.exact:
                 break  # the optimum: other seeds find the same
         r = best[1]
+        identity = torch.arange(sp.size)
+        distinct: list[torch.Tensor] = []
+        for _, _, p in sorted(found, key=lambda t: t[:2]):
+            if not torch.equal(p, identity) and not any(torch.equal(p, q) for q in distinct):
+                distinct.append(p)
+        if distinct:
+            cands[sp.id] = distinct
         res.before, res.after, res.exact, res.moves, res.time_s = r.before, r.after, r.exact, r.moves, spent
         if not torch.equal(r.perm, torch.arange(sp.size)):
             res.permuted = True
             perms[sp.id] = r.perm
-    return results, perms
+    return results, perms, cands
+
+
+def _check_network(model, calib, results, perms, cands, modules, sparse, norms, n, m, layout) -> dict:
+    """``accept="network"``: replace ``perms`` by the greedy network-level choice among ``cands``
+    (:mod:`nmsparse.permute.network`); record each space's network objective before and with its
+    best candidate on its result. Returns the objective without and with the chosen permutations."""
+    objective = NetworkObjective(model, calib)
+    layers = {k: (modules[k], weight_score(modules[k], norms[k])) for k in sorted(sparse)}
+    order = {res.id: [c for c in res.searched if c in layers] for res in results if res.id in cands}
+    chosen, trace, base, final = accept_greedy(objective, layers, order, cands, n, m, layout)
+    perms.clear()
+    perms.update(chosen)
+    for res in results:
+        if res.id in trace:
+            res.network_before, res.network_after = trace[res.id]
+            res.permuted = res.id in chosen
+            res.rejected = not res.permuted
+    return {"unpermuted": base, "permuted": final, "evaluations": objective.evaluations}
 
 
 def _check_errors(results, perms, modules, grams, scores, n, m) -> None:
@@ -215,8 +258,12 @@ def _layers(entries, an, results, perms, scores, n, m) -> list[PermuteLayer]:
                     ("reaches", "layout", "module", "produced")) else res.blocked
             elif res.rejected:
                 row.status, row.search_s, row.exact = "rejected", res.time_s, res.exact
-                row.reason = (f"the permutation raised the calibration output error of its space's layers "
-                              f"({res.error_before:.4g} -> {res.error_after:.4g}); left as it was")
+                if res.network_before is not None:
+                    row.reason = (f"the permutation did not lower the pruned network's calibration output error "
+                                  f"({res.network_before:.4g} -> {res.network_after:.4g}); left as it was")
+                else:
+                    row.reason = (f"the permutation raised the calibration output error of its space's layers "
+                                  f"({res.error_before:.4g} -> {res.error_after:.4g}); left as it was")
             elif sid in perms:
                 row.status = "permuted"
                 row.search_s, row.exact = res.time_s, res.exact

@@ -48,6 +48,8 @@ class SpaceResult:
     error_before: float | None = None  # summed relative calibration output error of the searched layers
     error_after: float | None = None  # ... with the permutation (accept="error" only)
     rejected: bool = False  # found, but it raised that error: not applied
+    network_before: float | None = None  # accept="network": the pruned network's calibration output error
+    network_after: float | None = None  # ... with this space's best candidate on top of the choices before
 
 
 @dataclasses.dataclass
@@ -104,6 +106,10 @@ class PermuteReport:
         lines.append(f"{self.n}:{self.m} {self.settings.get('method', '')}: {len(self.permuted)} layers with permuted "
                      f"inputs; kept fraction of the sparse layers {f(before)} -> {f(after)}; {self.time_s:.1f}s"
                      + ("" if self.traced else " (model not traced: nothing permuted)"))
+        net = self.settings.get("network")
+        if net:
+            lines.append(f"pruned network's relative calibration output error: {net['unpermuted']:.5g} unpermuted -> "
+                         f"{net['permuted']:.5g} with the accepted permutations ({net['evaluations']} evaluations)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

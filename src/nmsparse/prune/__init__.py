@@ -17,6 +17,7 @@ model's masks (every surviving weight is kept) and training updates only the kep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -187,9 +188,12 @@ def prune(
     Supported tensors: ``weight`` of Linear, Conv1d/2d/3d and ``transformers``' ``Conv1D``, and
     ``nn.MultiheadAttention.in_proj_weight`` (its query/key/value projections are calibrated on the
     layer's query/key/value inputs). ``permute``: first reorder channels with
-    :func:`nmsparse.permute_channels` (function-preserving) so the masks keep more; needs ``calib``
-    (a channel space's permutation is kept only where it lowers the calibration output error of its
-    layers, ``accept="error"``).
+    :func:`nmsparse.permute_channels` (function-preserving) so the masks keep more; needs ``calib``.
+    A space's permutation is kept only where it lowers the whole pruned network's relative output
+    error on ``calib`` (``accept="network"``); for methods other than magnitude the unpermuted model
+    is pruned too and the permuted result kept only if its network output error on ``calib`` is not
+    higher: on the calibration data ``permute=True`` is never worse than ``permute=False`` (see
+    docs/permute.md).
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
@@ -219,9 +223,14 @@ def prune(
         )
     from nmsparse.permute import prune_hook
 
-    permuted = prune_hook.check(permute, transposable, calib) and prune_hook.permute_for_prune(
-        model, n, m, method=method, calib=calib, layout=layout, include=include, exclude=exclude,
-        keep_dense=keep_dense, seed=seed)
+    if prune_hook.check(permute, transposable, calib):
+        again = functools.partial(
+            prune, n=n, m=m, method=method, calib=calib, layout=layout, include=include, exclude=exclude,
+            keep_dense=keep_dense, solver=solver, damp=damp, keep_zeros=keep_zeros, iterations=iterations,
+            batch_size=batch_size, lr=lr, bias_lr=bias_lr, blocksize=blocksize,
+            transposable_method=transposable_method, seed=seed, progress=progress, shared=shared)
+        return prune_hook.prune_permuted(again, model, n, m, method=method, calib=calib, layout=layout,
+                                         include=include, exclude=exclude, keep_dense=keep_dense, seed=seed)
     sparse = {e.name: e for e in entries if e.sparse}
     if not sparse:
         warnings.warn("prune made no layer sparse:\n" + SparsityReport(n, m, entries).table(), stacklevel=2)
@@ -280,7 +289,7 @@ def prune(
     finally:
         model.train(was_training)
     report = PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
-    report.permutation = permuted or None
+    report.permutation = None
     return report
 
 
