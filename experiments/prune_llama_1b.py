@@ -11,6 +11,7 @@ Calibration text: the Python standard library's sources. Pruning runs in a fresh
     python experiments/prune_llama_1b.py make --folder /tmp/llama1b [--layers 22]
     python experiments/prune_llama_1b.py prune --folder /tmp/llama1b --out /tmp/llama1b-2of4 \\
         --method sparsegpt --calib-samples 128 --seqlen 512 [--blocks K] [--threads T]
+    python experiments/prune_llama_1b.py summarize /tmp/llama1b-2of4.blocks.jsonl
 
 ``--blocks K`` prunes the first K blocks only (the rest are copied unchanged): the time per block is that of
 the pruned blocks, and the peak resident memory is that of the whole process, the shell's load included.
@@ -136,6 +137,25 @@ def prune(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def summarize(log: Path) -> dict:
+    """Per-block figures of a ``--block-log`` file, complete or not (a run stopped or still going)."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    pruned = [r for r in rows if r["layers"]]
+    cpus = sorted(r["cpu_s"] for r in pruned)
+    gib = 2**30
+    return {"block_log": str(log), "blocks_logged": len(rows), "blocks_pruned": len(pruned),
+            "blocks": [r["block"] for r in pruned],
+            "block_cpu_s": [r["cpu_s"] for r in pruned], "block_time_s": [r["time_s"] for r in pruned],
+            "block_peak_rss_gib": [r["peak_rss_bytes"] / gib for r in pruned],
+            "block_rss_after_gib": [r["rss_bytes"] / gib for r in pruned],
+            "block_load": [r["load"] for r in pruned],
+            "median_block_cpu_s": (cpus[(len(cpus) - 1) // 2] + cpus[len(cpus) // 2]) / 2 if cpus else None,
+            "min_block_cpu_s": cpus[0] if cpus else None, "max_block_cpu_s": cpus[-1] if cpus else None,
+            "max_peak_rss_gib": max((r["peak_rss_bytes"] for r in rows), default=0) / gib,
+            "memory_gib": {k.replace("_bytes", ""): v / gib for k, v in rows[-1]["memory"].items()} if rows else {},
+            "load_range_1min": [min(r["load"][0] for r in pruned), max(r["load"][0] for r in pruned)] if pruned else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,9 +174,13 @@ def main() -> None:
     b.add_argument("--calib-batch", type=int, default=8, help="calibration windows per forward pass")
     b.add_argument("--solver", default=None, help="AdaPrune solver (exact or adam)")
     b.add_argument("--json", default=None)
+    c = sub.add_parser("summarize", help="per-block figures of a --block-log file (complete or not)")
+    c.add_argument("log", type=Path)
     args = ap.parse_args()
     if args.cmd == "make":
         make(args.folder, args.layers)
+    elif args.cmd == "summarize":
+        print(json.dumps(summarize(args.log), indent=2))
     else:
         if args.out.exists():
             shutil.rmtree(args.out)

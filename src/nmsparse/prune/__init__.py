@@ -267,11 +267,7 @@ def prune(
             t0 = time.perf_counter()
             collectors = None
             if calib is not None and group[0] in reached:
-                device = calibration._device(model)
-                collectors = {k: calibration.LayerCollector(LayerGeometry(modules[k], layout, sparse[k].tensor_name),
-                                                            device, bin_size)
-                              for k in group}
-                calibration.collect(model, collectors, calib)
+                collectors = _collect_group(model, group, modules, sparse, layout, bin_size, calib)
             t_calib = (time.perf_counter() - t0) / len(group)
             for k in group:
                 t1 = time.perf_counter()
@@ -291,6 +287,24 @@ def prune(
     report = PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
     report.permutation = None
     return report
+
+
+def _collect_group(model, group, modules, sparse, layout, bin_size, calib) -> dict:
+    """The group's collectors after one calibration pass per batch; layers reading the very same input
+    share one (one Gram matrix), unless the data flow changes between batches (then none share)."""
+    device = calibration._device(model)
+
+    def fresh():
+        return {k: calibration.LayerCollector(LayerGeometry(modules[k], layout, sparse[k].tensor_name),
+                                              device, bin_size) for k in group}
+
+    collectors = fresh()
+    try:
+        calibration.collect(model, collectors, calib, share=len(group) > 1)
+    except calibration.ShareMismatch:
+        collectors = fresh()
+        calibration.collect(model, collectors, calib)
+    return collectors
 
 
 def _progress(total: int, mode: bool | str, desc: str):

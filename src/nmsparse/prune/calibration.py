@@ -7,6 +7,9 @@ every earlier layer already pruned; a forward pre-hook turns the layer's input i
 ones appended when the layer has a bias). The forward pass is cut short right after the hook, so
 each pass only runs the model up to the layer. Nothing but ``H`` (and, for AdaPrune's Adam solver,
 one ``H`` per mini-batch of samples) is kept: activations are never held for more than one batch.
+Layers of one set that also turn the input into the same feature rows (:func:`share_key`: e.g. q/k/v
+of equal width, an MLP's gate and up projections) share one Gram matrix, accumulated once: found from
+the data flow (the input tensor object each layer's hook sees), the same bits as one Gram per layer.
 
 A calibration item is an input batch, or a ``(inputs, targets)`` pair / list whose first element is
 the input. Inputs are a tensor (``model(x)``) or a mapping of keyword arguments (``model(**batch)``,
@@ -282,24 +285,76 @@ def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterab
     return groups
 
 
+def share_key(geom: LayerGeometry) -> tuple | None:
+    """Layers with equal keys turn the same input into the same feature rows, hence the same Gram
+    matrices (bit for bit: same code, same chunks); None never shares. Linear and ``Conv1D`` layers:
+    input width and bias; convolutions: also every hyper-parameter of the unfolding and the layout."""
+    mod = geom.module
+    conv = None
+    if geom.is_conv:
+        pad = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)
+        conv = (type(mod).__name__, tuple(mod.kernel_size), tuple(mod.stride), pad, tuple(mod.dilation),
+                mod.groups, mod.padding_mode, geom.layout)
+    mha = bool(mod.batch_first) if geom.kind == "in_proj" else None
+    kind = "rows" if geom.kind in ("linear", "transposed") else geom.kind
+    return (kind, geom.d, geom.problems, geom.has_bias, conv, mha)
+
+
+class ShareMismatch(Exception):
+    """Raised by :func:`collect` (``share=True``) when layers that read the very same input tensor on the
+    first calibration batch do not on a later one (data-dependent routing): collect again unshared."""
+
+
+def _same_input(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
+                and all(x is y for x, y in zip(a, b)))
+    return a is b
+
+
 def collect(
     model: nn.Module,
     collectors: dict[str, LayerCollector],
     calib: Iterable,
+    *,
+    share: bool = False,
 ) -> None:
     """Run every calibration batch through ``model`` (as it is now) and feed each named layer's input
-    to its collector; each pass stops as soon as all of them have seen the batch."""
+    to its collector; each pass stops as soon as all of them have seen the batch.
+
+    ``share``: a layer that, on the first batch, reads the very same input tensor object as a layer
+    that ran before it in the pass, with an equal :func:`share_key`, accumulates nothing of its own:
+    its entry of ``collectors`` is replaced (in place) by that layer's collector, so one Gram matrix
+    serves both (a transformer's query/key/value projections, an MLP's gate and up projections).
+    Sharing is found from the data flow alone, whatever the architecture; every later batch is
+    checked to flow the same way, else :class:`ShareMismatch` is raised (the collectors are then
+    spoilt: make new ones and collect again without sharing)."""
     device = _device(model)
     modules = dict(model.named_modules())
-    state: dict[str, Any] = {"fired": set(), "mask": None}
+    state: dict[str, Any] = {"fired": set(), "mask": None, "fed": [], "batch": 0}
+    leader: dict[str, str] = {}  # follower name -> the layer whose collector it shares
+    keys = {name: share_key(c.geom) for name, c in collectors.items()} if share else {}
     handles = []
 
     def hook_for(name: str) -> Callable:
         def hook(x):
             if name in state["fired"]:
                 return
-            collectors[name].add(x, state["mask"])
             state["fired"].add(name)
+            key = keys.get(name)
+            lead = None
+            if key is not None:
+                lead = next((other for other, k, seen in state["fed"] if k == key and _same_input(seen, x)), None)
+                if state["batch"] == 0:
+                    if lead is not None:
+                        leader[name] = lead
+                elif lead != leader.get(name):
+                    raise ShareMismatch(f"layer {name} shares its input with {lead} on batch {state['batch']} "
+                                        f"but with {leader.get(name)} on the first batch")
+            if lead is None:
+                collectors[name].add(x, state["mask"])
+                if key is not None:
+                    state["fed"].append((name, key, x))
             if len(state["fired"]) == len(collectors):
                 raise _Stop
         return hook
@@ -310,11 +365,15 @@ def collect(
         with torch.no_grad(), no_attention_fastpath():
             for item in calib:
                 inputs = _to(_inputs(item), device)
-                state["fired"], state["mask"] = set(), _token_mask(inputs)
+                state["fired"], state["mask"], state["fed"] = set(), _token_mask(inputs), []
                 try:
                     _call(model, inputs)
                 except _Stop:
                     pass
+                state["batch"] += 1
     finally:
         for h in handles:
             h.remove()
+        state["fed"] = []
+    for name, lead in leader.items():
+        collectors[name] = collectors[lead]
