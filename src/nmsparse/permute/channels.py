@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
@@ -15,7 +14,7 @@ from nmsparse.nmmasks import check_nm
 from nmsparse.permute.apply import apply_space
 from nmsparse.permute.calib_check import input_grams, input_norms, output_error, run as _run
 from nmsparse.permute.graph import CONV, Analysis, TraceError
-from nmsparse.permute.network import NetworkObjective, accept_greedy, weight_score
+from nmsparse.permute.network import NetworkObjective, _tensors, accept_greedy, weight_score
 from nmsparse.permute.report import PermuteLayer, PermuteReport, SpaceResult
 from nmsparse.permute.search import SEARCHES, kept, search_permutation
 from nmsparse.permute.tracing import analyse
@@ -286,16 +285,6 @@ def _score(module: nn.Module, layout: str, norms: torch.Tensor | None) -> torch.
     if w.dim() > 2:
         w = w.movedim(1, -1).reshape(-1, w.shape[1])
     return w.cpu()
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
-    return []
 
 
 def _max_diff(a: Any, b: Any) -> tuple[float, float]:
