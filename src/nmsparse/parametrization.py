@@ -147,12 +147,17 @@ class NMParametrization(nn.Module):
             if seen == self._seen:
                 return
             self._seen = seen
-        step = self.step_count()
-        if self.update_every == 1 or step % self.update_every == 0:
+        if self.tick():
             self.mask = self.mask_fn(weight.detach()).to(device=self.mask.device, dtype=torch.bool)
+
+    def tick(self) -> bool:
+        """Count one training-mode pass; True when the ``update_every`` schedule recomputes the mask
+        at this pass (no host read, see :meth:`step_count`)."""
+        step = self.step_count()
         self.step = self.step + 1  # a new tensor too: DDP's per-pass buffer broadcast (which writes
         self._step_value = step + 1  # the buffers it listed at wrap time) cannot force a host read
         self._mark_step_written()
+        return self.update_every == 1 or step % self.update_every == 0
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.gathered_masked:

@@ -117,18 +117,9 @@ class MaskedShard(torch.Tensor):
 def refresh_local(p: NMParametrization, shard: torch.Tensor) -> None:
     """Count one training-mode pass of ``p``'s layer and, when its schedule says so, recompute the
     mask of this rank's rows from its ``shard`` of the dense weight (no communication)."""
-    if p.method == "fixed":
-        return
-    step = p.step_count()
-    if (p.update_every == 1 or step % p.update_every == 0) and shard.numel():  # a rank may hold no rows
+    if p.method != "fixed" and p.tick() and shard.numel():  # a rank may hold no rows
         local = p.mask.to_local()
-        # on the CPU from a copy: the numba kernels' .numpy() would pin the storage's size (see
-        # fsdp._on_private_copy)
-        new = p.mask_fn(shard.clone() if shard.device.type == "cpu" else shard)
-        local.copy_(new.to(device=local.device, dtype=torch.bool))
-    p.step = p.step + 1  # a new tensor, as NMParametrization.refresh does
-    p._step_value = step + 1
-    p._mark_step_written()
+        local.copy_(p.mask_fn(shard).to(device=local.device, dtype=torch.bool))
 
 
 def rows_unit(mod: nn.Module, tname: str, p: NMParametrization) -> int:
@@ -179,7 +170,8 @@ def finish(layers: list, mesh) -> None:
     rank, world = mesh.get_local_rank(), mesh.size()
     for _, mod, tname, p in layers:
         full = p.mask
-        local = torch.chunk(full, world, dim=0)[rank] if rank < len(torch.chunk(full, world, dim=0)) else full[:0]
+        chunks = torch.chunk(full, world, dim=0)  # FSDP2's split: fewer chunks than ranks when rows < world
+        local = chunks[rank] if rank < len(chunks) else full[:0]
         p.mask = DTensor.from_local(local.clone(), mesh, [Shard(0)], run_check=False,
                                     shape=full.shape, stride=full.stride())
         param = mod.parametrizations[tname].original
