@@ -54,9 +54,17 @@ def _check_transposable(transposable: object, mask_method: object, mask_fn: obje
         raise ValueError("pass either mask_fn or transposable=True, not both: mask_fn replaces the mask rule")
 
 
+def sharded(model: nn.Module) -> bool:
+    """True when ``fully_shard`` was applied to ``model`` or a submodule (its parameters may be
+    unsharded plain tensors for a while: between a forward and its backward, or after a forward with
+    ``reshard_after_forward=False``), or some parameter is a DTensor (tensor parallel). Read by class
+    names: this never imports ``torch.distributed``."""
+    return (any(type(p).__name__ == "DTensor" for p in model.parameters())
+            or any(c.__name__ == "FSDPModule" for mod in model.modules() for c in type(mod).__mro__))
+
+
 def _check_not_sharded(model: nn.Module) -> None:
-    if (any(type(p).__name__ == "DTensor" for p in model.parameters())
-            or any(c.__name__ == "FSDPModule" for mod in model.modules() for c in type(mod).__mro__)):
+    if sharded(model):
         raise ValueError("sparsify a model before sharding it (fully_shard / FSDP2 or tensor parallel): "
                          "this model already has DTensor parameters or fully_shard modules")
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from nmsparse.layout import layer_mask
 from nmsparse.selection import plan
-from nmsparse.sparsify import sparse_layers, sparse_tensors
+from nmsparse.sparsify import sharded, sparse_layers, sparse_tensors
 
 
 def _require_dist() -> None:
@@ -58,13 +58,8 @@ def _require_dist() -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     """True when ``fully_shard`` was applied to ``model`` or a submodule, or some parameter is a DTensor
-    (tensor parallel). Unsharded between a forward and its backward (or after a forward with
-    ``reshard_after_forward=False``), a sharded model's parameters are plain tensors for a while."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    return (any(isinstance(m, FSDPModule) for m in model.modules())
-            or any(isinstance(p, DTensor) for p in model.parameters()))
+    (tensor parallel); see :func:`nmsparse.sparsify.sharded`."""
+    return sharded(model)
 
 
 def shard(model: nn.Module, *, mesh=None, units: Iterable[nn.Module] | None = None,
@@ -80,7 +75,7 @@ def shard(model: nn.Module, *, mesh=None, units: Iterable[nn.Module] | None = No
     FSDP2 gathers ``E * W`` (:mod:`nmsparse.training.fsdp_masks`); transposable masks and ``Conv1D``
     weights need rows per rank to be a multiple of m (checked, ValueError naming the layer).
     ``masks="gathered"``: every rank computes every whole mask from the gathered dense ``W``
-    (no constraint on rows; on CPU from a copy, see :func:`_on_private_copy`).
+    (no constraint on rows). On the CPU masks are computed from a copy (:func:`_on_private_copy`).
     All checks run before the model is changed.
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -104,10 +99,9 @@ def shard(model: nn.Module, *, mesh=None, units: Iterable[nn.Module] | None = No
     if masks == "local":
         fsdp_masks.check_local(layers, mesh.size())
         fsdp_masks.prepare(layers)
-    else:
-        for _, _, _, p in layers:
-            if not isinstance(p.mask_fn, functools.partial) or p.mask_fn.func is not _on_private_copy:
-                p.mask_fn = functools.partial(_on_private_copy, p.mask_fn)
+    for _, _, _, p in layers:  # either way masks are computed from FSDP2-managed storage
+        if not isinstance(p.mask_fn, functools.partial) or p.mask_fn.func is not _on_private_copy:
+            p.mask_fn = functools.partial(_on_private_copy, p.mask_fn)
     chosen = _default_units(model) if units is None else list(units)
     for mod in chosen:
         if mod is not model:
