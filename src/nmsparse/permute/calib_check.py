@@ -25,6 +25,7 @@ def input_grams(model: nn.Module, mods: list[nn.Module], calib: Iterable) -> dic
     """Float64 input Gram matrix ``(F, F)`` of each module of ``mods`` over the calibration batches
     (``F``: in features; for a convolution in_channels x kernel positions, channel-major, the order of
     ``weight.reshape(out, -1)``). Raises ValueError on an empty ``calib``."""
+    from nmsparse.prune.calibration import _inputs
     from nmsparse.prune.geometry import im2col
 
     grams: dict[nn.Module, torch.Tensor] = {}
@@ -40,7 +41,7 @@ def input_grams(model: nn.Module, mods: list[nn.Module], calib: Iterable) -> dic
         any_batch = False
         for item in calib:
             any_batch = True
-            run(model, item[0] if isinstance(item, (tuple, list)) else item)
+            run(model, _inputs(item))
         if not any_batch:
             raise ValueError("calib is empty: give at least one input batch")
     finally:

@@ -62,16 +62,14 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
-def _inputs(item: Any) -> Any:
-    return item[0] if isinstance(item, (tuple, list)) else item
-
-
 class NetworkObjective:
     """The relative output error of a pruned copy of ``model``'s function on ``calib``, against the
     outputs ``model`` has now (its dense outputs, computed once and kept: memory = the outputs of
     every calibration batch)."""
 
     def __init__(self, model: nn.Module, calib: Iterable):
+        from nmsparse.prune.calibration import _inputs  # a calibration item's inputs, as prune reads them
+
         self.model = model
         self.batches = [_inputs(b) for b in calib]
         if not self.batches:

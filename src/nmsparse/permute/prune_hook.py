@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from torch import nn
 
 from nmsparse.permute.channels import permute_channels
+from nmsparse.prune.calibration import _inputs
 from nmsparse.permute.network import NetworkObjective
 from nmsparse.permute.report import PermuteReport
 
@@ -80,7 +80,3 @@ def prune_permuted(again: Callable[..., Any], model: nn.Module, n: int, m: int, 
     return report
 
 
-def _inputs(item: Any) -> Any:
-    if isinstance(item, (tuple, list)) and item and not isinstance(item, Mapping):
-        return item[0]
-    return item

@@ -287,7 +287,7 @@ def forward_order(model: nn.Module, modules: dict[str, nn.Module], calib: Iterab
 
 def share_key(geom: LayerGeometry) -> tuple | None:
     """Layers with equal keys turn the same input into the same feature rows, hence the same Gram
-    matrices (bit for bit: same code, same chunks); None never shares. Linear and ``Conv1D`` layers:
+    matrices (bit for bit: same code, same chunks). Linear and ``Conv1D`` layers:
     input width and bias; convolutions: also every hyper-parameter of the unfolding and the layout."""
     mod = geom.module
     conv = None
