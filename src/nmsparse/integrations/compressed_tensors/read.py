@@ -238,7 +238,7 @@ def _assign(folder: Path, model: nn.Module, new: dict[str, torch.Tensor]) -> Non
                 raise fail(folder, f"buffer {name!r} of {type(model).__name__} is not stored in checkpoints and "
                                    "cannot be rebuilt here")
             owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = donor_buffers[name].to(b.dtype)
+            model.get_submodule(owner)._buffers[leaf] = donor_buffers[name]  # dtype as computed
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise fail(folder, f"tensor {left[0]!r} of {type(model).__name__} was not loaded ({len(left)} in all)")

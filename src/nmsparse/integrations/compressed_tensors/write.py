@@ -107,6 +107,8 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     total = sum(p.numel() for p in model.parameters())
     zeros = sum(int((p.detach() == 0).sum()) for p in model.parameters())
     config = model.config.to_dict()
+    dtype = str(model.get_submodule(report.compressed[0]).weight.dtype).replace("torch.", "")
+    config["dtype"] = dtype  # the stored weights' dtype, which readers build the model in
     _compat(config)
     config["quantization_config"] = sparsity_entry(sorted(report.dense), round(zeros / max(total, 1), 4))
     parent = folder.parent if folder.parent.exists() else Path(".")
@@ -184,5 +186,4 @@ def _compat(config: dict) -> None:
             config["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
             config["rope_scaling"] = dict(rope)
-    if "dtype" in config and "torch_dtype" not in config:
-        config["torch_dtype"] = config["dtype"]
+    config["torch_dtype"] = config["dtype"]
