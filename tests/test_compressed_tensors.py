@@ -292,3 +292,41 @@ def test_not_a_folder(tmp_path):
     d = _copy(tmp_path / "b")
     (d / "model.safetensors").unlink()
     _refused(d, r"holds no model.safetensors")
+
+
+def test_overwrite_removes_stale_shards(tmp_path):
+    model = _tiny()
+    save(model, tmp_path / "o", max_shard_bytes=20_000)
+    save(model, tmp_path / "o", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(_load_quiet(tmp_path / "o").lm_head.weight, model.lm_head.weight)
+
+
+def test_export_cli_compressed_tensors(tmp_path, capsys):
+    from nmsparse.cli import main
+
+    model = _tiny()
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "ct"
+    assert main(["export", "--hf-model", str(tmp_path / "hf"), "--format", "compressed-tensors", "--dtype", "bf16",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lm_head: dense (not 2:4" in printed and "12 Linear layer(s) stored 2:4" in printed
+    back = _load_quiet(out)
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert json.loads((out / "export_report.json").read_text())["nm"] == "2:4"
+    for argv, msg, dst in [
+        (["--dtype", "fp32"], "stores bf16 or fp16 weights", "y"),
+        (["--dtype", "bf16", "--nm", "4:8"], "is 2:4 along the input features", "y"),
+        (["--dtype", "bf16"], "already holds an export; pass --overwrite", "ct"),
+    ]:
+        assert main(["export", "--hf-model", str(tmp_path / "hf"), "--format", "compressed-tensors",
+                     "--out", str(tmp_path / dst), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, err
+    assert not (tmp_path / "y").exists()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "final.safetensors"))
+    assert main(["export", "--checkpoint", str(tmp_path / "final.safetensors"), "--format", "compressed-tensors",
+                 "--dtype", "bf16", "--out", str(tmp_path / "x")]) == 2
+    assert "pass --hf-model" in capsys.readouterr().err

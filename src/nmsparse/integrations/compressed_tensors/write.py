@@ -117,9 +117,9 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
         files = _write_shards(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in (SINGLE, INDEX):
+        for stale in [SINGLE, INDEX, *(p.name for p in folder.glob("model-*-of-*.safetensors"))]:
             if (folder / stale).exists() and stale not in files:
-                (folder / stale).unlink()
+                (folder / stale).unlink()  # weights of an earlier save that would mix with these
         for f in sorted(p.name for p in tmp.iterdir()):
             os.replace(tmp / f, folder / f)
     finally:
