@@ -56,6 +56,14 @@ def test_real_reader_loads_our_folder_exactly(tmp_path, dtype, shard):
     kw = {"max_shard_bytes": shard} if shard else {}
     report = save(model, tmp_path / "ours", **kw)
     assert len(report.compressed) == 14
+    # extra __metadata__ keys (ours: nmsparse_version; the checksum the house rule adds) must not bother it
+    from safetensors import safe_open
+
+    for f in (tmp_path / "ours").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+        assert meta["format"] == "pt" and "nmsparse_version" in meta
+        save_file(tensors, str(f), metadata={**meta, "checksum": "sha256:" + "0" * 64})
     ref = tmp_path / "reference.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ref))
     r = subprocess.run([READER, str(SCRIPT), "verify", str(tmp_path / "ours"), str(ref)],
