@@ -124,6 +124,7 @@ def test_compressed_tensors_folder(name):
     assert all(t.dtype == ("bfloat16" if name == "llama_bf16" else "float8_e4m3fn") for t in sparse)
     assert _by_name(r)["lm_head.weight"].pattern == "dense"
     assert bool(r.notes) == (name != "llama_bf16")
+    assert not any(t.name.endswith("_scale") for t in r.tensors)  # scales count as other parameters
 
 
 def test_nmsparse_compressed_file(tmp_path):

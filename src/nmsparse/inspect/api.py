@@ -21,13 +21,13 @@ def inspect(path: str | os.PathLike) -> InspectReport:
     kind = detect(p)
     report = InspectReport(str(p), kind)
     for name, t, axis, note in READERS[kind](p):
-        if t.dim() < 2 or not (t.dtype.is_floating_point or t.dtype.itemsize == 1 and "float8" in str(t.dtype)):
+        floating = t.dtype.is_floating_point or "float8" in str(t.dtype)
+        if t.dim() < 2 or not floating or (axis is None and not name.endswith("weight")):  # scales, constants
             report.other_params += t.numel()
             continue
         pat = finest_pattern(t, axis if axis is not None else t.dim() - 1)
         report.tensors.append(TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), axis,
                                          pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note))
     if kind == "compressed-tensors" and any(t.dtype.startswith("float8") for t in report.tensors):
-        report.notes.append("FP8 weights are measured as stored (float8); scales and the other 1-D tensors count "
-                            "as other parameters")
+        report.notes.append("FP8 weights are measured as stored (float8); their scales count as other parameters")
     return report
