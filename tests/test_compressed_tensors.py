@@ -330,3 +330,36 @@ def test_export_cli_compressed_tensors(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "final.safetensors"), "--format", "compressed-tensors",
                  "--dtype", "bf16", "--out", str(tmp_path / "x")]) == 2
     assert "pass --hf-model" in capsys.readouterr().err
+
+
+def test_skeleton_on_meta_and_shards_read_in_order(monkeypatch):
+    from nmsparse.integrations.compressed_tensors import read as rd
+
+    built, reads = [], []
+    real_build, real_read = rd.build_model, rd.read_tensor
+
+    def build(cls, config):
+        model = real_build(cls, config)
+        built.append((config.num_hidden_layers, {p.device.type for p in model.parameters()}))
+        return model
+
+    def read(entry, name):
+        reads.append((entry.file.name, name))
+        return real_read(entry, name)
+
+    monkeypatch.setattr(rd, "build_model", build)
+    monkeypatch.setattr(rd, "read_tensor", read)
+    model = _load_quiet(FIX / "llama_fp8_tensor")
+    assert built[0] == (2, {"meta"})  # the whole model: a skeleton without memory
+    assert all(layers == 0 for layers, _ in built[1:])  # only a block-less shell for the rotary buffers
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    main = [f for f, n in reads if not n.rsplit(".", 1)[1] in ("bitmask", "shape", "weight_scale")]
+    assert main == sorted(main) and len(set(main)) == 2  # shard 1, then shard 2
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 4), (3, 12), (5, 36), (2, 64)])
+def test_pack_matches_numpy_for_any_width(rows, cols):
+    mask = torch.rand(rows, cols, generator=torch.Generator().manual_seed(cols)) > 0.5
+    packed = bitmask.pack_rows(mask)
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=-1, bitorder="little"))
+    assert torch.equal(bitmask.unpack_rows(packed, cols), mask)
