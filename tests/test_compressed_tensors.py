@@ -351,7 +351,7 @@ def test_skeleton_on_meta_and_shards_read_in_order(monkeypatch):
     monkeypatch.setattr(rd, "read_tensor", read)
     model = _load_quiet(FIX / "llama_fp8_tensor")
     assert built[0] == (2, {"meta"})  # the whole model: a skeleton without memory
-    assert all(layers == 0 for layers, _ in built[1:])  # only a block-less shell for the rotary buffers
+    assert len(built) == 1  # the rotary buffers come from a rotary module built alone
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     main = [f for f, n in reads if not n.rsplit(".", 1)[1] in ("bitmask", "shape", "weight_scale")]
     assert main == sorted(main) and len(set(main)) == 2  # shard 1, then shard 2
@@ -363,3 +363,20 @@ def test_pack_matches_numpy_for_any_width(rows, cols):
     packed = bitmask.pack_rows(mask)
     assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=-1, bitorder="little"))
     assert torch.equal(bitmask.unpack_rows(packed, cols), mask)
+
+
+def test_buffers_from_a_shell_when_their_module_cannot_be_built_alone(monkeypatch):
+    from nmsparse.integrations.compressed_tensors import read as rd
+
+    built = []
+    real_build = rd.build_model
+    monkeypatch.setattr(rd, "_rebuilt", lambda mod, config: None)
+    monkeypatch.setattr(rd, "build_model", lambda cls, config: built.append(config.num_hidden_layers)
+                        or real_build(cls, config))
+    model = _load_quiet(FIX / "llama_bf16")
+    assert built == [2, 0]  # skeleton, then a block-less shell on the CPU
+    monkeypatch.undo()
+    reference = _load_quiet(FIX / "llama_bf16")
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -229,22 +229,43 @@ def _assign(folder: Path, model: nn.Module, new: dict[str, torch.Tensor]) -> Non
     model.load_state_dict(new, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    loose = [(n, b) for n, b in model.named_buffers() if b.is_meta]
-    if loose:
-        donor = _donor(folder, model)
-        donor_buffers = dict(donor.named_buffers())
-        for name, b in loose:
-            if name not in donor_buffers:
-                raise fail(folder, f"buffer {name!r} of {type(model).__name__} is not stored in checkpoints and "
-                                   "cannot be rebuilt here")
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = donor_buffers[name]  # dtype as computed
+    owners = sorted({name.rpartition(".")[0] for name, b in model.named_buffers() if b.is_meta})
+    donor = None
+    for owner in owners:
+        mod = model.get_submodule(owner)
+        fresh = _rebuilt(mod, model.config)
+        if fresh is None:  # the module cannot be built alone: take it from a block-less shell
+            donor = donor if donor is not None else _donor(model)
+            try:
+                fresh = donor.get_submodule(owner)
+            except AttributeError:
+                fresh = None
+        for leaf, b in list(mod._buffers.items()):
+            if b is not None and b.is_meta:
+                got = None if fresh is None else fresh._buffers.get(leaf)
+                if got is None or got.is_meta or got.shape != b.shape:
+                    raise fail(folder, f"buffer '{owner}.{leaf}' of {type(model).__name__} is not stored in "
+                                       "checkpoints and cannot be rebuilt here")
+                mod._buffers[leaf] = got  # dtype as computed (rotary frequencies stay float32)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise fail(folder, f"tensor {left[0]!r} of {type(model).__name__} was not loaded ({len(left)} in all)")
 
 
-def _donor(folder: Path, model: nn.Module) -> nn.Module:
+def _rebuilt(mod: nn.Module, config: Any) -> nn.Module | None:
+    """A fresh CPU copy of a buffer-holding module (e.g. a rotary embedding, built from its config),
+    or None when its constructor takes something else."""
+    if any(True for _ in mod.parameters(recurse=False)) or list(mod.children()):
+        return None
+    cfg = getattr(mod, "config", None) or config
+    try:
+        with torch.device("cpu"):
+            return type(mod)(config=cfg)
+    except Exception:  # noqa: BLE001 - any other constructor signature
+        return None
+
+
+def _donor(model: nn.Module) -> nn.Module:
     """The model's shell (no blocks) built on the CPU, whose non-persistent buffers (e.g. rotary
     frequencies) are computed from the config as usual."""
     config = copy.deepcopy(model.config)
@@ -252,4 +273,5 @@ def _donor(folder: Path, model: nn.Module) -> nn.Module:
         config.num_hidden_layers = 0
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = []
-    return build_model(type(model), config)
+    with torch.device("cpu"):
+        return build_model(type(model), config)
