@@ -118,6 +118,8 @@ def test_save_then_load_round_trips(tmp_path, shard):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert cfg["sparsity_config"]["format"] == "sparse-24-bitmask" and cfg["quant_method"] == "compressed-tensors"
     assert cfg["sparsity_config"]["targets"] == ["Linear"] and "lm_head" in cfg["sparsity_config"]["ignore"]
+    real = json.loads((FIX / "llama_bf16" / "config.json").read_text())["quantization_config"]
+    assert set(cfg) == set(real) and set(cfg["sparsity_config"]) == set(real["sparsity_config"])  # what 0.14 writes
     back = load(tmp_path / "out")
     for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
