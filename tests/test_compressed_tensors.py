@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from nmsparse import LoadError, finalize, is_nm, nm_mask, sparsify  # noqa: E402
 from nmsparse.export import FormatError  # noqa: E402
 from nmsparse.integrations.compressed_tensors import bitmask, load, save  # noqa: E402
-from nmsparse.integrations.compressed_tensors.scheme import matches, parse  # noqa: E402
+from nmsparse.integrations.compressed_tensors.scheme import matches  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "compressed_tensors"
 NAMES = ["llama_bf16", "llama_fp8_channel", "llama_fp8_tensor"]

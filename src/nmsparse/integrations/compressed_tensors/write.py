@@ -83,12 +83,10 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise ValueError(f"{folder} is not empty; pass overwrite=True to replace its files")
     report = SaveReport(str(folder))
-    counts: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        counts[id(t)] = counts.get(id(t), 0) + 1
-    params = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
-    shared = {i for i in params if sum(1 for _, p in model.named_parameters(remove_duplicate=False)
-                                       if id(p) == i) > 1}
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    shared = {i for i, k in uses.items() if k > 1}  # tied weights
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, mod in linears:
         why = _reason(name, mod, shared)
