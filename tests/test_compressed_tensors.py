@@ -382,3 +382,23 @@ def test_buffers_from_a_shell_when_their_module_cannot_be_built_alone(monkeypatc
     assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("rows,cols", [(1, 4), (3, 12), (7, 36), (33, 64)])
+def test_decompress_kernel_matches_a_boolean_index_reference(dtype, rows, cols):
+    g = torch.Generator().manual_seed(rows * cols)
+    keep = torch.zeros(rows * cols // 4, 4, dtype=torch.bool)
+    keep.scatter_(1, torch.rand(rows * cols // 4, 4, generator=g).topk(2, dim=1).indices, True)
+    keep = keep.reshape(rows, cols)
+    values = torch.randn(rows, cols // 2, generator=g).to(dtype)
+    packed = bitmask.pack_rows(keep)
+    reference = torch.zeros(rows, cols, dtype=dtype)
+    reference.view(torch.uint8 if dtype == torch.float8_e4m3fn else dtype)[keep] = \
+        values.reshape(-1).view(torch.uint8 if dtype == torch.float8_e4m3fn else dtype)
+    got = bitmask.decompress24(values, packed, torch.tensor([[rows], [cols]]), "w")
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), reference.view(torch.uint8))
+    if cols % 8 == 4:  # padding bits of the last byte are ignored, as compressed-tensors does
+        packed[:, -1] |= 0xF0
+        assert torch.equal(bitmask.decompress24(values, packed, torch.tensor([[rows], [cols]]), "w").view(torch.uint8),
+                           reference.view(torch.uint8))

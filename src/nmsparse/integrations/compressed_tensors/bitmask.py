@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from nmsparse.integrations.compressed_tensors._kernels import decompress24_cpu
 from nmsparse.nmmasks import nm_mask
 
 SUFFIXES = ("compressed", "bitmask", "shape")
@@ -74,20 +75,8 @@ def check_parts(name: str, compressed_shape: tuple, compressed_dtype: torch.dtyp
                          f"{[rows, cols]} needs uint8 {(rows, packed_cols(cols))}")
 
 
-def _byte_tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """For each mask byte (two groups of 4, low nibble first): the popcount of each group, and the
-    positions of the first two set bits of each group (``(256, 2)`` and ``(256, 4)``)."""
-    pop = torch.zeros(256, 2, dtype=torch.uint8)
-    pos = torch.zeros(256, 4, dtype=torch.int64)
-    for v in range(256):
-        for half, nib in enumerate((v & 0xF, v >> 4)):
-            bits = [i for i in range(4) if nib >> i & 1]
-            pop[v, half] = len(bits)
-            pos[v, 2 * half: 2 * half + min(2, len(bits))] = torch.tensor(bits[:2], dtype=torch.int64)
-    return pop, pos
-
-
-_POP, _POS = _byte_tables()
+# popcount of each group of 4 in a mask byte (low nibble first): (256, 2), for error messages
+_POP = torch.tensor([[bin(v & 0xF).count("1"), bin(v >> 4).count("1")] for v in range(256)], dtype=torch.uint8)
 
 
 def decompress24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor, name: str) -> torch.Tensor:
@@ -96,24 +85,14 @@ def decompress24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.T
     a group of 4 has other than 2 bits set."""
     rows, cols = dense_shape(shape, name)
     check_parts(name, compressed.shape, compressed.dtype, bitmask.shape, bitmask.dtype, rows, cols)
-    groups = cols // 4
-    byte = bitmask.long()
-    counts = _POP[byte].reshape(rows, -1)[:, :groups]  # every byte holds two groups of 4, low nibble first
-    bad = (counts != 2).nonzero()
-    if len(bad):
-        r, g = (int(v) for v in bad[0])
+    out, r, g = decompress24_cpu(compressed, bitmask, rows, cols)
+    if r >= 0:
+        counts = _POP[bitmask.long()].reshape(rows, -1)[:, : cols // 4]
+        bad = int((counts != 2).sum())
         raise ValueError(f"{name}.bitmask sets {int(counts[r, g])} of the 4 bits of row {r}, group {g} "
-                         f"(columns {4 * g}..{4 * g + 3}), and {len(bad)} group(s) in all differ from "
+                         f"(columns {4 * g}..{4 * g + 3}), and {bad} group(s) in all differ from "
                          "2: not a sparse-24-bitmask tensor, or a damaged one")
-    # (rows, groups, 2): the kept positions of each group, ascending = the order the values are stored in
-    where = _POS[byte].reshape(rows, -1, 2)[:, :groups]
-    values = compressed.reshape(rows, cols // 4, 2)
-    out = torch.zeros((rows, cols // 4, 4), dtype=compressed.dtype)
-    if compressed.dtype == FP8:  # scatter float8 through its bytes
-        out.view(torch.uint8).scatter_(2, where, values.view(torch.uint8))
-    else:
-        out.scatter_(2, where, values)
-    return out.reshape(rows, cols)
+    return out
 
 
 def compress24(weight: torch.Tensor) -> dict[str, torch.Tensor]:
