@@ -22,6 +22,7 @@ from nmsparse.transposable import (
     transposable_mask,
 )
 from nmsparse.export import NMCompressed, compress, decompress, load_compressed, save_compressed
+from nmsparse.inspect import InspectReport, inspect  # noqa: E402 - rebinds nmsparse.inspect to the function
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,8 @@ __all__ = [
     "SADTracker",
     "SparsityReport",
     "diversity_log10",
+    "InspectReport",
+    "inspect",
     "finalize",
     "is_nm",
     "is_transposable_nm",

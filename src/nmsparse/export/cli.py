@@ -3,11 +3,13 @@
     nmsparse export --checkpoint runs/x/final.safetensors [--model resnet] --format nmsparse|onnx|dense \\
         [--dtype fp32|fp16|bf16] [--nm 2:4|auto] [--layout channels|flat] --out exported/
     nmsparse export --hf-model PATH_TO_HF_FOLDER --format nmsparse --dtype fp16 --out exported/
+    nmsparse export --hf-model PATH_TO_HF_FOLDER --format compressed-tensors --dtype bf16 --out exported/
 
 Writes into ``--out``: ``model.nmsparse.safetensors`` (format ``nmsparse``, see docs/format.md),
 ``model.onnx`` (format ``onnx``) or ``model.safetensors`` (format ``dense``), ``config.json`` (the
 checkpoint's training config, or the Hugging Face config) and ``export_report.json`` (per tensor:
-dense bytes against stored bytes). Prints the table of layers and sizes. Every check runs before
+dense bytes against stored bytes). Format ``compressed-tensors`` makes ``--out`` a Hugging Face folder in
+compressed-tensors' ``sparse-24-bitmask`` format (docs/interop.md), plus ``export_report.json``. Prints the table of layers and sizes. Every check runs before
 anything is written; the files are built in a temporary folder and moved into ``--out`` at the end.
 """
 
@@ -25,9 +27,10 @@ import torch
 
 from nmsparse.clihelp import HelpFormatter
 
-FORMATS = ("nmsparse", "onnx", "dense")
+FORMATS = ("nmsparse", "onnx", "dense", "compressed-tensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FILENAMES = {"nmsparse": "model.nmsparse.safetensors", "onnx": "model.onnx", "dense": "model.safetensors"}
+FILENAMES = {"nmsparse": "model.nmsparse.safetensors", "onnx": "model.onnx", "dense": "model.safetensors",
+             "compressed-tensors": "model.safetensors"}
 # image size and channels of the datasets 'nmsparse train' knows (to rebuild a registry model)
 DATA_SHAPES = {"fashion-mnist": (28, 1, 10), "digits": (8, 1, 10)}
 
@@ -104,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.model is not None and args.hf_model is not None:
         raise UserError("--model names the architecture of --checkpoint; a --hf-model folder records its own")
 
+    if args.format == "compressed-tensors":
+        return _export_compressed_tensors(args, out)
     if args.hf_model:
         model, config, example, recorded = _load_hf(args.hf_model)
     else:
@@ -140,6 +145,32 @@ def _run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(report.table())
     print(f"outputs in {out}")
+    return 0
+
+
+def _export_compressed_tensors(args: argparse.Namespace, out: Path) -> int:
+    """--format compressed-tensors: the --hf-model folder as a sparse-24-bitmask folder (docs/interop.md)."""
+    from nmsparse.integrations.compressed_tensors import save
+
+    if not args.hf_model:
+        raise UserError("--format compressed-tensors writes a Hugging Face folder: pass --hf-model")
+    if args.dtype not in ("bf16", "fp16"):
+        raise UserError("--format compressed-tensors stores bf16 or fp16 weights (what vLLM's 2:4 kernels take): "
+                        "pass --dtype bf16 or --dtype fp16")
+    if args.nm not in (None, "auto", "2:4") or args.layout not in (None, "channels"):
+        raise UserError("--format compressed-tensors is 2:4 along the input features: leave out --nm and --layout")
+    model = _load_hf(args.hf_model)[0].to(DTYPES[args.dtype]).eval()
+    try:
+        report = save(model, out, overwrite=args.overwrite)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    full = {"source": {"hf_model": args.hf_model}, "format": args.format, "dtype": args.dtype, "nm": "2:4",
+            "compressed": report.compressed, "dense": report.dense, "nbytes": report.nbytes,
+            "dense_nbytes": report.dense_nbytes}
+    (out / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
+    for name, why in report.dense.items():
+        print(f"{name}: dense ({why})")
+    print(report.summary())
     return 0
 
 

@@ -1,0 +1,33 @@
+"""``nmsparse.inspect(path)``: per weight tensor of any checkpoint, its finest N:M pattern."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nmsparse.inspect.patterns import finest_pattern
+from nmsparse.inspect.report import InspectReport, TensorInfo
+from nmsparse.inspect.sources import READERS, detect
+
+
+def inspect(path: str | os.PathLike) -> InspectReport:
+    """Read ``path`` (a safetensors file, a Hugging Face folder, sharded or not, an nmsparse compressed
+    file, a torch.save training checkpoint, a compressed-tensors folder or an ONNX file) one tensor at
+    a time, without running code from it, and report for each weight its shape, dtype, the finest N:M
+    pattern along its reduction axis (N kept per M: "2:4", "1:4", ..., "dense" or "unstructured x%
+    zeros") and whether it is transposable. Raises :class:`~nmsparse.errors.LoadError` (one line) for
+    a damaged or unknown file."""
+    p = Path(path)
+    kind = detect(p)
+    report = InspectReport(str(p), kind)
+    for name, t, axis, note in READERS[kind](p):
+        floating = t.dtype.is_floating_point or "float8" in str(t.dtype)
+        if t.dim() < 2 or not floating or (axis is None and not name.endswith("weight")):  # scales, constants
+            report.other_params += t.numel()
+            continue
+        pat = finest_pattern(t, axis if axis is not None else t.dim() - 1)
+        report.tensors.append(TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), axis,
+                                         pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note))
+    if kind == "compressed-tensors" and any(t.dtype.startswith("float8") for t in report.tensors):
+        report.notes.append("FP8 weights are measured as stored (float8); their scales count as other parameters")
+    return report
