@@ -127,6 +127,7 @@ def graph_inputs(model: nn.Module, args: tuple, kwargs: dict, input_names: list[
         names = list(input_names)
     _check_unique("input_names", names)
     axes = _axes(names, tensors, dynamic)
+    _check_sizes(names, tensors, axes)
     return GraphInputs(sig, dict(bound.arguments), names, tensors, axes)
 
 
@@ -161,14 +162,18 @@ def _axes(names: list[str], tensors: list[torch.Tensor], dynamic: bool | Mapping
                 raise ValueError(f"dynamic[{n!r}][{a}]: axis names must be identifiers like 'batch', got {name!r}")
             ax[a % t.dim()] = name
         out.append(ax)
+    return out
+
+
+def _check_sizes(names: list[str], tensors: list[torch.Tensor], axes: list[dict[int, str]]) -> None:
     sizes: dict[str, tuple[str, int]] = {}
-    for n, t, ax in zip(names, tensors, out):
+    for n, t, ax in zip(names, tensors, axes):
         for a, name in ax.items():
             seen = sizes.setdefault(name, (n, int(t.shape[a])))
             if seen[1] != t.shape[a]:
                 raise ValueError(f"dynamic axis {name!r} has size {seen[1]} in input {seen[0]!r} but {t.shape[a]} in "
-                                 f"{n!r}: one name is one size; give them different names")
-    return out
+                                 f"{n!r}: one name is one size; pass dynamic={{input: {{axis: name}}}} with different "
+                                 "names, or dynamic=False")
 
 
 def _key(k) -> str:
