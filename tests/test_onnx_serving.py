@@ -120,7 +120,7 @@ def test_bf16_checked_upcast_and_needs_opset_22(tmp_path):
     model = pruned_resnet().to(torch.bfloat16)
     path = tmp_path / "r.onnx"
     report = export_onnx(model, (torch.randn(2, 1, 28, 28),), path, n=2, m=4)
-    assert report.opset == 22 and report.precision == "bfloat16 upcast to float32"
+    assert report.opset == 22 and report.precision == "bfloat16 upcast to float32" and report.rtol == 2e-2
     assert report.signature["inputs"][0]["dtype"] == "bfloat16" and len(report.by_status("n:m")) == 8
     proto = onnx.load(str(path))
     assert {i.data_type for i in proto.graph.initializer if i.name.endswith("conv1.weight")} == {
@@ -135,7 +135,7 @@ def test_bf16_checked_upcast_and_needs_opset_22(tmp_path):
         for p, q in zip(ref.parameters(), model.parameters()):
             p.copy_(q.float())
     for batch in (1, 16):
-        run_both(ref, up, {"input": torch.randn(batch, 1, 28, 28)}, TOL[torch.float32])
+        run_both(ref, up, {"input": torch.randn(batch, 1, 28, 28)}, dict(rtol=1e-3, atol=1e-4))
     with pytest.raises(ValueError, match=r"a bfloat16 model needs opset >= 22 \(ONNX's Conv and pooling take "
                        r"bfloat16 from opset 22 on\), got opset=20"):
         export_onnx(model, (torch.randn(2, 1, 28, 28),), tmp_path / "x.onnx", n=2, m=4, opset=20)
@@ -236,10 +236,12 @@ def test_exporter_noise_is_silenced_only_inside_the_export(caplog):
     from nmsparse.export.onnx import _quiet_exporter
 
     log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    with caplog.at_level(logging.WARNING, logger=log.name), warnings.catch_warnings(record=True) as seen:
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with _quiet_exporter():
             log.warning("torchvision is not installed. Skipping torchvision::nms")
+            folding.warning("Evaluation failed: %s", "cannot reshape array of size 1 into shape (1,8)")
             log.warning("another message")
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
             warnings.warn("# The axis name: batch will not be used, since ...", UserWarning)

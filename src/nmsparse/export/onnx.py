@@ -134,26 +134,37 @@ def _follow_dtype(args: tuple, kwargs: dict, dtype: torch.dtype | None) -> tuple
     return tuple(cast(t) for t in args), {k: cast(t) for k, t in kwargs.items()}
 
 
-class _DropTorchvisionNotice(logging.Filter):
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "torchvision is not installed" not in record.getMessage()
+        return self.text not in record.getMessage()
+
+
+# (logger, message) pairs the exporter emits on its own, dropped during our export call only
+_NOTICES = (("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+            ("onnxscript.optimizer._constant_folding", "Evaluation failed"))
 
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """Silence, for this export only, what torch.onnx prints on every call that is not the user's concern:
-    one warning per torchvision op when torchvision is absent, a FutureWarning about torch's own pytree
-    code, and a UserWarning for each dynamic axis name shared by several inputs (the name is kept)."""
-    log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    drop = _DropTorchvisionNotice()
-    log.addFilter(drop)
+    """Silence, for this export only, what torch.onnx prints that is not the user's concern: one warning
+    per torchvision op when torchvision is absent, the optimizer's note when it cannot fold a constant
+    (it then keeps the node), a FutureWarning about torch's own pytree code, and a UserWarning for each
+    dynamic axis name shared by several inputs (the name is kept)."""
+    filters = [(logging.getLogger(name), _DropNotice(text)) for name, text in _NOTICES]
+    for log, f in filters:
+        log.addFilter(f)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
             yield
     finally:
-        log.removeFilter(drop)
+        for log, f in filters:
+            log.removeFilter(f)
 
 
 @contextlib.contextmanager
@@ -213,7 +224,7 @@ def export_onnx(
     onnxruntime (CPU) must reproduce PyTorch's outputs within ``|ort - torch| <= atol + rtol * |torch|``
     (None: 1e-4/1e-5 in float32, 1e-2/5e-3 in float16) at the example's shape and, with dynamic axes, at
     a second shape (else ``RuntimeError``); a bfloat16 file runs there upcast to float32 against the
-    model in float32. The file is written to a temporary name and renamed: on any error nothing is
+    model in float32 (None: 2e-2/2e-2, see :data:`nmsparse.export.onnx_run.TOLERANCES`). The file is written to a temporary name and renamed: on any error nothing is
     written. Above 1 GiB of parameters the weights go to ``<path>.data`` next to it (ONNX's 2 GiB limit).
     """
     n, m = check_nm(n, m)

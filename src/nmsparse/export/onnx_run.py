@@ -4,7 +4,8 @@ onnxruntime's CPU provider runs float32 and float16 graphs but has no bfloat16 k
 ``Gemm``, ``MatMul``... fail with NOT_IMPLEMENTED). A bfloat16 file is therefore checked through
 :func:`upcast_bf16`: the same graph with every bfloat16 initializer, constant, cast and declared type
 turned into float32 (each bfloat16 value is exact in float32), compared with the PyTorch model cast
-to float32. That checks the graph and its weights; it does not check bfloat16 rounding.
+to float32. That checks the graph and its weights; it does not check bfloat16 rounding, and constants
+the exporter folded in bfloat16 stay rounded (hence the looser default tolerance, :data:`TOLERANCES`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-# default |ort - torch| <= atol + rtol * |torch| by the dtype the outputs are computed in
-TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 5e-3)}
+# default (rtol, atol) of |ort - torch| <= atol + rtol * |torch|, by the model's dtype. bfloat16: the file
+# upcast to float32 against the model in float32; looser because the exporter folds some constants in
+# bfloat16 (all-MiniLM-L6-v2: the attention scale sqrt(1/sqrt(32)) becomes 0.41992 instead of 0.42045,
+# which moves last_hidden_state by up to 8e-3 at batch 16, 128 tokens)
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 5e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def upcast_bf16(proto):
@@ -66,7 +70,7 @@ def upcast_bf16(proto):
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    kinds = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return kinds.pop() if len(kinds) == 1 else None
 
 
@@ -105,7 +109,7 @@ def compare(model: nn.Module, file: Path, io, shapes: list[dict[str, int]], rtol
     dtype = _float_dtype(model)
     upcast = dtype == torch.bfloat16
     reference = copy.deepcopy(model).float() if upcast else model
-    lo, la = TOLERANCES.get(torch.float32 if upcast else dtype, TOLERANCES[torch.float32])
+    lo, la = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     rtol, atol = lo if rtol is None else rtol, la if atol is None else atol
     outputs: dict[str, dict] = {}
     runs = []
