@@ -334,3 +334,29 @@ def test_cli_onnx_option_errors(ckpt, tmp_path, capsys):
         assert rc == 2 and err.count("\n") == 1 and re.search(msg, err), (argv, err)
         assert err.startswith("nmsparse export: error: ")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_cli_hf_causal_lm_and_vision_models(tmp_path, capsys):
+    """GPT-2 (use_cache on in its config; forward's second parameter is past_key_values, so the mask must
+    go by keyword) exports logits only; a vision model gets pixel_values."""
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2,
+                                                                n_positions=32)).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    vit = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=64)).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    want = {"gpt2": ({"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]},
+                     {"logits": ["batch", "sequence", 100]}),
+            "vit": ({"pixel_values": ["batch", 3, 16, 16]},
+                    {"last_hidden_state": ["batch", 17, 32], "pooler_output": ["batch", 32]})}
+    for name, sig in want.items():
+        rc, out, err = cli(capsys, "--hf-model", tmp_path / name, "--format", "onnx", "--out", tmp_path / f"e_{name}")
+        assert rc == 0, err
+        assert signature(tmp_path / f"e_{name}" / "model.onnx") == sig
+    ids = torch.randint(0, 100, (16, 7), generator=torch.Generator().manual_seed(0))
+    got = session(tmp_path / "e_gpt2" / "model.onnx").run(None, {"input_ids": ids.numpy(),
+                                                                 "attention_mask": torch.ones_like(ids).numpy()})[0]
+    with torch.no_grad():
+        ref = gpt2(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    torch.testing.assert_close(torch.from_numpy(got), ref, **TOL[torch.float32])

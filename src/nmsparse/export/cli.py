@@ -3,6 +3,7 @@
     nmsparse export --checkpoint runs/x/final.safetensors [--model resnet] --format nmsparse|onnx|dense \\
         [--dtype fp32|fp16|bf16] [--nm 2:4|auto] [--layout channels|flat] --out exported/
     nmsparse export --hf-model PATH_TO_HF_FOLDER --format nmsparse --dtype fp16 --out exported/
+    nmsparse export ... --format onnx [--static] [--batch N] [--seq-len N]   (see nmsparse.export.onnx_cli)
 
 Writes into ``--out``: ``model.nmsparse.safetensors`` (format ``nmsparse``, see docs/format.md),
 ``model.onnx`` (format ``onnx``) or ``model.safetensors`` (format ``dense``), ``config.json`` (the
