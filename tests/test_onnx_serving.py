@@ -13,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import nmsparse
@@ -253,6 +255,30 @@ def test_exporter_noise_is_silenced_only_inside_the_export(caplog):
     assert [str(w.message)[:11] for w in seen] == ["a different", "`isinstance"]
 
 
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 5), seq=st.integers(1, 9), new_batch=st.integers(1, 12), new_seq=st.integers(1, 20))
+def test_resized_example_cuts_or_tiles_only_the_dynamic_axes(batch, seq, new_batch, new_seq):
+    from nmsparse.export.onnx_io import graph_inputs
+
+    class Two(nn.Module):
+        def forward(self, input_ids, attention_mask, pixel):
+            return input_ids
+
+    ids = torch.arange(batch * seq).reshape(batch, seq)
+    pixel = torch.randn(batch, 3, 2)
+    io = graph_inputs(Two(), (ids, ids + 1, pixel), {})
+    assert io.axes == [{0: "batch", 1: "sequence"}, {0: "batch", 1: "sequence"}, {0: "batch"}]
+    a, m, p = io.resized({"batch": new_batch, "sequence": new_seq})
+    assert a.shape == m.shape == (new_batch, new_seq) and p.shape == (new_batch, 3, 2)
+    # brute force: entry (i, j) is the example's (i mod batch, j mod seq)
+    for i in range(new_batch):
+        assert torch.equal(p[i], pixel[i % batch])
+        for j in range(new_seq):
+            assert a[i, j] == ids[i % batch, j % seq] and m[i, j] == ids[i % batch, j % seq] + 1
+    args, kwargs = io.call([a, m, p])
+    assert args[0] is a and args[2] is p and not kwargs
+
+
 # ---------------------------------------------------------------------------------------------------
 # nmsparse export --format onnx
 
@@ -350,6 +376,9 @@ def test_cli_hf_causal_lm_and_vision_models(tmp_path, capsys):
                      {"logits": ["batch", "sequence", 100]}),
             "vit": ({"pixel_values": ["batch", 3, 16, 16]},
                     {"last_hidden_state": ["batch", 17, 32], "pooler_output": ["batch", 32]})}
+    rc, out, err = cli(capsys, "--hf-model", tmp_path / "vit", "--format", "onnx", "--seq-len", 4, "--out", tmp_path / "x")
+    assert rc == 2 and err.splitlines()[-1] == ("nmsparse export: error: --seq-len applies to text models; ViTModel "
+                                                "takes pixel_values") and not (tmp_path / "x").exists()
     for name, sig in want.items():
         rc, out, err = cli(capsys, "--hf-model", tmp_path / name, "--format", "onnx", "--out", tmp_path / f"e_{name}")
         assert rc == 0, err

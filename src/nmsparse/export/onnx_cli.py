@@ -56,11 +56,14 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError("--seq-len applies to --hf-model text models only (a --checkpoint model takes images)")
 
 
-def _hf_example(model: nn.Module, batch: int, seq_len: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _hf_example(model: nn.Module, batch: int, seq_len: int, seq_len_given: bool,
+                gen: torch.Generator) -> dict[str, torch.Tensor]:
     config = model.config
     main = getattr(model, "main_input_name", "input_ids")
     params = inspect.signature(model.forward).parameters
     if main == "pixel_values":
+        if seq_len_given:
+            raise ValueError(f"--seq-len applies to text models; {type(model).__name__} takes pixel_values")
         size = getattr(config, "image_size", 224)
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=gen)}
@@ -90,7 +93,7 @@ def prepare(args: argparse.Namespace, model: nn.Module, example: tuple, export):
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     options: dict = {"dynamic": False} if args.static else {}
     if args.hf_model:
-        feeds = _hf_example(model, batch, seq_len, gen)
+        feeds = _hf_example(model, batch, seq_len, args.seq_len is not None, gen)
         options["example_kwargs"] = {k: v.to(dtype) if v.is_floating_point() else v for k, v in feeds.items()}
         inputs: tuple = ()
     else:
