@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nmsparse.export.onnx_check import InitializerCheck, check_initializers
 from nmsparse.export import onnx_io
+from nmsparse.export.onnx_check import InitializerCheck, check_initializers
 from nmsparse.export.onnx_report import OnnxReport, graph_signature
 from nmsparse.export.onnx_run import compare
 from nmsparse.layout import check_layout
@@ -52,7 +52,7 @@ from nmsparse.sparsify import sparse_layers
 __all__ = ["InitializerCheck", "OnnxReport", "check_initializers", "export_onnx"]
 
 MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 and later
-BF16_OPSET = 22  # Conv, pooling... accept bfloat16 from opset 22 on (ONNX's operator changelog)
+BF16_OPSET = 22  # Conv, pooling... take bfloat16 from opset 22 on (onnx.checker: a bf16 Conv fails at 21)
 _MAX_EXTERNAL = 1 << 30  # above 1 GiB of parameters the weights go to an external ``<file>.data``
 
 
