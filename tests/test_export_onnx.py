@@ -99,12 +99,12 @@ def test_resnet_2_4_pruned_magnitude(tmp_path):
     model.eval()
     with torch.no_grad():
         ref = model(x2)
-    (got,) = ort_run(tmp_path / "resnet.onnx", {"x": x2})
+    (got,) = ort_run(tmp_path / "resnet.onnx", {"input": x2})
     torch.testing.assert_close(torch.from_numpy(got), ref, rtol=1e-4, atol=1e-5)
     d = json.loads(json.dumps(report.to_dict()))  # JSON-ready, as the CLI writes it
     assert d["n"] == 2 and d["max_abs_diff"] == report.max_abs_diff and len(d["initializers"]) == 10
     table = report.table()
-    assert "8 N:M, 2 dense, 0 broken" in table and "TensorRT can use its sparse kernels" in table
+    assert "8 N:M (2:4), 2 dense, 0 broken" in table and "TensorRT can use its sparse kernels" in table
 
 
 def test_mlp_4_8_is_nm_but_not_2_4(tmp_path):
@@ -148,7 +148,7 @@ def test_tiny_bert_2_4_matmul_initializers_are_transposed(tmp_path):
     for k, c in nm.items():
         # the exporter folds the Linear's transpose into an (in, out) MatMul initializer: N:M on axis 0
         assert c.op == "MatMul" and c.axis == 0 and c.two_four, c
-        assert torch.equal(torch.from_numpy(arrays[c.name]), params[k].detach().t())
+        assert torch.equal(torch.from_numpy(arrays[c.name].copy()), params[k].detach().t())
         assert brute_nm(arrays[c.name], 2, 4, 0) and not brute_nm(arrays[c.name], 2, 4, 1)
     assert report.max_abs_diff < 1e-4 and len(report.outputs) == 2  # last_hidden_state, pooler_output
 
@@ -269,8 +269,8 @@ class Branchy(nn.Module):
 
 
 def test_onnxruntime_mismatch_and_export_failure_write_nothing(tmp_path):
-    with pytest.raises(RuntimeError, match=r"output 'add': onnxruntime differs from PyTorch by up to 1 "
-                       r"\(rtol=0.0001, atol=1e-05\); nothing was written"):
+    with pytest.raises(RuntimeError, match=r"output 'logits': onnxruntime differs from PyTorch by up to 1 "
+                       r"\(rtol=0.0001, atol=1e-05; inputs input \(2, 8\)\); nothing was written"):
         export_onnx(Drift(), (torch.randn(2, 8),), tmp_path / "d.onnx", n=2, m=4)
     with pytest.raises(RuntimeError, match=r"torch.onnx.export failed for Branchy: "):
         export_onnx(Branchy(), (torch.randn(2, 8),), tmp_path / "b.onnx", n=2, m=4)
@@ -358,7 +358,7 @@ class _Value:
 class _StubSession:
     """Stands in for onnxruntime.InferenceSession to reach the consistency errors a real export never hits."""
 
-    inputs, outputs, result, fail = ["x"], ["y"], None, None
+    inputs, outputs, result, fail = ["input"], ["y"], None, None
 
     def __init__(self, *a, **k) -> None:
         if self.fail == "load":
@@ -377,29 +377,33 @@ class _StubSession:
 
 
 def test_onnxruntime_consistency_errors(tmp_path, monkeypatch):
-    from nmsparse.export import onnx as exp
+    from nmsparse.export.onnx_io import graph_inputs
+    from nmsparse.export.onnx_run import compare
 
     lin = nn.Linear(8, 4).eval()
     x = torch.randn(2, 8)
     with torch.no_grad():
         y = lin(x).numpy()
+    io = graph_inputs(lin, (x,), {})
     monkeypatch.setattr(ort, "InferenceSession", _StubSession)
 
     def run(**stub):
         for k, v in stub.items():
             monkeypatch.setattr(_StubSession, k, v)
-        return exp._compare(lin, tmp_path / "f.onnx", (x,), {}, 1e-4, 1e-5)
+        return compare(lin, tmp_path / "f.onnx", io, [{}], None, None, ["y"])
 
-    assert run(inputs=["input"], result=[y])[0]["max_abs_diff"] == 0.0
-    with pytest.raises(RuntimeError, match=r"the ONNX file takes inputs \['a', 'b'\] but 1 example tensors were "
-                       r"given; nothing was written"):
+    assert run(inputs=["input"], result=[y])["outputs"][0]["max_abs_diff"] == 0.0
+    with pytest.raises(RuntimeError, match=r"the ONNX file takes inputs \['a', 'b'\] but the example gives "
+                       r"\['input'\]; nothing was written"):
         run(inputs=["a", "b"])
     with pytest.raises(RuntimeError, match=r"onnxruntime returned 2 outputs, PyTorch 1; cannot compare them"):
         run(inputs=["input"], result=[y, y])
-    with pytest.raises(RuntimeError, match=r"output 'y': onnxruntime shape \(4, 2\) != PyTorch \(2, 4\); nothing"):
+    with pytest.raises(RuntimeError, match=r"output 'y': onnxruntime shape \(4, 2\) != PyTorch \(2, 4\) \(inputs "
+                       r"input \(2, 8\)\); nothing"):
         run(result=[y.T.copy()])
     with pytest.raises(RuntimeError, match=r"onnxruntime could not run the file: ValueError: NOT_IMPLEMENTED .*"
                        r"pass check=False to skip the comparison; nothing was written"):
         run(fail="run")
     with pytest.raises(RuntimeError, match=r"onnxruntime could not run the file: ValueError: cannot load; pass"):
         run(fail="load")
+    assert os.listdir(tmp_path) == []  # its scratch folder is removed

@@ -4,6 +4,7 @@
         [--dtype fp32|fp16|bf16] [--nm 2:4|auto] [--layout channels|flat] --out exported/
     nmsparse export --hf-model PATH_TO_HF_FOLDER --format nmsparse --dtype fp16 --out exported/
     nmsparse export --hf-model PATH_TO_HF_FOLDER --format compressed-tensors --dtype bf16 --out exported/
+    nmsparse export ... --format onnx [--static] [--batch N] [--seq-len N]   (see nmsparse.export.onnx_cli)
 
 Writes into ``--out``: ``model.nmsparse.safetensors`` (format ``nmsparse``, see docs/format.md),
 ``model.onnx`` (format ``onnx``) or ``model.safetensors`` (format ``dense``), ``config.json`` (the
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from nmsparse.clihelp import HelpFormatter
+from nmsparse.export import onnx_cli
 
 FORMATS = ("nmsparse", "onnx", "dense", "compressed-tensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", default=None, help="conv grouping, channels or flat (default: checkpoint's, else channels)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace files of an earlier export in --out")
+    onnx_cli.add_arguments(p)
     p.set_defaults(func=_main)
 
 
@@ -90,6 +93,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise UserError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     nm = _parse_nm(args.nm)
+    try:
+        onnx_cli.check_options(args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.layout is not None and args.layout not in LAYOUTS:
         raise UserError(f"unknown --layout {args.layout!r}; choose one of {', '.join(LAYOUTS)}")
     onnx_export = None
@@ -122,6 +129,11 @@ def _run(args: argparse.Namespace) -> int:
     from nmsparse.export.files import detect_nm
 
     n, m = nm if nm is not None else detect_nm(model, layout)
+    if args.format == "onnx":
+        try:
+            example, onnx_export = onnx_cli.prepare(args, model, example, onnx_export)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     parent = out.parent if out.parent.exists() else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-export.", dir=parent))

@@ -17,25 +17,34 @@ ONNX node that consumes it:
 :func:`export_onnx` exports with ``torch.onnx.export(dynamo=True)`` (the torch.export-based exporter,
 the default since PyTorch 2.9; the TorchScript one is deprecated), maps every initializer back to the
 PyTorch parameter it holds (by name, else by value, transposed or not), checks N:M along the axis above,
-runs the file in onnxruntime on the example inputs and compares with PyTorch. A layer that is N:M in
-PyTorch but not along the axis TensorRT reads is *broken*: the export fails unless ``allow_broken=True``.
+runs the file in onnxruntime and compares with PyTorch. A layer that is N:M in PyTorch but not along
+the axis TensorRT reads is *broken*: the export fails unless ``allow_broken=True``.
+
+The file's inputs and outputs are named and its batch (and, for token inputs, sequence) axes are
+dynamic by default (:mod:`nmsparse.export.onnx_io`); onnxruntime checks it at the example's shape and
+at a second one (:mod:`nmsparse.export.onnx_run`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
+import contextlib
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from nmsparse.export import onnx_io
 from nmsparse.export.onnx_check import InitializerCheck, check_initializers
+from nmsparse.export.onnx_report import OnnxReport, graph_signature
+from nmsparse.export.onnx_run import compare
 from nmsparse.layout import check_layout
 from nmsparse.nmmasks import check_nm
 from nmsparse.sparsify import sparse_layers
@@ -43,63 +52,8 @@ from nmsparse.sparsify import sparse_layers
 __all__ = ["InitializerCheck", "OnnxReport", "check_initializers", "export_onnx"]
 
 MIN_OPSET = 18  # the torch.export-based exporter emits opset 18 and later
+BF16_OPSET = 22  # Conv, pooling... take bfloat16 from opset 22 on (onnx.checker: a bf16 Conv fails at 21)
 _MAX_EXTERNAL = 1 << 30  # above 1 GiB of parameters the weights go to an external ``<file>.data``
-
-
-@dataclasses.dataclass
-class OnnxReport:
-    """What :func:`export_onnx` wrote and checked."""
-
-    path: str
-    n: int
-    m: int
-    layout: str
-    opset: int
-    initializers: list[InitializerCheck]
-    outputs: list[dict] = dataclasses.field(default_factory=list)
-    checked: bool = False
-    rtol: float = 0.0
-    atol: float = 0.0
-
-    def by_status(self, status: str) -> list[InitializerCheck]:
-        return [c for c in self.initializers if c.status == status]
-
-    @property
-    def broken(self) -> list[InitializerCheck]:
-        return self.by_status("broken")
-
-    @property
-    def max_abs_diff(self) -> float | None:
-        return max((o["max_abs_diff"] for o in self.outputs), default=None)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["max_abs_diff"] = self.max_abs_diff
-        return d
-
-    def table(self) -> str:
-        rows = [("initializer", "pytorch parameter", "op", "shape", "axis", f"{self.n}:{self.m}", "2:4", "note")]
-        for c in self.initializers:
-            rows.append((c.name or "-", c.param or "-", c.op or "-", "x".join(map(str, c.shape)),
-                         "-" if c.axis is None else str(c.axis), c.status, "yes" if c.two_four else "no", c.note))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-        nm = self.by_status("n:m")
-        lines.append(f"{len(nm)} N:M, {len(self.by_status('dense'))} dense, {len(self.broken)} broken, "
-                     f"{len(self.by_status('not exported'))} not exported; opset {self.opset}; {self.path}")
-        if nm and not all(c.two_four for c in nm):
-            lines.append(f"{self.n}:{self.m} is N:M but not 2:4: TensorRT will run those layers dense")
-        elif nm:
-            lines.append("every N:M initializer is 2:4: TensorRT can use its sparse kernels (--sparsity=enable)")
-        if self.checked:
-            lines.append(f"onnxruntime (CPU) vs PyTorch: max |diff| {self.max_abs_diff:.3g} over "
-                         f"{len(self.outputs)} outputs (rtol={self.rtol:g}, atol={self.atol:g})")
-        else:
-            lines.append("onnxruntime comparison not run (check=False)")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,65 +112,6 @@ def _check_opset(opset: object) -> int | None:
     return opset
 
 
-def _feeds(model: nn.Module, session, args: tuple, kwargs: dict) -> dict:
-    names = [i.name for i in session.get_inputs()]
-    try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        bound = {}
-    if all(k in bound and isinstance(bound[k], torch.Tensor) for k in names):
-        return {k: bound[k].detach().cpu().numpy() for k in names}
-    leaves = list(args) + list(kwargs.values())
-    if len(leaves) != len(names):
-        raise RuntimeError(f"the ONNX file takes inputs {names} but {len(leaves)} example tensors were given; "
-                           "nothing was written")
-    return {k: v.detach().cpu().numpy() for k, v in zip(names, leaves)}
-
-
-def _compare(model: nn.Module, file: Path, args: tuple, kwargs: dict, rtol: float, atol: float) -> list[dict]:
-    import onnxruntime as ort
-    from torch.utils._pytree import tree_leaves
-
-    with torch.no_grad():
-        ref = [t for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-    def fail(e: Exception) -> RuntimeError:  # onnxruntime's own errors, e.g. an op its CPU provider lacks
-        first = str(e).splitlines()[0] if str(e) else ""
-        return RuntimeError(f"onnxruntime could not run the file: {type(e).__name__}: {first}; "
-                            "pass check=False to skip the comparison; nothing was written")
-
-    try:
-        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise fail(e) from e
-    feeds = _feeds(model, session, args, kwargs)
-    try:
-        got = session.run(None, feeds)
-    except Exception as e:
-        raise fail(e) from e
-    names = [o.name for o in session.get_outputs()]
-    if len(got) != len(ref):
-        raise RuntimeError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}; cannot compare them; "
-                           "nothing was written")
-    outputs = []
-    for name, a, b in zip(names, got, ref):
-        a64 = torch.from_numpy(np.asarray(a, dtype=np.float64))
-        b64 = b.detach().cpu().to(torch.float64)
-        if tuple(a64.shape) != tuple(b64.shape):
-            raise RuntimeError(f"output {name!r}: onnxruntime shape {tuple(a64.shape)} != PyTorch "
-                               f"{tuple(b64.shape)}; nothing was written")
-        diff = (a64 - b64).abs()
-        bad = ~(diff <= atol + rtol * b64.abs())
-        bad &= ~(torch.isnan(a64) & torch.isnan(b64))
-        if bad.any():
-            raise RuntimeError(
-                f"output {name!r}: onnxruntime differs from PyTorch by up to {float(diff[bad].max()):.3g} "
-                f"(rtol={rtol:g}, atol={atol:g}); nothing was written"
-            )
-        outputs.append({"name": name, "shape": list(a64.shape),
-                        "max_abs_diff": float(diff.nan_to_num(0.0).max()) if diff.numel() else 0.0})
-    return outputs
-
-
 def _require(check: bool) -> None:
     import importlib.util
 
@@ -224,6 +119,72 @@ def _require(check: bool) -> None:
     missing = [k for k in need if importlib.util.find_spec(k) is None]
     if missing:
         raise ImportError(f"export_onnx needs {', '.join(missing)}: pip install 'nmsparse[onnx]'")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    kinds = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _follow_dtype(args: tuple, kwargs: dict, dtype: torch.dtype | None) -> tuple[tuple, dict]:
+    """Float example inputs in the model's float dtype (integer inputs such as token ids stay as they are)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+    return tuple(cast(t) for t in args), {k: cast(t) for k, t in kwargs.items()}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+# (logger, message) pairs the exporter emits on its own, dropped during our export call only
+_NOTICES = (("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+            ("onnxscript.optimizer._constant_folding", "Evaluation failed"))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence, for this export only, what torch.onnx prints that is not the user's concern: one warning
+    per torchvision op when torchvision is absent, the optimizer's note when it cannot fold a constant
+    (it then keeps the node), a FutureWarning about torch's own pytree code, and a UserWarning for each
+    dynamic axis name shared by several inputs (the name is kept)."""
+    filters = [(logging.getLogger(name), _DropNotice(text)) for name, text in _NOTICES]
+    for log, f in filters:
+        log.addFilter(f)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
+            yield
+    finally:
+        for log, f in filters:
+            log.removeFilter(f)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """A transformers model's ``config.use_cache`` off while exporting (the cache object is no tensor tree)."""
+    tf = sys.modules.get("transformers")
+    config = getattr(model, "config", None)
+    on = tf is not None and isinstance(model, tf.PreTrainedModel) and getattr(config, "use_cache", False) is True
+    if on:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if on:
+            config.use_cache = True
+
+
+def _second_shape(sizes: dict[str, int]) -> dict[str, int]:
+    """A second size for every dynamic axis: half the example's, or 3 where the example has 1."""
+    return {k: v // 2 if v >= 2 else 3 for k, v in sizes.items()}
 
 
 def export_onnx(
@@ -236,35 +197,55 @@ def export_onnx(
     layout: str = "channels",
     opset: int | None = None,
     check: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     example_kwargs: dict | None = None,
     allow_broken: bool = False,
+    dynamic: bool | Mapping[str, Mapping[int, str]] = True,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
 ) -> OnnxReport:
     """Export a finalized N:M model (N weights kept in every group of M) to ONNX at ``path`` and check it.
 
     ``example_inputs``: the positional tensors of one forward pass (``example_kwargs``: keyword tensors,
-    e.g. a tokenizer's ``attention_mask``); the file's shapes are those of these inputs. ``layout``: the
-    layout the model was sparsified or pruned with. ``opset``: None for the exporter's default (>= 18).
-    The model is exported in eval mode (its mode is restored) with ``torch.onnx.export(dynamo=True)``;
-    weights stay dense initializers holding the zeros. Every weight initializer is checked for N:M along
-    the axis TensorRT reads (:func:`check_initializers`); a PyTorch N:M layer that is not N:M there is
-    *broken* and fails the export with a ``ValueError`` unless ``allow_broken=True``. With ``check=True``
-    the file also passes ``onnx.checker`` and onnxruntime (CPU) must reproduce PyTorch's outputs within
-    ``|ort - torch| <= atol + rtol * |torch|`` (else ``RuntimeError``). The file is written to a
-    temporary name and renamed: on any error nothing is written. Above 1 GiB of parameters the weights
-    go to ``<path>.data`` next to it (ONNX's 2 GiB protobuf limit).
+    e.g. a tokenizer's ``attention_mask``); float ones are cast to the model's dtype, integer ones (token
+    ids) are kept. ``dynamic=True``: axis 0 of every input is a dynamic ``batch`` axis and axis 1 of
+    ``input_ids``/``attention_mask``/``token_type_ids``/``position_ids``/``inputs_embeds`` a dynamic
+    ``sequence`` axis; ``False``: every shape fixed to the example's; a dict ``{input: {axis: name}}``:
+    those axes. ``input_names``/``output_names`` override the names :mod:`nmsparse.export.onnx_io` picks
+    (forward's parameters or ``input``; the output's keys or ``logits``). ``layout``: the layout the
+    model was sparsified or pruned with. ``opset``: None for the exporter's default (>= 18; 22 for a
+    bfloat16 model, the first opset whose ``Conv`` takes bfloat16).
+    The model is exported in eval mode (its mode, and a transformers model's ``config.use_cache``, are
+    restored) with ``torch.onnx.export(dynamo=True)``; weights stay dense initializers holding the zeros.
+    Every weight initializer is checked for N:M along the axis TensorRT reads (:func:`check_initializers`);
+    a PyTorch N:M layer that is not N:M there is *broken* and fails the export with a ``ValueError`` unless
+    ``allow_broken=True``. With ``check=True`` the file also passes ``onnx.checker`` (full check) and
+    onnxruntime (CPU) must reproduce PyTorch's outputs within ``|ort - torch| <= atol + rtol * |torch|``
+    (None: 1e-4/1e-5 in float32, 1e-2/5e-3 in float16) at the example's shape and, with dynamic axes, at
+    a second shape (else ``RuntimeError``); a bfloat16 file runs there upcast to float32 against the
+    model in float32 (None: 2e-2/2e-2, see :data:`nmsparse.export.onnx_run.TOLERANCES`). The file is written to a temporary name and renamed: on any error nothing is
+    written. Above 1 GiB of parameters the weights go to ``<path>.data`` next to it (ONNX's 2 GiB limit).
     """
     n, m = check_nm(n, m)
     check_layout(layout)
     args, kwargs = _check_inputs(model, example_inputs, example_kwargs)
     dest = _check_path(path)
-    rtol, atol = _check_number("rtol", rtol), _check_number("atol", atol)
+    rtol = None if rtol is None else _check_number("rtol", rtol)
+    atol = None if atol is None else _check_number("atol", atol)
     for what, flag in (("check", check), ("allow_broken", allow_broken)):
         if not isinstance(flag, bool):
             raise ValueError(f"{what} must be True or False, got {flag!r}")
     _require(check)
     opset = _check_opset(opset)
+    dtype = _model_dtype(model)
+    if dtype == torch.bfloat16:
+        if opset is not None and opset < BF16_OPSET:
+            raise ValueError(f"a bfloat16 model needs opset >= {BF16_OPSET} (ONNX's Conv and pooling take bfloat16 "
+                             f"from opset {BF16_OPSET} on), got opset={opset}; pass opset=None or >= {BF16_OPSET}")
+        opset = opset or BF16_OPSET
+    args, kwargs = _follow_dtype(args, kwargs, dtype)
+    io = onnx_io.graph_inputs(model, args, kwargs, input_names, dynamic)
     import onnx
 
     was_training = model.training
@@ -272,30 +253,45 @@ def export_onnx(
     tmp = tmpdir / dest.name
     try:
         model.eval()
-        big = sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_EXTERNAL
-        try:
-            torch.onnx.export(model, args, str(tmp), kwargs=kwargs or None, dynamo=True, optimize=True,
-                              external_data=big, opset_version=opset, verbose=False)
-        except Exception as e:  # the exporter's own errors are long; keep the cause attached
-            raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        proto = onnx.load(str(tmp))
-        if check:
-            onnx.checker.check_model(str(tmp))
-        checks = check_initializers(proto, model, n, m, layout)
-        broken = [c for c in checks if c.status == "broken"]
-        if broken and not allow_broken:
-            first = broken[0]
-            raise ValueError(
-                f"{len(broken)} exported weight(s) break the {n}:{m} pattern TensorRT reads, first "
-                f"{first.name or first.param} ({first.param or 'no PyTorch parameter'}): {first.note}; "
-                "nothing was written (pass allow_broken=True to write the file anyway)"
-            )
-        outputs = _compare(model, tmp, args, kwargs, rtol, atol) if check else []
+        with _no_kv_cache(model):
+            with torch.no_grad():
+                outs = onnx_io.output_names(model(*args, **kwargs), output_names)
+            big = sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_EXTERNAL
+            try:
+                call_args, call_kwargs = io.call()
+                with _quiet_exporter():
+                    torch.onnx.export(model, call_args, str(tmp), kwargs=call_kwargs or None, dynamo=True, optimize=True,
+                                      external_data=big, opset_version=opset, verbose=False,
+                                      input_names=io.names, output_names=outs,
+                                      dynamic_shapes=io.dynamic_shapes())
+            except Exception as e:  # the exporter's own errors are long; keep the cause attached
+                hint = "; pass dynamic=False (nmsparse export: --static) to export fixed shapes" if any(io.axes) else ""
+                raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+            proto = onnx.load(str(tmp))
+            if check:
+                try:
+                    onnx.checker.check_model(str(tmp), full_check=True)
+                except Exception as e:
+                    raise RuntimeError(f"the exported file fails onnx.checker: {str(e).splitlines()[0]}; "
+                                       "nothing was written") from e
+            checks = check_initializers(proto, model, n, m, layout)
+            broken = [c for c in checks if c.status == "broken"]
+            if broken and not allow_broken:
+                first = broken[0]
+                raise ValueError(
+                    f"{len(broken)} exported weight(s) break the {n}:{m} pattern TensorRT reads, first "
+                    f"{first.name or first.param} ({first.param or 'no PyTorch parameter'}): {first.note}; "
+                    "nothing was written (pass allow_broken=True to write the file anyway)"
+                )
+            shapes = [{}] + ([_second_shape(io.sizes())] if any(io.axes) else [])
+            ran = compare(model, tmp, io, shapes, rtol, atol, outs) if check else {}
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         for f in sorted(tmpdir.iterdir()):
             os.replace(f, dest.parent / f.name)
     finally:
         model.train(was_training)
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return OnnxReport(str(dest), n, m, layout, opset_used, checks, outputs, check, rtol, atol)
+    return OnnxReport(str(dest), n, m, layout, opset_used, checks, ran.get("outputs", []), check,
+                      ran.get("rtol", 0.0), ran.get("atol", 0.0), graph_signature(proto), ran.get("runs", []),
+                      ran.get("precision", ""))

@@ -41,7 +41,7 @@ class InitializerCheck:
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype.name == "bfloat16":  # ml_dtypes bfloat16, no numpy equivalent
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(np.array(arr, copy=True).view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(arr, copy=True))
 
 
