@@ -48,7 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Export a model (final.safetensors of 'nmsparse train'/'nmsparse prune', or a Hugging Face "
                     "model folder) for deployment: 'nmsparse' stores every N:M layer weight as kept values plus "
                     "bit-packed positions (docs/format.md); 'onnx' a dense ONNX graph whose initializers keep the "
-                    "zeros; 'dense' plain safetensors. Prints per-layer sizes and writes export_report.json.",
+                    "zeros (dynamic batch and sequence axes unless --static); 'dense' plain safetensors; "
+                    "'compressed-tensors' a Hugging Face folder in compressed-tensors' sparse-24-bitmask format "
+                    "(docs/interop.md). Prints per-layer sizes and writes export_report.json.",
         formatter_class=HelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
