@@ -8,7 +8,10 @@ Writes into ``--out``: ``model.nmsparse.safetensors`` (format ``nmsparse``, see 
 ``model.onnx`` (format ``onnx``) or ``model.safetensors`` (format ``dense``), ``config.json`` (the
 checkpoint's training config, or the Hugging Face config) and ``export_report.json`` (per tensor:
 dense bytes against stored bytes). Prints the table of layers and sizes. Every check runs before
-anything is written; the files are built in a temporary folder and moved into ``--out`` at the end.
+anything is written; the files are built in a temporary folder inside ``--out`` and moved into place at
+the end (a killed export's folder is removed by the next one). A full disk, a read-only folder or a
+missing permission is one line naming the file in ``--out`` and the cause, exit code 2, earlier files
+in ``--out`` intact.
 """
 
 from __future__ import annotations
@@ -18,18 +21,22 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nmsparse.clihelp import HelpFormatter
+from nmsparse.errors import WriteError
+from nmsparse.writing import staging_dir, write_error
 
 FORMATS = ("nmsparse", "onnx", "dense")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FILENAMES = {"nmsparse": "model.nmsparse.safetensors", "onnx": "model.onnx", "dense": "model.safetensors"}
 # image size and channels of the datasets 'nmsparse train' knows (to rebuild a registry model)
 DATA_SHAPES = {"fashion-mnist": (28, 1, 10), "digits": (8, 1, 10)}
+
+
+CHECKPOINT_HINT = "pass the final.safetensors written by 'nmsparse train' or 'nmsparse prune'"
 
 
 class UserError(Exception):
@@ -61,22 +68,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from nmsparse.checksum import cli_notes
+
     try:
-        return _run(args)
+        with cli_notes("nmsparse export"):
+            return _run(args)
     except UserError as e:
         print(f"nmsparse export: error: {e}", file=sys.stderr)
         return 2
 
 
 def _parse_nm(text: str | None) -> tuple[int, int] | None:
-    from nmsparse.nmmasks import check_nm
-
     if text is None or text == "auto":
         return None
-    try:
-        return check_nm(*(int(v) for v in text.split(":")))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--nm must be 'auto' or look like 2:4 (N kept per group of M), got {text!r}: {e}") from None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"--nm must be 'auto' or N:M with whole numbers (N weights kept per group of M, e.g. 2:4), "
+                        f"got {text!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise UserError(f"--nm {text}: need 0 < N < M (N weights kept per group of M), e.g. 2:4")
+    return n, m
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -118,29 +130,59 @@ def _run(args: argparse.Namespace) -> int:
 
     n, m = nm if nm is not None else detect_nm(model, layout)
 
-    parent = out.parent if out.parent.exists() else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-export.", dir=parent))
+    created = not out.exists()
+    try:
+        tmp = staging_dir(out)  # inside --out: a killed export leaves nothing beside it (the next one cleans up)
+    except WriteError as e:
+        raise UserError(str(e)) from None
     try:
         report = _export(args.format, model, example, tmp / FILENAMES[args.format], n, m, layout, onnx_export)
         if hasattr(report, "path"):
             report.path = str(out / FILENAMES[args.format])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         source = {"checkpoint": args.checkpoint, "hf_model": args.hf_model}
         full = {"source": source, "format": args.format, "dtype": args.dtype, "nm": f"{n}:{m}", "layout": layout,
                 "report": report.to_dict()}
-        (tmp / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
+        for name, value in (("config.json", json.dumps(config, indent=2, default=str) + "\n"),
+                            ("export_report.json", json.dumps(full, indent=2) + "\n")):
+            _write_text(tmp / name, value, out / name)
         written = sorted(p.name for p in tmp.iterdir())  # every file: an ONNX export may add model.onnx.data
         stale = out / (FILENAMES["onnx"] + ".data")
-        if args.format == "onnx" and stale.name not in written and stale.exists():
-            stale.unlink()
-        for f in written:
-            os.replace(tmp / f, out / f)
+        try:
+            if args.format == "onnx" and stale.name not in written and stale.exists():
+                stale.unlink()
+            for f in written:
+                os.replace(tmp / f, out / f)
+        except OSError as e:
+            raise write_error(out / f, e) from e
+    except WriteError as e:  # the user's path, never the staging folder's
+        raise UserError(str(_user_path(e, tmp, out))) from None
+    except OSError as e:
+        raise UserError(str(write_error(out / FILENAMES[args.format], e))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            try:
+                out.rmdir()  # only if empty: a failed export into a new folder leaves no folder
+            except OSError:
+                pass
     print(report.table())
     print(f"outputs in {out}")
     return 0
+
+
+def _write_text(path: Path, text: str, shown: Path) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise write_error(shown, e) from e
+
+
+def _user_path(e: WriteError, tmp: Path, out: Path) -> WriteError:
+    """``e`` with a path inside the staging folder ``tmp`` shown as the same name in ``out``."""
+    p = Path(e.path)
+    if p == tmp or tmp in p.parents:
+        return WriteError(out / p.relative_to(tmp), e.cause, e.errno)
+    return e
 
 
 def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_export):
@@ -162,19 +204,14 @@ def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_e
 
 
 def _load_checkpoint(path: str, model_name: str | None):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    from nmsparse.errors import LoadError
+    from nmsparse.io import read_safetensors, state_dict_mismatch
     from nmsparse.training.models import build_model, model_names
 
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path!r} not found (expected final.safetensors of 'nmsparse train')")
-    try:
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - any unreadable file
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:  # missing, a folder, a torch.save archive, damaged (checksum included): one line naming it
+        tensors, meta = read_safetensors(path)
+    except LoadError as e:
+        raise UserError(str(e.with_hint(CHECKPOINT_HINT))) from None
     config = _json_dict(meta.get("config"))
     name = model_name or config.get("model")
     if name is None:
@@ -187,10 +224,12 @@ def _load_checkpoint(path: str, model_name: str | None):
     size, channels, classes = DATA_SHAPES[data]
     torch.manual_seed(0)
     model = build_model(name, image_size=size, in_channels=channels, num_classes=classes)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint does not fit model {name!r}: {str(e).splitlines()[0]}") from None
+    why = state_dict_mismatch(model.state_dict(), tensors)  # names the keys, before the model is touched
+    if why:
+        recorded = f"; it records model {config['model']!r} on {config.get('data')!r}" if "model" in config else ""
+        raise UserError(f"cannot load {path}: does not fit model {name!r} on {data!r} ({why}){recorded}; "
+                        "pass the --model it was trained with")
+    model.load_state_dict(tensors)
     recorded = _json_dict(meta.get("pruned")).get("nm") or config.get("nm")
     nm = None
     if isinstance(recorded, str) and recorded != "dense":

@@ -40,6 +40,7 @@ from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.data import Dataset, load_dataset
 from nmsparse.training.models import build_model
+from nmsparse.writing import save_safetensors
 from nmsparse.training.resume import (  # noqa: F401 - RESUME_FREE_FIELDS, read_resume_state: public here too
     CHECKPOINT, RESUME_FREE_FIELDS, RESUME_HINT, read_resume_state, state_mismatch,
 )
@@ -285,7 +286,7 @@ class Trainer:
                 final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
                 tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
             meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
-            ckpt.atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+            save_safetensors(path, tensors, meta)  # with the checksum every nmsparse reader verifies
         D.barrier(self.ctx)
         return path
 
@@ -370,12 +371,6 @@ class Trainer:
             return self.records
         finally:
             D.teardown(self.ctx)
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
-    from safetensors.torch import save
-
-    return save(tensors, metadata=meta)
 
 
 def summary_line(r: dict, epochs: int) -> str:
