@@ -183,8 +183,10 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
         os.replace(target, out)
     summary["peak_rss_bytes"] = report.settings["peak_rss_bytes"]
     full = {"summary": summary, "report": report.to_dict()}
-    (out / "prune_report.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
-    (out / "prune_report.txt").write_text(report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
+    from nmsparse.prune.cli import _write_text  # whole or not at all; WriteError naming the file
+
+    _write_text(out / "prune_report.json", json.dumps(full, indent=2, default=str) + "\n")
+    _write_text(out / "prune_report.txt", report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
     print(report.table())
     if eval_ids is not None:
         print(f"perplexity ({summary['pruned_perplexity']['windows']} windows of {args.seqlen}): dense "
