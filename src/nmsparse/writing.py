@@ -150,9 +150,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            raise write_error(path, e) from e
+        cause = _os_cause(e)
+        if cause is not None:
+            raise write_error(path, cause) from e
         raise
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """``e`` if an ``OSError``, else the ``OSError`` it was raised while handling (torch.save's zip
+    writer replaces a failed write by a RuntimeError from its ``__exit__``), else ``None``."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def staging_dir(out: str | os.PathLike) -> Path:
