@@ -126,9 +126,14 @@ def _run(args: argparse.Namespace) -> int:
     model = model.to(DTYPES[args.dtype]).eval()
     if nm is None and args.nm is None:
         nm = recorded
-    from nmsparse.export.files import detect_nm
+    from nmsparse.export.files import detect_nm, nm_layer_weights
 
     n, m = nm if nm is not None else detect_nm(model, layout)
+    if args.format == "nmsparse" and args.nm not in (None, "auto") and not nm_layer_weights(model, n, m, layout):
+        dn, dm = detect_nm(model, layout)
+        if nm_layer_weights(model, dn, dm, layout):  # another N:M would compress: this one only adds a header
+            raise UserError(f"--nm {n}:{m} compresses no layer weight of this model (its layers are {dn}:{dm}): the "
+                            f"file would be larger than the dense one; pass --nm {dn}:{dm} or --nm auto")
 
     created = not out.exists()
     try:
@@ -166,6 +171,11 @@ def _run(args: argparse.Namespace) -> int:
             except OSError:
                 pass
     print(report.table())
+    totals = report.totals() if args.format == "nmsparse" else {}
+    if totals and totals["stored_bytes"] > totals["dense_bytes"]:
+        print(f"nmsparse export: warning: at {n}:{m} the compressed tensors take {totals['stored_bytes']} bytes, "
+              f"more than the {totals['dense_bytes']} of the dense model; --format dense or another --nm is smaller",
+              file=sys.stderr)
     print(f"outputs in {out}")
     return 0
 
@@ -211,7 +221,7 @@ def _load_checkpoint(path: str, model_name: str | None):
     try:  # missing, a folder, a torch.save archive, damaged (checksum included): one line naming it
         tensors, meta = read_safetensors(path)
     except LoadError as e:
-        raise UserError(str(e.with_hint(CHECKPOINT_HINT))) from None
+        raise UserError(str(e if e.hint else e.with_hint(CHECKPOINT_HINT))) from None
     config = _json_dict(meta.get("config"))
     name = model_name or config.get("model")
     if name is None:

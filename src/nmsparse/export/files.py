@@ -81,6 +81,22 @@ def _layer_weights(model: nn.Module, layout: str) -> dict[str, tuple[tuple[int, 
     return out
 
 
+def nm_layer_weights(model: nn.Module, n: int, m: int, layout: str = "channels") -> list[str]:
+    """State-dict keys of the layer weights :func:`save_compressed` would store compressed at ``n``:``m``
+    (float, reduction axis a multiple of ``m``, at most ``n`` non-zeros in every group)."""
+    n, m = check_nm(n, m)
+    state = model.state_dict()
+    out = []
+    for key, (view, dim) in _layer_weights(model, check_layout(layout)).items():
+        w = state[key]
+        if w.dtype not in DTYPE_NAMES or view[dim] % m:
+            continue
+        x = (w.detach().reshape(view) != 0).movedim(dim, -1)
+        if w.numel() == 0 or int(x.reshape(-1, m).sum(-1).max()) <= n:
+            out.append(key)
+    return out
+
+
 def detect_nm(model: nn.Module, layout: str = "channels") -> tuple[int, int]:
     """The N:M (m in 2, 4, 8, 16) that stores the model's layer weights in the fewest bytes
     (layers that are not N:M count as dense). ``(2, 4)`` when no layer is N:M for any of them."""

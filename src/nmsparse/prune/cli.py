@@ -116,7 +116,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors, meta = read_safetensors(path)
     except LoadError as e:
-        raise e.with_hint(CHECKPOINT_HINT) from e
+        raise (e if e.hint else e.with_hint(CHECKPOINT_HINT)) from e
     if "config" not in meta:
         return tensors, {}
     try:

@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,7 +95,13 @@ def build_sparse_model(config: TrainConfig, data: Dataset) -> tuple[nn.Module, A
                                   update_every=config.update_every)
     if config.transposable:
         kwargs.update(transposable=True, mask_method=config.mask_method)
-    report = nmsparse.sparsify(model, *pair, **kwargs)
+    with warnings.catch_warnings():  # "made no layer sparse" becomes the one error below
+        warnings.filterwarnings("ignore", message="sparsify made no layer sparse")
+        report = nmsparse.sparsify(model, *pair, **kwargs)
+    if not report.sparse:
+        why = "; ".join(f"{e.param}: {e.reason}" for e in report.dense[:3])
+        raise ValueError(f"--nm {config.nm} makes no layer of model {config.model!r} on {config.data!r} N:M ({why}); "
+                         f"choose an M that divides the layers' input sizes, e.g. 2:4")
     return model, report
 
 
