@@ -87,7 +87,9 @@ def test_nm_auto_detects_when_nothing_recorded(tmp_path, capsys):
     assert json.loads((tmp_path / "e" / "export_report.json").read_text())["nm"] == "4:8"
     rc, out, err = run(capsys, "--checkpoint", tmp_path / "w.safetensors", "--model", "resnet", "--nm", "2:4",
                        "--out", tmp_path / "f")
-    assert rc == 0 and "dense: not 2:4 (first bad group" in out
+    # an N:M that compresses none of the 4:8 layers would only add a header: refused (issue 19)
+    assert rc == 2 and "--nm 2:4 compresses no layer weight of this model (its layers are 4:8)" in err
+    assert not (tmp_path / "f").exists()
 
 
 def test_hf_folder(tmp_path, capsys):
