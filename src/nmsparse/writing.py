@@ -43,6 +43,9 @@ _CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quot
            errno.ENOENT: "its folder does not exist", errno.ENOTDIR: "a part of the path is not a folder",
            errno.EISDIR: "it is a folder"}
 
+# The errnos of a failed write (as opposed to a bad input file).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
 
 def write_error(path: str | os.PathLike, e: BaseException) -> WriteError:
     """The :class:`WriteError` for ``path`` of a failed write that raised ``e``."""
@@ -150,13 +153,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.unlink(tmp)
         except OSError:
             pass
-        cause = _os_cause(e)
+        cause = os_cause(e)
         if cause is not None:
             raise write_error(path, cause) from e
         raise
 
 
-def _os_cause(e: BaseException) -> OSError | None:
+def os_cause(e: BaseException) -> OSError | None:
     """``e`` if an ``OSError``, else the ``OSError`` it was raised while handling (torch.save's zip
     writer replaces a failed write by a RuntimeError from its ``__exit__``), else ``None``."""
     seen = 0
@@ -224,5 +227,5 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     atomic_write(path, lambda f: write_safetensors(f, tensors, meta))
 
 
-__all__ = ["LEGACY_AGE_S", "atomic_write", "remove_stale", "save_safetensors", "staging_dir", "temp_path",
-           "write_error", "write_safetensors"]
+__all__ = ["LEGACY_AGE_S", "WRITE_ERRNOS", "atomic_write", "remove_stale", "save_safetensors", "staging_dir", "temp_path",
+           "os_cause", "write_error", "write_safetensors"]

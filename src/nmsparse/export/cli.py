@@ -27,7 +27,7 @@ import torch
 
 from nmsparse.clihelp import HelpFormatter
 from nmsparse.errors import WriteError
-from nmsparse.writing import staging_dir, write_error
+from nmsparse.writing import WRITE_ERRNOS, os_cause, staging_dir, write_error
 
 FORMATS = ("nmsparse", "onnx", "dense")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -209,6 +209,9 @@ def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_e
     try:
         return onnx_export(model, example, str(path), n=n, m=m, layout=layout)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; the temporary folder is removed
+        cause = os_cause(e)
+        if cause is not None and getattr(cause, "errno", None) in WRITE_ERRNOS:  # a full disk, read-only...
+            raise write_error(path, cause) from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"ONNX export failed: {first}") from None
 
