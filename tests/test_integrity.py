@@ -227,3 +227,16 @@ def test_export_nm_that_would_make_the_file_larger(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(path), "--nm", "7:8", "--dtype", "fp16", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning: at 7:8 the compressed tensors take" in err and "more than the" in err
+
+
+def test_docs_export_md_says_conv1d_is_handled():
+    """docs/export.md once said GPT-2's Conv1D blocks are left dense; sparsify handles them (issue 19, D12)."""
+    from pathlib import Path
+
+    transformers = pytest.importorskip("transformers")
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    assert "Conv1D is not supported" not in text and "handle them like a `Linear`" in text
+    model = transformers.AutoModel.from_config(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2,
+                                                                       n_positions=16))
+    report = nmsparse.sparsify(model, 2, 4)
+    assert {e.kind for e in report.sparse} == {"Conv1D"} and len(report.sparse) == 6

@@ -201,10 +201,10 @@ def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_e
     if fmt == "nmsparse":
         return save_compressed(model, path, n, m, layout)
     if fmt == "dense":
-        from nmsparse.export.files import _atomic_save
+        from nmsparse.writing import save_safetensors
 
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        _atomic_save(state, {"format": "dense"}, path)
+        save_safetensors(path, state, {"format": "dense"})  # with the checksum nmsparse's readers verify
         return dense_report(model, path, n, m, layout)
     try:
         return onnx_export(model, example, str(path), n=n, m=m, layout=layout)
