@@ -207,3 +207,22 @@ def test_real_full_disk_and_read_only_folder(run, tmpfs, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(WriteError, match=f"^cannot write {d / 'x.pt'}: the file system is read-only$"):
         ckpt.save(d / "x.pt", {"a": torch.zeros(1)})
+
+
+def test_reproduce_stops_the_grid_on_a_full_disk(tmp_path):
+    """A failed write is not one cell's failure (the next cells would fail alike): the grid stops with the
+    one-line WriteError, which the CLI prints with exit code 2."""
+    from nmsparse.reproduce import grid as G
+    from nmsparse.reproduce.runner import run_grid
+
+    calls = []
+
+    def train_fn(config, *, resume=False, progress=True):
+        calls.append(config.out)
+        raise WriteError(f"{config.out}/checkpoint.pt", "no space left on the device", errno.ENOSPC)
+
+    scale = G.Scale(epochs=1, seeds=(0,), train_subset=64, test_subset=32, data="digits", threads=1)
+    with pytest.raises(WriteError, match="checkpoint.pt: no space left on the device$"):
+        run_grid(G.demo_cells(scale), scale, tmp_path, experiments=["demo"], train_fn=train_fn,
+                 make_config=TrainConfig.from_dict, log=lambda s: None)
+    assert len(calls) == 1
