@@ -87,3 +87,20 @@ def test_onnx_export_on_a_full_disk(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == f"nmsparse export: error: cannot write {out / 'model.onnx'}: no space left on the device\n"
     assert not out.exists()
+
+
+def test_export_hf_model_verifies_nmsparse_shards(llama, tmp_path, capsys):
+    """export --hf-model of a folder that prune --hf-model wrote: its shards' checksums are verified
+    (transformers' loader would read a damaged shard without complaint)."""
+    from nmsparse.cli import main
+
+    out = tmp_path / "pruned"
+    _prune(llama, out)
+    shard = out / "model-00001-of-00003.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    assert main(["export", "--hf-model", str(out), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot load {shard}: fails its checksum: tensor 'model.layers.0." in err
+    assert not (tmp_path / "e").exists()

@@ -268,6 +268,14 @@ def _load_hf(path: str):
         import transformers
     except ImportError:
         raise UserError("--hf-model needs transformers (pip install 'nmsparse[hf]')") from None
+    from nmsparse.errors import LoadError
+    from nmsparse.io import read_safetensors
+
+    for shard in sorted(Path(path).glob("*.safetensors")):  # shards nmsparse wrote (prune --hf-model) carry
+        try:  # a checksum: verified here, since transformers' loader does not; others load as they are
+            read_safetensors(shard, note=False)
+        except LoadError as e:
+            raise UserError(str(e)) from None
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
