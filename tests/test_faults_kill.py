@@ -130,15 +130,19 @@ def test_stale_rules(tmp_path):
     """Only names of our pattern whose process is gone (or old legacy names) are removed."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    names = {f".a.{dead}-0123abcd.tmp": True, f".b.{os.getpid()}-0123abcd.tmp": False,  # ours, alive: kept
-             f".e.{dead}-0123abcd.tmpdir": True, ".c.abcd1234.tmp": False, "c.abcd1234.tmp": False,
-             "keep.tmp": False, ".nmsparse-export.abcd1234": False}
+    host = writing._HOST
+    names = {f".a.{host}.{dead}-0123abcd.tmp": True, f".b.{host}.{os.getpid()}-0123abcd.tmp": False,  # alive: kept
+             f".e.{host}.{dead}-0123abcd.tmpdir": True, ".c.abcd1234.tmp": False, "c.abcd1234.tmp": False,
+             "keep.tmp": False, ".nmsparse-export.abcd1234": False,
+             f".f.otherhost.{dead}-0123abcd.tmp": False}  # another machine's process: judged by age only
     for n in names:
         (tmp_path / n).mkdir() if n.endswith("tmpdir") or "export" in n else (tmp_path / n).write_text("x")
     assert sorted(writing.remove_stale(tmp_path)) == sorted(n for n, gone in names.items() if gone)
     old = time.time() - writing.LEGACY_AGE_S - 10
     os.utime(tmp_path / ".c.abcd1234.tmp", (old, old))  # a legacy name (no process id), long untouched
     os.utime(tmp_path / ".nmsparse-export.abcd1234", (old, old))
-    assert sorted(writing.remove_stale(tmp_path)) == [".c.abcd1234.tmp", ".nmsparse-export.abcd1234"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".b.{os.getpid()}-0123abcd.tmp", "c.abcd1234.tmp",
-                                                                  "keep.tmp"])
+    os.utime(tmp_path / f".f.otherhost.{dead}-0123abcd.tmp", (old, old))
+    assert sorted(writing.remove_stale(tmp_path)) == [".c.abcd1234.tmp", f".f.otherhost.{dead}-0123abcd.tmp",
+                                                      ".nmsparse-export.abcd1234"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".b.{host}.{os.getpid()}-0123abcd.tmp",
+                                                                  "c.abcd1234.tmp", "keep.tmp"])

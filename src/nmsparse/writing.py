@@ -1,6 +1,6 @@
 """Writing files whole or not at all, with one-line errors that name the user's path.
 
-* :func:`atomic_write` writes a file through a temporary file beside it (``.NAME.PID-XXXX.tmp``),
+* :func:`atomic_write` writes a file through a temporary file beside it (``.NAME.HOST.PID-XXXX.tmp``),
   flushed to disk, then ``os.replace``-d over the target: a crash or a full disk leaves the previous
   file intact. Any failure (disk full, read-only file system, no permission, ...) raises
   :class:`~nmsparse.errors.WriteError` naming ``path`` (never the temporary name) and the cause, and
@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import struct
 import time
 from pathlib import Path
@@ -30,9 +31,11 @@ import torch
 
 from nmsparse.errors import WriteError
 
-# .NAME.PID-TOKEN.tmp (files) and .NAME.PID-TOKEN.tmpdir (folders); older nmsparse versions wrote
-# .NAME.XXXXXXXX.tmp (no process id) and .nmsparse-export.XXXXXXXX/ folders.
-_OURS = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp(dir)?$")
+# .NAME.HOST.PID-TOKEN.tmp (files) and .NAME.HOST.PID-TOKEN.tmpdir (folders); older nmsparse versions
+# wrote .NAME.XXXXXXXX.tmp (no process id) and .nmsparse-export.XXXXXXXX/ folders. The host name keeps
+# a process id from being judged on another machine (or container) sharing the folder.
+_OURS = re.compile(r"^\..+\.([A-Za-z0-9-]{1,32})\.(\d+)-[0-9a-f]{8}\.tmp(dir)?$")
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 _LEGACY = re.compile(r"^(\..+\.[A-Za-z0-9_]{8}\.tmp|\.nmsparse-export\.[A-Za-z0-9_]{8})$")
 # A legacy temporary name (no process id) is removed once it is this old.
 LEGACY_AGE_S = 3600.0
@@ -73,8 +76,9 @@ def _alive(pid: int) -> bool:
 
 def remove_stale(folder: str | os.PathLike) -> list[str]:
     """Remove the temporary files/folders in ``folder`` left by nmsparse writers that were killed:
-    names of this module's pattern whose process is gone, and older versions' names (without a
-    process id) older than ``LEGACY_AGE_S``. Returns the names removed; never raises."""
+    names of this module's pattern from this host whose process is gone; those of another host and
+    older versions' names (without a process id) once unmodified for ``LEGACY_AGE_S``. Returns the
+    names removed; never raises."""
     removed = []
     try:
         entries = list(os.scandir(folder))
@@ -84,9 +88,9 @@ def remove_stale(folder: str | os.PathLike) -> list[str]:
     for e in entries:
         m = _OURS.match(e.name)
         try:
-            if m:
-                stale = not _alive(int(m.group(1)))
-            elif _LEGACY.match(e.name):
+            if m and m.group(1) == _HOST:
+                stale = not _alive(int(m.group(2)))
+            elif m or _LEGACY.match(e.name):  # another host's, or no process id: by age
                 stale = now - e.stat(follow_symlinks=False).st_mtime > LEGACY_AGE_S
             else:
                 continue
@@ -105,7 +109,7 @@ def remove_stale(folder: str | os.PathLike) -> list[str]:
 def temp_path(path: str | os.PathLike, folder: bool = False) -> Path:
     """A fresh temporary name beside ``path`` that :func:`remove_stale` recognises."""
     path = Path(path)
-    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{'dir' if folder else ''}"
+    return path.parent / f".{path.name}.{_HOST}.{os.getpid()}-{secrets.token_hex(4)}.tmp{'dir' if folder else ''}"
 
 
 def _umask() -> int:
