@@ -118,6 +118,7 @@ def _load_compressed(path):
     return state_of(model)
 
 
+@pytest.mark.slow
 def test_compressed_bitflips(compressed, tmp_path):
     raw, ref = compressed
     rng = random.Random(19)
@@ -135,6 +136,7 @@ def test_compressed_bitflips(compressed, tmp_path):
     assert all(r["refused"] > 0 for r in results.values())
 
 
+@pytest.mark.slow
 def test_final_safetensors_bitflips(run, tmp_path):
     raw = (run / "final.safetensors").read_bytes()
     ref = read_safetensors(run / "final.safetensors")
@@ -146,6 +148,7 @@ def test_final_safetensors_bitflips(run, tmp_path):
     assert all(r["silent"] == 0 for r in results.values()), results
 
 
+@pytest.mark.slow
 def test_checkpoint_bitflips(run, tmp_path):
     raw = (run / "checkpoint.pt").read_bytes()
     ref = ckpt.load(run / "checkpoint.pt")
