@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nmsparse
+from nmsparse import checksum
 from nmsparse.cli import main
 from nmsparse.export import load_compressed
 from nmsparse.training.models import build_model
@@ -33,7 +34,8 @@ def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     model = finalized()
     meta = {"config": json.dumps({"model": "resnet", "data": "fashion-mnist", "nm": "2:4", "layout": "channels"})}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "final.safetensors"), metadata=meta)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "final.safetensors"), metadata=checksum.sign(state, meta))
     return d / "final.safetensors", model
 
 
@@ -85,7 +87,9 @@ def test_nm_auto_detects_when_nothing_recorded(tmp_path, capsys):
     assert json.loads((tmp_path / "e" / "export_report.json").read_text())["nm"] == "4:8"
     rc, out, err = run(capsys, "--checkpoint", tmp_path / "w.safetensors", "--model", "resnet", "--nm", "2:4",
                        "--out", tmp_path / "f")
-    assert rc == 0 and "dense: not 2:4 (first bad group" in out
+    # an N:M that compresses none of the 4:8 layers would only add a header: refused (issue 19)
+    assert rc == 2 and "--nm 2:4 compresses no layer weight of this model (its layers are 4:8)" in err
+    assert not (tmp_path / "f").exists()
 
 
 def test_hf_folder(tmp_path, capsys):
@@ -124,23 +128,31 @@ def test_bad_input(ckpt, tmp_path, capsys):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     bare = tmp_path / "bare.safetensors"
-    save_file(finalized().state_dict(), str(bare))
+    save_file(finalized().state_dict(), str(bare), metadata=checksum.sign(finalized().state_dict()))
     (tmp_path / "nohf").mkdir()
     odd = {}
     for key, config in (("data", {"model": "resnet", "data": "cifar"}), ("layout", {"model": "resnet", "layout": "rows"})):
         odd[key] = tmp_path / f"odd_{key}.safetensors"
-        save_file(finalized().state_dict(), str(odd[key]), metadata={"config": json.dumps(config)})
+        state = finalized().state_dict()
+        save_file(state, str(odd[key]), metadata=checksum.sign(state, {"config": json.dumps(config)}))
+    (tmp_path / "adir").mkdir()
+    torch.save({"a": torch.zeros(1)}, tmp_path / "checkpoint.pt")
     cases = [
-        (["--checkpoint", tmp_path / "nope"], "checkpoint .* not found"),
+        (["--checkpoint", tmp_path / "nope"], "cannot load .*nope: not found; pass the final.safetensors"),
+        (["--checkpoint", tmp_path / "adir"], "adir: is a directory, not a file"),
+        (["--checkpoint", tmp_path / "checkpoint.pt"], "checkpoint.pt: is a torch.save archive .*not a safetensors"),
         (["--checkpoint", path, "--format", "tflite"], "unknown --format 'tflite'"),
         (["--checkpoint", path, "--dtype", "int8"], "unknown --dtype 'int8'"),
-        (["--checkpoint", path, "--nm", "2-4"], "--nm must be 'auto' or look like 2:4"),
-        (["--checkpoint", path, "--nm", "4:4"], "need 0 < n < m"),
+        (["--checkpoint", path, "--nm", "2-4"], "--nm must be 'auto' or N:M with whole numbers .* got '2-4'$"),
+        (["--checkpoint", path, "--nm", "2:4:8"], "--nm must be 'auto' or N:M with whole numbers .* got '2:4:8'$"),
+        (["--checkpoint", path, "--nm", "a:b"], "--nm must be 'auto' or N:M with whole numbers .* got 'a:b'$"),
+        (["--checkpoint", path, "--nm", "4:4"], "--nm 4:4: need 0 < N < M"),
         (["--checkpoint", path, "--layout", "rows"], "unknown --layout 'rows'"),
         (["--checkpoint", path, "--model", "alexnet"], "unknown --model 'alexnet'"),
-        (["--checkpoint", path, "--model", "mlp"], "does not fit model 'mlp'"),
+        (["--checkpoint", path, "--model", "mlp"], r"does not fit model 'mlp' on 'fashion-mnist' \(\d+ tensor\(s\) "
+                                                   r"missing \(.*; it records model 'resnet'"),
         (["--checkpoint", bare], "records no model; pass --model"),
-        (["--checkpoint", garbage], "cannot read"),
+        (["--checkpoint", garbage], "cannot load .*garbage.safetensors: is not a safetensors file"),
         (["--checkpoint", odd["data"]], "dataset 'cifar' is unknown"),
         (["--checkpoint", odd["layout"]], "records layout 'rows'; pass --layout"),
         (["--hf-model", tmp_path / "nohf"], "not a Hugging Face model folder"),
@@ -160,7 +172,7 @@ def test_bad_input(ckpt, tmp_path, capsys):
         assert err.count("\n") == 1 and "Traceback" not in err, err
         import re
 
-        assert re.search(msg, err), (msg, err)
+        assert re.search(msg, err.strip()), (msg, err)
         assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 

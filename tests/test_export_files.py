@@ -19,6 +19,7 @@ from torch import nn
 
 import nmsparse
 from nmsparse.errors import LoadError
+from nmsparse import checksum
 from nmsparse.export import FormatError, detect_nm, group_axis, load_compressed, read_header, save_compressed
 from nmsparse.training.models import build_model
 
@@ -235,12 +236,14 @@ def saved(tmp_path):
 
 
 def rewrite(src, dst, meta=None, tensors=None, drop=()):
+    """A copy of ``src`` with changed metadata/tensors and a *valid* checksum of the changes (a lying
+    writer): the structural checks behind the checksum must still catch it."""
     with safe_open(str(src), framework="pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
         md = dict(f.metadata())
     md.update(meta or {})
     t.update(tensors or {})
-    save_file(t, str(dst), metadata={k: v for k, v in md.items() if v is not None})
+    save_file(t, str(dst), metadata=checksum.sign(t, {k: v for k, v in md.items() if v is not None}))
     return dst
 
 

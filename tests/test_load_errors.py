@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from nmsparse import checksum
 from nmsparse.cli import main
 from nmsparse.errors import LoadError
 from nmsparse.io import check_state_dict, read_json, read_safetensors, read_torch, state_dict_mismatch
@@ -249,9 +250,10 @@ def test_checkpoint_checksum_finds_damaged_tensor_bytes(tmp_path, run):
     with pytest.raises(LoadError, match="is corrupted \\(its contents do not match the checksum recorded when it was "
                                         "written\\)$"):
         ckpt.load(p)
-    del raw["checksum"]  # a checkpoint written before checksums existed still loads
+    del raw["checksum"]  # a checkpoint written before checksums existed still loads, with a note
     p.write_bytes(_torch_bytes(raw))
-    assert "checksum" not in ckpt.load(p)
+    with pytest.warns(checksum.UnverifiedFileWarning, match="carries no checksum"):
+        assert "checksum" not in ckpt.load(p)
 
 
 # --- train --resume --------------------------------------------------------------------------
@@ -402,7 +404,7 @@ def test_prune_cli_damaged_recorded_config(tmp_path, run, capsys):
         ("list", '["mlp"]', "its recorded training config (metadata 'config') is a list, not a JSON object"),
     ]:
         p = tmp_path / f"{name}.safetensors"
-        save_file(tensors, str(p), metadata={"config": meta})
+        save_file(tensors, str(p), metadata=checksum.sign(tensors, {"config": meta}))  # damaged when written
         assert main(_prune(p, tmp_path / "o")) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"cannot load {p}: {problem}" in err
@@ -421,7 +423,7 @@ def test_prune_cli_another_models_weights(tmp_path, run, capsys):
     tensors, meta = read_safetensors(run / "final.safetensors")
     tensors["net.1.weight"] = torch.zeros(256, 100)
     p = tmp_path / "shape.safetensors"
-    save_file(tensors, str(p), metadata=meta)
+    save_file(tensors, str(p), metadata=checksum.sign(tensors, meta))
     assert main(_prune(p, tmp_path / "o")) == 2
     assert "1 with another shape (net.1.weight (256, 100) in the file, (256, 64) in the model)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -393,8 +393,10 @@ def _checkpoint(tmp_path):
     torch.manual_seed(0)
     model = _outliers(build_model("mlp", image_size=8))
     path = tmp_path / "final.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"config": json.dumps({"model": "mlp", "data": "digits"})})
+    from nmsparse.checksum import sign
+
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=sign(tensors, {"config": json.dumps({"model": "mlp", "data": "digits"})}))
     return path
 
 

@@ -146,8 +146,10 @@ def _checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = build_model("mlp", image_size=8, in_channels=1, num_classes=10)
     path = tmp_path / "final.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"config": '{"model": "mlp", "data": "digits"}'})
+    from nmsparse.checksum import sign  # as 'nmsparse train' writes it
+
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=sign(tensors, {"config": '{"model": "mlp", "data": "digits"}'}))
     return path
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nmsparse.checksum import sign
 from nmsparse.cli import main
 from nmsparse.layout import layer_is_nm
 from nmsparse.prune.cli import balanced_indices
@@ -21,7 +22,7 @@ def _checkpoint(tmp_path, model_name="mlp", **config):
     path = tmp_path / "final.safetensors"
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"model": model_name, "data": "digits", **config}
-    save_file(tensors, str(path), metadata={"config": json.dumps(meta)})
+    save_file(tensors, str(path), metadata=sign(tensors, {"config": json.dumps(meta)}))  # as 'nmsparse train' writes it
     return path
 
 

@@ -8,6 +8,9 @@ names the file, the problem and what to do; the CLIs print it on stderr and exit
 It subclasses :class:`ValueError`, so code that already treats bad input as ``ValueError`` keeps
 working; catch :class:`LoadError` to tell a bad file from other bad input. Compressed model files
 raise :class:`nmsparse.export.FormatError`, a subclass (its message is its own, without "cannot load").
+
+:class:`WriteError` is the one exception for a file that cannot be written (disk full, read-only,
+no permission): one line naming the user's path and the cause.
 """
 
 from __future__ import annotations
@@ -46,4 +49,23 @@ def _restore(cls: type, message: str, fields: dict) -> LoadError:
     return err
 
 
-__all__ = ["LoadError"]
+class WriteError(OSError, ValueError):
+    """A file cannot be written: ``str(error)`` is one line ``cannot write PATH: CAUSE`` naming the
+    user's path (never a temporary name) and the cause (no space left on the device, read-only
+    file system, permission denied, ...). ``errno`` is the OS error code (or ``None``).
+
+    An ``OSError`` (what it is) and a ``ValueError`` (so the CLIs' one-line ``except ValueError``
+    handlers report it with exit code 2, like a :class:`LoadError`)."""
+
+    def __init__(self, path: str | os.PathLike, cause: str, code: int | None = None) -> None:
+        super().__init__(f"cannot write {path}: {cause}")
+        self.path, self.cause, self.errno = str(path), cause, code
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.cause}"
+
+    def __reduce__(self):
+        return type(self), (self.path, self.cause, self.errno)
+
+
+__all__ = ["LoadError", "WriteError"]

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from nmsparse import checksum
 from nmsparse.errors import LoadError
 
 # How many names a mismatch message lists before "and K more".
@@ -134,12 +135,15 @@ def _safetensors_problem(p: Path, e: Exception) -> str:
     return f"is not a readable safetensors file ({_first_line(e)})"
 
 
-def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike, device: str = "cpu", *,
+                     note: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file (``metadata`` is ``{}`` when it has none).
 
     Raises :class:`LoadError` for a missing, unreadable, empty, truncated or corrupted file, a file in
-    another format, and a header that lies about its data (shapes, dtypes or offsets that do not match
-    the bytes, checked by the safetensors parser before any tensor is built).
+    another format, a header that lies about its data (shapes, dtypes or offsets that do not match
+    the bytes, checked by the safetensors parser before any tensor is built), and a file whose
+    nmsparse checksum (:mod:`nmsparse.checksum`) does not match, naming the first bad tensor. A file
+    without a checksum loads unverified, with an ``UnverifiedFileWarning`` when ``note``.
     """
     from safetensors import safe_open
 
@@ -154,6 +158,7 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
         raise LoadError(p, _os_problem(e)) from e
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and others)
         raise LoadError(p, _safetensors_problem(p, e)) from e
+    checksum.verify(p, tensors, metadata, note=note)
     return tensors, metadata
 
 

@@ -11,7 +11,10 @@ Writes into ``--out``: ``model.nmsparse.safetensors`` (format ``nmsparse``, see 
 checkpoint's training config, or the Hugging Face config) and ``export_report.json`` (per tensor:
 dense bytes against stored bytes). Format ``compressed-tensors`` makes ``--out`` a Hugging Face folder in
 compressed-tensors' ``sparse-24-bitmask`` format (docs/interop.md), plus ``export_report.json``. Prints the table of layers and sizes. Every check runs before
-anything is written; the files are built in a temporary folder and moved into ``--out`` at the end.
+anything is written; the files are built in a temporary folder inside ``--out`` and moved into place at
+the end (a killed export's folder is removed by the next one). A full disk, a read-only folder or a
+missing permission is one line naming the file in ``--out`` and the cause, exit code 2, earlier files
+in ``--out`` intact.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nmsparse.clihelp import HelpFormatter
 from nmsparse.export import onnx_cli
+from nmsparse.errors import WriteError
+from nmsparse.writing import WRITE_ERRNOS, os_cause, staging_dir, write_error
 
 FORMATS = ("nmsparse", "onnx", "dense", "compressed-tensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,6 +39,9 @@ FILENAMES = {"nmsparse": "model.nmsparse.safetensors", "onnx": "model.onnx", "de
              "compressed-tensors": "model.safetensors"}
 # image size and channels of the datasets 'nmsparse train' knows (to rebuild a registry model)
 DATA_SHAPES = {"fashion-mnist": (28, 1, 10), "digits": (8, 1, 10)}
+
+
+CHECKPOINT_HINT = "pass the final.safetensors written by 'nmsparse train' or 'nmsparse prune'"
 
 
 class UserError(Exception):
@@ -69,22 +76,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from nmsparse.checksum import cli_notes
+
     try:
-        return _run(args)
+        with cli_notes("nmsparse export"):
+            return _run(args)
     except UserError as e:
         print(f"nmsparse export: error: {e}", file=sys.stderr)
         return 2
 
 
 def _parse_nm(text: str | None) -> tuple[int, int] | None:
-    from nmsparse.nmmasks import check_nm
-
     if text is None or text == "auto":
         return None
-    try:
-        return check_nm(*(int(v) for v in text.split(":")))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--nm must be 'auto' or look like 2:4 (N kept per group of M), got {text!r}: {e}") from None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"--nm must be 'auto' or N:M with whole numbers (N weights kept per group of M, e.g. 2:4), "
+                        f"got {text!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise UserError(f"--nm {text}: need 0 < N < M (N weights kept per group of M), e.g. 2:4")
+    return n, m
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -128,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     model = model.to(DTYPES[args.dtype]).eval()
     if nm is None and args.nm is None:
         nm = recorded
-    from nmsparse.export.files import detect_nm
+    from nmsparse.export.files import detect_nm, nm_layer_weights
 
     n, m = nm if nm is not None else detect_nm(model, layout)
     if args.format == "onnx":
@@ -136,28 +148,53 @@ def _run(args: argparse.Namespace) -> int:
             example, onnx_export = onnx_cli.prepare(args, model, example, onnx_export)
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.format == "nmsparse" and args.nm not in (None, "auto") and not nm_layer_weights(model, n, m, layout):
+        dn, dm = detect_nm(model, layout)
+        if nm_layer_weights(model, dn, dm, layout):  # another N:M would compress: this one only adds a header
+            raise UserError(f"--nm {n}:{m} compresses no layer weight of this model (its layers are {dn}:{dm}): the "
+                            f"file would be larger than the dense one; pass --nm {dn}:{dm} or --nm auto")
 
-    parent = out.parent if out.parent.exists() else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-export.", dir=parent))
+    created = not out.exists()
+    try:
+        tmp = staging_dir(out)  # inside --out: a killed export leaves nothing beside it (the next one cleans up)
+    except WriteError as e:
+        raise UserError(str(e)) from None
     try:
         report = _export(args.format, model, example, tmp / FILENAMES[args.format], n, m, layout, onnx_export)
         if hasattr(report, "path"):
             report.path = str(out / FILENAMES[args.format])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         source = {"checkpoint": args.checkpoint, "hf_model": args.hf_model}
         full = {"source": source, "format": args.format, "dtype": args.dtype, "nm": f"{n}:{m}", "layout": layout,
                 "report": report.to_dict()}
-        (tmp / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
-        out.mkdir(parents=True, exist_ok=True)
+        for name, value in (("config.json", json.dumps(config, indent=2, default=str) + "\n"),
+                            ("export_report.json", json.dumps(full, indent=2) + "\n")):
+            _write_text(tmp / name, value, out / name)
         written = sorted(p.name for p in tmp.iterdir())  # every file: an ONNX export may add model.onnx.data
         stale = out / (FILENAMES["onnx"] + ".data")
-        if args.format == "onnx" and stale.name not in written and stale.exists():
-            stale.unlink()
-        for f in written:
-            os.replace(tmp / f, out / f)
+        try:
+            if args.format == "onnx" and stale.name not in written and stale.exists():
+                stale.unlink()
+            for f in written:
+                os.replace(tmp / f, out / f)
+        except OSError as e:
+            raise write_error(out / f, e) from e
+    except WriteError as e:  # the user's path, never the staging folder's
+        raise UserError(str(_user_path(e, tmp, out))) from None
+    except OSError as e:
+        raise UserError(str(write_error(out / FILENAMES[args.format], e))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            try:
+                out.rmdir()  # only if empty: a failed export into a new folder leaves no folder
+            except OSError:
+                pass
     print(report.table())
+    totals = report.totals() if args.format == "nmsparse" else {}
+    if totals and totals["stored_bytes"] > totals["dense_bytes"]:
+        print(f"nmsparse export: warning: at {n}:{m} the compressed tensors take {totals['stored_bytes']} bytes, "
+              f"more than the {totals['dense_bytes']} of the dense model; --format dense or another --nm is smaller",
+              file=sys.stderr)
     print(f"outputs in {out}")
     return 0
 
@@ -181,11 +218,29 @@ def _export_compressed_tensors(args: argparse.Namespace, out: Path) -> int:
     full = {"source": {"hf_model": args.hf_model}, "format": args.format, "dtype": args.dtype, "nm": "2:4",
             "compressed": report.compressed, "dense": report.dense, "nbytes": report.nbytes,
             "dense_nbytes": report.dense_nbytes}
-    (out / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
+    try:
+        _write_text(out / "export_report.json", json.dumps(full, indent=2) + "\n", out / "export_report.json")
+    except WriteError as e:
+        raise UserError(str(e)) from None
     for name, why in report.dense.items():
         print(f"{name}: dense ({why})")
     print(report.summary())
     return 0
+
+
+def _write_text(path: Path, text: str, shown: Path) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise write_error(shown, e) from e
+
+
+def _user_path(e: WriteError, tmp: Path, out: Path) -> WriteError:
+    """``e`` with a path inside the staging folder ``tmp`` shown as the same name in ``out``."""
+    p = Path(e.path)
+    if p == tmp or tmp in p.parents:
+        return WriteError(out / p.relative_to(tmp), e.cause, e.errno)
+    return e
 
 
 def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_export):
@@ -194,32 +249,30 @@ def _export(fmt, model, example, path: Path, n: int, m: int, layout: str, onnx_e
     if fmt == "nmsparse":
         return save_compressed(model, path, n, m, layout)
     if fmt == "dense":
-        from nmsparse.export.files import _atomic_save
+        from nmsparse.writing import save_safetensors
 
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        _atomic_save(state, {"format": "dense"}, path)
+        save_safetensors(path, state, {"format": "dense"})  # with the checksum nmsparse's readers verify
         return dense_report(model, path, n, m, layout)
     try:
         return onnx_export(model, example, str(path), n=n, m=m, layout=layout)
     except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; the temporary folder is removed
+        cause = os_cause(e)
+        if cause is not None and getattr(cause, "errno", None) in WRITE_ERRNOS:  # a full disk, read-only...
+            raise write_error(path, cause) from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"ONNX export failed: {first}") from None
 
 
 def _load_checkpoint(path: str, model_name: str | None):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    from nmsparse.errors import LoadError
+    from nmsparse.io import read_safetensors, state_dict_mismatch
     from nmsparse.training.models import build_model, model_names
 
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path!r} not found (expected final.safetensors of 'nmsparse train')")
-    try:
-        tensors = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - any unreadable file
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:  # missing, a folder, a torch.save archive, damaged (checksum included): one line naming it
+        tensors, meta = read_safetensors(path)
+    except LoadError as e:
+        raise UserError(str(e if e.hint else e.with_hint(CHECKPOINT_HINT))) from None
     config = _json_dict(meta.get("config"))
     name = model_name or config.get("model")
     if name is None:
@@ -232,10 +285,12 @@ def _load_checkpoint(path: str, model_name: str | None):
     size, channels, classes = DATA_SHAPES[data]
     torch.manual_seed(0)
     model = build_model(name, image_size=size, in_channels=channels, num_classes=classes)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint does not fit model {name!r}: {str(e).splitlines()[0]}") from None
+    why = state_dict_mismatch(model.state_dict(), tensors)  # names the keys, before the model is touched
+    if why:
+        recorded = f"; it records model {config['model']!r} on {config.get('data')!r}" if "model" in config else ""
+        raise UserError(f"cannot load {path}: does not fit model {name!r} on {data!r} ({why}){recorded}; "
+                        "pass the --model it was trained with")
+    model.load_state_dict(tensors)
     recorded = _json_dict(meta.get("pruned")).get("nm") or config.get("nm")
     nm = None
     if isinstance(recorded, str) and recorded != "dense":
@@ -261,6 +316,14 @@ def _load_hf(path: str):
         import transformers
     except ImportError:
         raise UserError("--hf-model needs transformers (pip install 'nmsparse[hf]')") from None
+    from nmsparse.errors import LoadError
+    from nmsparse.io import read_safetensors
+
+    for shard in sorted(Path(path).glob("*.safetensors")):  # shards nmsparse wrote (prune --hf-model) carry
+        try:  # a checksum: verified here, since transformers' loader does not; others load as they are
+            read_safetensors(shard, note=False)
+        except LoadError as e:
+            raise UserError(str(e)) from None
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         archs = getattr(config, "architectures", None) or []

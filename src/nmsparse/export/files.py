@@ -10,18 +10,19 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nmsparse import checksum
 from nmsparse.errors import LoadError
 from nmsparse.export.compress import DTYPE_NAMES, NMCompressed, compress, decompress, index_nbytes, values_shape
 from nmsparse.export.report import ExportReport, TensorEntry
 from nmsparse.layout import check_layout, reduction_dim, target_kind
 from nmsparse.nmmasks import check_nm
+from nmsparse.writing import save_safetensors
 
 FORMAT = "nmsparse-nm"
 FORMAT_VERSION = 1
@@ -77,6 +78,22 @@ def _layer_weights(model: nn.Module, layout: str) -> dict[str, tuple[tuple[int, 
         axis = group_axis(mod, layout)
         if axis is not None:
             out[f"{name}.weight" if name else "weight"] = axis
+    return out
+
+
+def nm_layer_weights(model: nn.Module, n: int, m: int, layout: str = "channels") -> list[str]:
+    """State-dict keys of the layer weights :func:`save_compressed` would store compressed at ``n``:``m``
+    (float, reduction axis a multiple of ``m``, at most ``n`` non-zeros in every group)."""
+    n, m = check_nm(n, m)
+    state = model.state_dict()
+    out = []
+    for key, (view, dim) in _layer_weights(model, check_layout(layout)).items():
+        w = state[key]
+        if w.dtype not in DTYPE_NAMES or view[dim] % m:
+            continue
+        x = (w.detach().reshape(view) != 0).movedim(dim, -1)
+        if w.numel() == 0 or int(x.reshape(-1, m).sum(-1).max()) <= n:
+            out.append(key)
     return out
 
 
@@ -181,22 +198,9 @@ def dense_report(model: nn.Module, path: str | os.PathLike, n: int, m: int, layo
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``tensors`` with ``meta`` and its checksum to ``path`` whole or not at all (a failed write
+    raises :class:`~nmsparse.errors.WriteError` naming ``path``)."""
+    save_safetensors(path, tensors, meta)
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -209,7 +213,24 @@ def read_header(path: str | os.PathLike) -> dict:
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
         raise FormatError(f"{path} is not a readable safetensors file: {e}", path=path) from None
+    rec = _record(meta, path)
+    if rec is not None:
+        _verified(lambda: rec.check_metadata(meta), path)
     return _parse_meta(meta, path)
+
+
+def _record(meta: dict, path) -> "checksum.Record | None":
+    return _verified(lambda: checksum.recorded(path, meta), path)
+
+
+def _verified(check, path):
+    """``check()``, its ``LoadError`` raised as a :class:`FormatError` (one message naming the file)."""
+    try:
+        return check()
+    except FormatError:
+        raise
+    except LoadError as e:
+        raise FormatError(str(e), path=path) from None
 
 
 def _parse_meta(meta: dict, path) -> dict:
@@ -256,8 +277,10 @@ def _parse_meta(meta: dict, path) -> dict:
 def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a file written by :func:`save_compressed` into ``model`` (same architecture, dtypes).
 
-    Every name, shape, dtype, the metadata and every stored position are checked, and every
-    compressed weight is decompressed, *before* the model is touched: any mismatch or corruption
+    The file's checksum (:mod:`nmsparse.checksum`) is verified tensor by tensor as it is read (a file
+    written without one loads with an :class:`~nmsparse.checksum.UnverifiedFileWarning`). Every name,
+    shape, dtype, the metadata and every stored position are checked, and every compressed weight
+    is decompressed, *before* the model is touched: any mismatch or corruption
     raises :class:`FormatError` (a ``ValueError``) naming the tensor and what differs, and ``model``
     is unchanged. Returns ``model``."""
     from safetensors import safe_open
@@ -272,18 +295,24 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                              "a plain model of the same architecture, or call nmsparse.finalize(model) first")
     state = model.state_dict()
     new: dict[str, torch.Tensor] = {}
+    rec = None
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = _parse_meta(f.metadata() or {}, path)
+            meta = f.metadata() or {}
+            rec = _record(meta, path)  # checked first: a damaged file is named as such, not as a misfit
+            if rec is not None:
+                _verified(lambda: (rec.check_metadata(meta), rec.check_names(f.keys())), path)
+            header = _parse_meta(meta, path)
             keys = set(f.keys())
             _check_names(header, keys, state, path)
             layers = _layer_weights(model, header["layout"])
             listed = {e["name"]: e for e in header["compressed"]}
+            read = _reader(f, rec, path)
             for key, target in state.items():
                 if key in listed:
-                    new[key] = _load_one(f, listed[key], target, layers.get(key), header, path)
+                    new[key] = _load_one(read, listed[key], target, layers.get(key), header, path)
                 else:
-                    t = f.get_tensor(key)
+                    t = read(key)
                     _check_like(key, t, target, path)
                     new[key] = t
     except FormatError:
@@ -291,9 +320,23 @@ def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - safetensors' own errors on truncated or lying files
         raise FormatError(f"{path} is not a valid nmsparse compressed file: {type(e).__name__}: {e}",
                           path=path) from None
+    if rec is None:
+        checksum.warn_unverified(path)
     with torch.no_grad():
         model.load_state_dict(new, strict=True)
     return model
+
+
+def _reader(f, rec, path):
+    """``name -> tensor`` of open file ``f``, each tensor checked against checksum record ``rec``."""
+
+    def read(name: str) -> torch.Tensor:
+        t = f.get_tensor(name)
+        if rec is not None:
+            _verified(lambda: rec.check(name, t), path)
+        return t
+
+    return read
 
 
 def _check_names(header: dict, keys: set[str], state: dict, path) -> None:
@@ -320,7 +363,7 @@ def _check_like(key: str, t: torch.Tensor, target: torch.Tensor, path) -> None:
                           f"{tuple(target.shape)} in the model", path=path)
 
 
-def _load_one(f, e: dict, target: torch.Tensor, axis, header: dict, path) -> torch.Tensor:
+def _load_one(read, e: dict, target: torch.Tensor, axis, header: dict, path) -> torch.Tensor:
     key, n, m = e["name"], header["n"], header["m"]
     if axis is None:
         raise FormatError(f"{path}: {key!r} is stored compressed but is not the weight of a Linear, Conv or Conv1D "
@@ -332,7 +375,7 @@ def _load_one(f, e: dict, target: torch.Tensor, axis, header: dict, path) -> tor
         raise FormatError(f"{path}: tensor {key!r} is grouped as view {tuple(e['view'])} dim {e['dim']} in the file, "
                           f"but the model's layer groups it as view {tuple(axis[0])} dim {axis[1]} "
                           f"(layout {header['layout']!r})", path=path)
-    values, index = f.get_tensor(key + VALUES), f.get_tensor(key + INDEX)
+    values, index = read(key + VALUES), read(key + INDEX)
     want = values_shape(tuple(e["view"]), e["dim"], n, m)
     if values.dtype != target.dtype or tuple(values.shape) != want:
         raise FormatError(f"{path}: {key + VALUES!r} is {values.dtype} {tuple(values.shape)}, expected "

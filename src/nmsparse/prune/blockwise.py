@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,11 +31,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from nmsparse.errors import WriteError
 from nmsparse.progress import Progress
 from nmsparse.prune import PruneReport, calibration, prune
 from nmsparse.prune.spill import HiddenSpill, SpilledItems
 from nmsparse.prune.streaming import BlockStream, block_output
 from nmsparse.selection import KEEP_DENSE, Patterns, literal_pattern, plan
+from nmsparse.writing import remove_stale, save_safetensors, temp_path, write_error
 
 OUTSIDE = "outside the transformer blocks (block-wise pruning prunes the blocks only)"
 
@@ -126,22 +127,22 @@ def prune_pretrained(
             e.sparse, e.reason = False, f"after the first {last} blocks (blocks={last}): copied unchanged"
     masks = [_token_mask(item) for item in calib]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale(out.parent)  # folders of killed earlier runs
+    tmp = temp_path(out, folder=True)
+    tmp.mkdir()
     results, blocks_info, weight_map = {}, [], {}
     total = stream.num_blocks + 1
     name_of = lambda i: f"model-{i + 1:05d}-of-{total:05d}.safetensors"  # noqa: E731
     memory = {"rss_after_shell_load_bytes": rss_bytes()}
     spill = None
     try:
-        from safetensors.torch import save_file
-
         spill = HiddenSpill(tmp)
         for kw in stream.iter_block_inputs(calib):  # one batch's hidden states in memory at a time
             spill.append(kw)
         memory["peak_rss_after_block_inputs_bytes"] = peak_rss_bytes()
         # the shell is not pruned: write it now and free it (embeddings and head) before the blocks
         shell = {k: v.contiguous() for k, v in stream.shell_state().items()}
-        save_file(shell, tmp / name_of(stream.num_blocks), metadata={"format": "pt"})
+        save_safetensors(tmp / name_of(stream.num_blocks), shell, {"format": "pt"})  # checksummed
         weight_map.update({k: name_of(stream.num_blocks) for k in shell})
         del shell
         stream.drop_shell()
@@ -167,7 +168,7 @@ def prune_pretrained(
                 with torch.no_grad():
                     spill.advance(lambda kw: block_output(block(**kw)))
             state = {pre + k: v.contiguous() for k, v in block.state_dict().items()}
-            save_file(state, tmp / name_of(i), metadata={"format": "pt"})
+            save_safetensors(tmp / name_of(i), state, {"format": "pt"})
             weight_map.update({k: name_of(i) for k in state})
             del block, state
             blocks_info.append({"block": i, "layers": len(local), "time_s": time.perf_counter() - t0,
@@ -185,10 +186,14 @@ def prune_pretrained(
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if spill is not None:
             spill.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a write into the hidden folder: name the user's --out
+            where = Path(getattr(e, "path", None) or getattr(e, "filename", None) or out)
+            shown = out / where.relative_to(tmp) if tmp in where.parents else out
+            raise WriteError(shown, write_error(shown, e).cause, getattr(e, "errno", None)) from e
         raise
     settings = dict(method=method, blockwise=True, source=str(path), blocks=blocks_info, memory=memory,
                     pruned_blocks=last, calib_batches=len(masks),

@@ -116,7 +116,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors, meta = read_safetensors(path)
     except LoadError as e:
-        raise e.with_hint(CHECKPOINT_HINT) from e
+        raise (e if e.hint else e.with_hint(CHECKPOINT_HINT)) from e
     if "config" not in meta:
         return tensors, {}
     try:
@@ -166,13 +166,27 @@ def _keep_dense(text: str) -> tuple[str, ...]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from nmsparse.checksum import cli_notes
+    from nmsparse.errors import WriteError
+
+    try:
+        with cli_notes("nmsparse prune"):
+            return _run(args)
+    except WriteError as e:  # disk full, read-only, no permission: the user's path and the cause
+        return _error(str(e))
+
+
+def _run(args: argparse.Namespace) -> int:
     from nmsparse.nmmasks import check_nm
     from nmsparse.prune import METHODS, SOLVERS
 
+    parts = args.nm.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return _error(f"--nm must look like 2:4 (N:M with whole numbers, N weights kept per group of M), got {args.nm!r}")
     try:
-        n, m = check_nm(*(int(v) for v in args.nm.split(":")))
-    except (ValueError, TypeError) as e:
-        return _error(f"--nm must look like 2:4 (N kept per group of M): {e}")
+        n, m = check_nm(int(parts[0]), int(parts[1]))
+    except ValueError:
+        return _error(f"--nm {args.nm}: need 0 < N < M (N weights kept per group of M), e.g. 2:4")
     if args.method not in METHODS:
         return _error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.solver not in SOLVERS:
@@ -276,7 +290,12 @@ def _main(args: argparse.Namespace) -> int:
     print(f"test accuracy: dense {dense_eval['test_acc']:.2%}, pruned {n}:{m} {args.method} "
           f"{pruned_eval['test_acc']:.2%} ({prune_s:.1f}s)")
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from nmsparse.writing import write_error
+
+        raise write_error(out, e) from e
     summary = {"checkpoint": str(args.checkpoint), "model": model_name, "data": data_name, "nm": f"{n}:{m}",
                "calib_samples": sum(len(b) for b in calib), "bn_samples": bn_images, "prune_s": prune_s, "dense": dense_eval,
                "pruned": pruned_eval,
@@ -290,8 +309,8 @@ def _main(args: argparse.Namespace) -> int:
     else:
         _write_outputs(model, args, summary, src)
     full = {"summary": summary, "report": report.to_dict()}
-    (out / "prune_report.json").write_text(json.dumps(full, indent=2) + "\n")
-    (out / "prune_report.txt").write_text(report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
+    _write_text(out / "prune_report.json", json.dumps(full, indent=2) + "\n")
+    _write_text(out / "prune_report.txt", report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
     if summary["finetuned"]:
         print(f"after {args.finetune_epochs} epoch(s) of fixed-mask fine-tuning: "
               f"{summary['finetuned']['test_acc']:.2%}")
@@ -299,19 +318,26 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (:class:`~nmsparse.errors.WriteError` naming it)."""
+    from nmsparse.writing import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def _write_outputs(model: torch.nn.Module, args: argparse.Namespace, summary: dict, src: dict) -> None:
-    from safetensors.torch import save_file
+    from nmsparse.writing import save_safetensors
 
     out = Path(args.out)
     config = {"source": src, "prune": {k: v for k, v in vars(args).items() if k != "func"}}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    _write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     rec = {"epoch": 0, "test_loss": summary["pruned"]["test_loss"], "test_acc": summary["pruned"]["test_acc"],
            "time": summary["prune_s"]}
-    (out / "metrics.jsonl").write_text(json.dumps(rec) + "\n")
+    _write_text(out / "metrics.jsonl", json.dumps(rec) + "\n")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps({**src, "model": summary["model"], "data": summary["data"]}),
             "pruned": json.dumps({"nm": summary["nm"], "method": args.method})}
-    save_file(tensors, str(out / "final.safetensors"), metadata=meta)
+    save_safetensors(out / "final.safetensors", tensors, meta)  # with the checksum nmsparse's readers verify
 
 
 def _finetune(model, args, model_name, data_name, layout, n, m, report, recipe):

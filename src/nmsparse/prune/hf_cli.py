@@ -161,9 +161,11 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
                   blocks=args.blocks, on_block=_block_logger(args.block_log))
     out_existed = out.exists()
     replace = out_existed and any(out.iterdir())  # --overwrite: write beside it, swap at the end
-    target = out.with_name(f".{out.name}.new") if replace else out
-    if replace:
-        shutil.rmtree(target, ignore_errors=True)
+    if replace:  # a hidden name that the next run removes if this one is killed
+        from nmsparse.writing import remove_stale, temp_path
+
+        remove_stale(out.parent)
+    target = temp_path(out, folder=True) if replace else out
     summary: dict = {"hf_model": str(src), "nm": f"{n}:{m}", "method": args.method, "seqlen": args.seqlen,
                      "calib_samples": len(windows), "calib_text": args.calib_text}
     try:
@@ -177,14 +179,20 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     except (ValueError, ImportError) as e:
         if replace or not out_existed:
             shutil.rmtree(target, ignore_errors=True)
+        from nmsparse.errors import WriteError
+
+        if isinstance(e, WriteError) and target != out and e.path.startswith(str(target)):
+            e = WriteError(str(out) + e.path[len(str(target)):], e.cause, e.errno)  # the user's --out
         return _error(str(e))
     if replace:
         shutil.rmtree(out)
         os.replace(target, out)
     summary["peak_rss_bytes"] = report.settings["peak_rss_bytes"]
     full = {"summary": summary, "report": report.to_dict()}
-    (out / "prune_report.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
-    (out / "prune_report.txt").write_text(report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
+    from nmsparse.prune.cli import _write_text  # whole or not at all; WriteError naming the file
+
+    _write_text(out / "prune_report.json", json.dumps(full, indent=2, default=str) + "\n")
+    _write_text(out / "prune_report.txt", report.table() + "\n" + json.dumps(summary, indent=2) + "\n")
     print(report.table())
     if eval_ids is not None:
         print(f"perplexity ({summary['pruned_perplexity']['windows']} windows of {args.seqlen}): dense "

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from nmsparse.errors import LoadError
 from nmsparse.prune import calibration
 from nmsparse.selection import tied_aliases
 
@@ -49,9 +50,11 @@ class CheckpointReader:
             raise ValueError(f"{self.path} has no model.safetensors (nor model.safetensors.index.json): "
                              "save the model with save_pretrained first")
         try:
+            self._records: dict[Path, Any] = {}  # file -> its nmsparse checksum record (files we wrote)
             if single.is_file():
                 with safe_open(single, framework="pt") as f:
                     self._where: dict[str, Path] = {k: single for k in f.keys()}
+                    self._record(single, f)
             else:
                 wm = json.loads(index.read_text())["weight_map"]
                 if not isinstance(wm, dict):
@@ -60,11 +63,25 @@ class CheckpointReader:
                 for f in set(self._where.values()):
                     with safe_open(f, framework="pt") as h:
                         present = set(h.keys())
+                        self._record(f, h)
                     absent = [k for k, v in self._where.items() if v == f and k not in present]
                     if absent:
                         raise ValueError(f"{f.name} lacks {absent[:3]} that the index places there")
+        except LoadError:
+            raise
         except Exception as e:  # safetensors' own error type, OSError, bad JSON, a lying index
             raise ValueError(f"cannot read the weights in {self.path}: {e}") from None
+
+    def _record(self, path: Path, h) -> None:
+        """Keep ``path``'s checksum record (files nmsparse wrote carry one; others load as they are)."""
+        from nmsparse import checksum
+
+        meta = h.metadata() or {}
+        rec = checksum.recorded(path, meta)
+        if rec is not None:
+            rec.check_metadata(meta)
+            rec.check_names(h.keys())
+            self._records[path] = rec
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -89,7 +106,12 @@ class CheckpointReader:
                         if shape != tuple(targets[k].shape):
                             raise ValueError(f"tensor {k} has shape {shape}, the model expects "
                                              f"{tuple(targets[k].shape)}")
-                        targets[k].copy_(h.get_tensor(k))
+                        t = h.get_tensor(k)
+                        if f in self._records:
+                            self._records[f].check(k, t)  # LoadError naming the file and the tensor
+                        targets[k].copy_(t)
+        except LoadError:
+            raise
         except Exception as e:
             raise ValueError(f"cannot read the weights in {self.path}: {e}") from None
 

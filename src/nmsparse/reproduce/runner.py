@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from nmsparse.errors import LoadError
+from nmsparse.errors import WriteError
 from nmsparse.io import read_json
 from nmsparse.reproduce.grid import Cell, Scale, transposable_missing
 from nmsparse.training.checkpoint import atomic_write
@@ -226,6 +227,8 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
         raise
     except LoadError as e:  # raised before the run changed anything: the user has to act
         raise e.with_hint(RUN_HINT) from e
+    except WriteError:  # a full disk or a read-only folder stops every cell alike: one line, the grid stops
+        raise
     except Exception as e:  # keep going with the other cells; the report lists the failure
         (d / "error.txt").write_text(traceback.format_exc())
         return CellOutcome(cell, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {e}")

@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
 ``torch.save`` to a temporary file in the same folder, flushed to disk, then moved over the old one
-with ``os.replace`` (atomic on POSIX), so a run killed mid-write leaves the previous checkpoint
-intact. :func:`load` uses ``torch.load(weights_only=True)`` and raises
+with ``os.replace`` (atomic on POSIX; :func:`nmsparse.writing.atomic_write`), so a run killed
+mid-write leaves the previous checkpoint intact, and a full disk or a read-only folder raises one
+:class:`nmsparse.errors.WriteError` naming ``checkpoint.pt``. :func:`load` uses ``torch.load(weights_only=True)`` and raises
 :class:`nmsparse.errors.LoadError` (one line naming the file and the problem) for a file it cannot use.
 
 Contents (``FORMAT = 1``): ``format``, ``epoch`` (epochs completed), ``config`` (dict), ``model``
@@ -12,7 +13,8 @@ Contents (``FORMAT = 1``): ``format``, ``epoch`` (epochs completed), ``config`` 
 and previous masks) and ``records`` (the per-epoch metrics so far), and ``checksum``: a SHA-256 of all of the above (every
 tensor's dtype, shape and bytes, every other value's ``repr``), which :func:`load` verifies, so bytes
 damaged inside a tensor (which ``torch.load`` reads without complaint) are found. A checkpoint without
-``checksum`` (written before it existed) still loads.
+``checksum`` (written before it existed) still loads, with an
+:class:`nmsparse.checksum.UnverifiedFileWarning`.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nmsparse.checksum import warn_unverified
 from nmsparse.errors import LoadError
 from nmsparse.io import read_torch
+from nmsparse.writing import atomic_write  # noqa: F401 - here for the writers that import it from this module
 
 FORMAT = 1
 
@@ -57,31 +61,6 @@ def _py_state_from_list(st: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def checksum(state: dict[str, Any]) -> str:
     """SHA-256 (hex) of ``state`` without its ``checksum`` entry: tensors by dtype, shape and bytes,
     containers in order, other values by ``repr``. The same after a ``torch.save`` / ``torch.load``
@@ -92,7 +71,7 @@ def checksum(state: dict[str, Any]) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().to("cpu").contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # a buffer: no copy, GIL released
         elif isinstance(x, dict):
             h.update(f"D{len(x)}:".encode())
             for k, v in x.items():
@@ -116,6 +95,10 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     state["checksum"] = checksum(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
+
+# Names of the entries a checkpoint may hold; a SHA-256 hex digest under another name is a damaged "checksum".
+_KNOWN = ("format", "checksum", "dcp", "epoch", "config", "model", "optimizer", "scheduler", "rng", "sad", "records")
+_DIGEST = re.compile("[0-9a-f]{64}")
 
 # The entries of a checkpoint and the type each must have.
 _ENTRIES = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
@@ -151,6 +134,12 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
             raise LoadError(path, f"is a damaged nmsparse training checkpoint (no sad.{key} masks)")
     if not isinstance(state["rng"].get("torch"), torch.Tensor):
         raise LoadError(path, "is a damaged nmsparse training checkpoint (no torch RNG state)")
-    if "checksum" in state and state["checksum"] != checksum(state):
-        raise LoadError(path, "is corrupted (its contents do not match the checksum recorded when it was written)")
+    if "checksum" in state:
+        if state["checksum"] != checksum(state):
+            raise LoadError(path, "is corrupted (its contents do not match the checksum recorded when it was written)")
+    else:
+        renamed = [k for k, v in state.items() if k not in _KNOWN and isinstance(v, str) and _DIGEST.fullmatch(v)]
+        if renamed:  # a damaged entry name: the checksum is there, under another key
+            raise LoadError(path, f"is corrupted (its checksum entry is stored under a damaged name {renamed[0]!r})")
+        warn_unverified(path)
     return state

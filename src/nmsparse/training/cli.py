@@ -129,8 +129,11 @@ def _main(args: argparse.Namespace) -> int:
         return _error(f"{config.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     from nmsparse.training.loop import train
 
+    from nmsparse.checksum import cli_notes
+
     try:
-        train(config, resume=args.resume, progress=mode)
+        with cli_notes("nmsparse train"):
+            train(config, resume=args.resume, progress=mode)
     except DataError as e:
         return _error(str(e))
     except ValueError as e:  # settings that only the data or a checkpoint can reveal (LoadError included)

@@ -24,6 +24,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,7 @@ from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.data import Dataset, load_dataset
 from nmsparse.training.models import build_model
+from nmsparse.writing import save_safetensors
 from nmsparse.training.resume import (  # noqa: F401 - RESUME_FREE_FIELDS, read_resume_state: public here too
     CHECKPOINT, RESUME_FREE_FIELDS, RESUME_HINT, read_resume_state, state_mismatch,
 )
@@ -93,7 +95,13 @@ def build_sparse_model(config: TrainConfig, data: Dataset) -> tuple[nn.Module, A
                                   update_every=config.update_every)
     if config.transposable:
         kwargs.update(transposable=True, mask_method=config.mask_method)
-    report = nmsparse.sparsify(model, *pair, **kwargs)
+    with warnings.catch_warnings():  # "made no layer sparse" becomes the one error below
+        warnings.filterwarnings("ignore", message="sparsify made no layer sparse")
+        report = nmsparse.sparsify(model, *pair, **kwargs)
+    if not report.sparse:
+        why = "; ".join(f"{e.param}: {e.reason}" for e in report.dense[:3])
+        raise ValueError(f"--nm {config.nm} makes no layer of model {config.model!r} on {config.data!r} N:M ({why}); "
+                         f"choose an M that divides the layers' input sizes, e.g. 2:4")
     return model, report
 
 
@@ -285,7 +293,7 @@ class Trainer:
                 final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
                 tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
             meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
-            ckpt.atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+            save_safetensors(path, tensors, meta)  # with the checksum every nmsparse reader verifies
         D.barrier(self.ctx)
         return path
 
@@ -370,12 +378,6 @@ class Trainer:
             return self.records
         finally:
             D.teardown(self.ctx)
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
-    from safetensors.torch import save
-
-    return save(tensors, metadata=meta)
 
 
 def summary_line(r: dict, epochs: int) -> str:
