@@ -402,3 +402,35 @@ def test_decompress_kernel_matches_a_boolean_index_reference(dtype, rows, cols):
         packed[:, -1] |= 0xF0
         assert torch.equal(bitmask.decompress24(values, packed, torch.tensor([[rows], [cols]]), "w").view(torch.uint8),
                            reference.view(torch.uint8))
+
+
+def test_our_files_carry_a_checksum_that_load_and_inspect_verify(tmp_path):
+    from nmsparse import inspect
+    from nmsparse.checksum import KEY
+
+    save(_tiny(), tmp_path / "out")
+    path = tmp_path / "out" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert KEY in f.metadata()
+        name = next(k for k in f.keys() if k.endswith(".compressed"))
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    offsets = json.loads(raw[8:8 + header_len])[name]["data_offsets"]
+    raw[8 + header_len + offsets[0]] ^= 0x10  # one bit of one stored value
+    path.write_bytes(bytes(raw))
+    _refused(tmp_path / "out", f"checksum: tensor '{name}'")
+    with pytest.raises(LoadError, match="checksum"):
+        inspect(tmp_path / "out")
+
+
+def test_a_killed_save_leaves_nothing_beside_the_folder(tmp_path, monkeypatch):
+    import nmsparse.integrations.compressed_tensors.write as write
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "save_safetensors", full)
+    with pytest.raises(OSError, match=r"cannot write .*out.*: no space left") as e:
+        save(_tiny(), tmp_path / "out")
+    assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
+    assert list(tmp_path.iterdir()) == []  # the new folder removed again, no temp folder beside it

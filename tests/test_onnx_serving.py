@@ -84,6 +84,23 @@ def test_resnet_one_file_serves_batch_1_and_16(tmp_path, dtype):
     assert "at batch=2; batch=1" in table
 
 
+def test_example_of_batch_1_still_gives_a_dynamic_batch(tmp_path):
+    # torch.export specializes an axis whose example size is 1 where the model's code branches on it (a
+    # causal LM's mask): the export traces such axes at 2 instead, so the file still serves any batch
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    nmsparse.prune(model, 2, 4, method="magnitude", include="model.layers.*", keep_dense=())
+    path = tmp_path / "llama1.onnx"
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    report = export_onnx(model, (ids,), path, n=2, m=4)
+    assert signature(path)[0] == {"input_ids": ["batch", "sequence"]}
+    assert [r["sizes"] for r in report.runs] == [{"batch": 1, "sequence": 8}, {"batch": 3, "sequence": 4}]
+    got = session(path).run(None, {"input_ids": torch.randint(0, 64, (16, 5)).numpy()})[0]
+    assert got.shape == (16, 5, 64)
+
+
 def tiny_bert(dtype=torch.float32):
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=64)

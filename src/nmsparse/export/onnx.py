@@ -258,7 +258,7 @@ def export_onnx(
                 outs = onnx_io.output_names(model(*args, **kwargs), output_names)
             big = sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_EXTERNAL
             try:
-                call_args, call_kwargs = io.call()
+                call_args, call_kwargs = io.call(io.widened())  # no dynamic axis traced at size 1
                 with _quiet_exporter():
                     torch.onnx.export(model, call_args, str(tmp), kwargs=call_kwargs or None, dynamo=True, optimize=True,
                                       external_data=big, opset_version=opset, verbose=False,

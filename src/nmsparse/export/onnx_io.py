@@ -74,6 +74,17 @@ class GraphInputs:
                 out[k] = next(specs)
         return out
 
+    def widened(self) -> list[torch.Tensor]:
+        """The example tensors with every dynamic axis of size 1 repeated to size 2, for tracing:
+        ``torch.export`` specializes an axis whose example size is 1, which would fix it in the file."""
+        out = []
+        for t, ax in zip(self.tensors, self.axes):
+            for a in ax:
+                if t.shape[a] == 1:
+                    t = torch.cat([t, t], dim=a)
+            out.append(t)
+        return out
+
     def sizes(self) -> dict[str, int]:
         """Each dynamic axis name -> its size in the example."""
         return {n: int(t.shape[a]) for t, ax in zip(self.tensors, self.axes) for a, n in ax.items()}

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from nmsparse import checksum
 from nmsparse.errors import LoadError
 from nmsparse.integrations.compressed_tensors import bitmask
 from nmsparse.integrations.compressed_tensors.folder import INDEX, SINGLE, Entry, file_header, read_tensor, weight_map
@@ -85,18 +86,26 @@ def nmsparse_file(path: Path) -> Iterator[Item]:
     from nmsparse.export.files import INDEX as NM_INDEX
     from nmsparse.export.files import VALUES, FormatError, read_header
 
-    header = read_header(path)
+    header = read_header(path)  # checks the header and, when the file has one, its checksum's record
     listed = {e["name"]: e for e in header["compressed"]}
     dtypes = {v: k for k, v in DTYPE_NAMES.items()}
     with safe_open(str(path), framework="pt") as f:
+        record = checksum.recorded(path, f.metadata() or {})
+
+        def get(key: str) -> torch.Tensor:  # every tensor checked against the file's checksum as it is read
+            t = f.get_tensor(key)
+            if record is not None:
+                record.check(key, t)
+            return t
+
         keys = sorted(f.keys())
         for key in keys:
             if key.endswith(VALUES) or key.endswith(NM_INDEX):
                 continue
-            yield key, f.get_tensor(key), axis_of(key, f.get_slice(key)[:0]), ""
+            yield key, get(key), axis_of(key, f.get_slice(key)[:0]), ""
         for name, e in sorted(listed.items()):
             try:
-                c = NMCompressed(f.get_tensor(name + VALUES), f.get_tensor(name + NM_INDEX), header["n"],
+                c = NMCompressed(get(name + VALUES), get(name + NM_INDEX), header["n"],
                                  header["m"], e["dim"], tuple(e["view"]), dtypes[e["dtype"]])
                 dense = decompress(c)
             except Exception as err:  # noqa: BLE001 - a damaged or missing tensor of the file

@@ -4,17 +4,22 @@ and each tensor's dtype and shape from the headers alone (no tensor data is read
 A folder holds either ``model.safetensors`` or a ``model.safetensors.index.json`` whose ``weight_map``
 names the shard of every tensor. A missing or unreadable shard, an index that names a file that is not
 there or a tensor that its shard lacks, and a truncated or corrupted file all raise
-:class:`~nmsparse.export.FormatError` naming the file (and the tensor).
+:class:`~nmsparse.export.FormatError` naming the file (and the tensor). A file that carries nmsparse's
+checksum (:mod:`nmsparse.checksum`: every file :func:`~nmsparse.integrations.compressed_tensors.save`
+writes) has its metadata and tensor names checked with the header and every tensor checked as it is read;
+files written by other programs (compressed-tensors itself) carry none and are read as they are.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nmsparse import checksum
+from nmsparse.errors import LoadError
 from nmsparse.export.files import FormatError
 from nmsparse.io import _safetensors_problem
 
@@ -33,6 +38,7 @@ class Entry:
     file: Path
     dtype: torch.dtype | str
     shape: tuple[int, ...]
+    record: checksum.Record | None = field(default=None, compare=False)  # the file's checksum, if it has one
 
 
 def fail(path: object, problem: str) -> FormatError:
@@ -48,15 +54,21 @@ def file_header(path: Path) -> dict[str, Entry]:
         raise fail(path, "not found (a weight file of the folder is missing)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            out = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                out[k] = Entry(path, _DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
-            return out
+            metadata, keys = f.metadata() or {}, list(f.keys())
+            slices = {k: f.get_slice(k) for k in keys}
+            out = {k: (_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape())) for k, sl in slices.items()}
     except OSError as e:
         raise fail(path, f"cannot be read ({e})") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise fail(path, _safetensors_problem(path, e)) from None
+    try:
+        record = checksum.recorded(path, metadata)
+        if record is not None:
+            record.check_metadata(metadata)
+            record.check_names(keys)
+    except LoadError as e:
+        raise fail(path, f"{e.problem}; {e.hint}" if e.hint else e.problem) from None
+    return {k: Entry(path, dt, shape, record) for k, (dt, shape) in out.items()}
 
 
 def weight_map(folder: Path) -> dict[str, Entry]:
@@ -92,6 +104,12 @@ def read_tensor(entry: Entry, name: str) -> torch.Tensor:
 
     try:
         with safe_open(str(entry.file), framework="pt") as f:
-            return f.get_tensor(name)
+            t = f.get_tensor(name)
     except Exception as e:  # noqa: BLE001 - a file changed or damaged since its header was read
         raise fail(entry.file, f"tensor {name!r} cannot be read ({type(e).__name__}: {e})") from None
+    if entry.record is not None:
+        try:
+            entry.record.check(name, t)
+        except LoadError as e:
+            raise fail(entry.file, f"{e.problem}; {e.hint}" if e.hint else e.problem) from None
+    return t

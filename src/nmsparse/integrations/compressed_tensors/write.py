@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +21,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nmsparse.errors import WriteError
 from nmsparse.integrations.compressed_tensors import bitmask
 from nmsparse.integrations.compressed_tensors.folder import INDEX, SINGLE
 from nmsparse.integrations.compressed_tensors.scheme import sparsity_entry
+from nmsparse.writing import save_safetensors, staging_dir, write_error
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -109,19 +110,25 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     config["dtype"] = dtype  # the stored weights' dtype, which readers build the model in
     _compat(config)
     config["quantization_config"] = sparsity_entry(sorted(report.dense), round(zeros / max(total, 1), 4))
-    parent = folder.parent if folder.parent.exists() else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-ct.", dir=parent))
+    created = not folder.exists()
+    tmp = staging_dir(folder)  # inside folder: a killed save leaves nothing beside it (the next one cleans up)
     try:
         files = _write_shards(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-        folder.mkdir(parents=True, exist_ok=True)
+        _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         for stale in [SINGLE, INDEX, *(p.name for p in folder.glob("model-*-of-*.safetensors"))]:
             if (folder / stale).exists() and stale not in files:
                 (folder / stale).unlink()  # weights of an earlier save that would mix with these
         for f in sorted(p.name for p in tmp.iterdir()):
             os.replace(tmp / f, folder / f)
+    except WriteError as e:  # it names the staging folder's file: show the user's path instead
+        shown = folder / Path(e.path).name if tmp in Path(e.path).parents else e.path
+        raise WriteError(shown, e.cause, e.errno) from e
+    except OSError as e:
+        raise write_error(folder, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
     report.files = ["config.json"] + files
     return report
 
@@ -148,8 +155,6 @@ def _tensors(model: nn.Module, compressed: set[str], report: SaveReport) -> dict
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], tmp: Path, max_bytes: int) -> list[str]:
-    from safetensors.torch import save_file
-
     from nmsparse import __version__
 
     meta = {"format": "pt", "nmsparse_version": __version__}
@@ -163,15 +168,15 @@ def _write_shards(tensors: dict[str, torch.Tensor], tmp: Path, max_bytes: int) -
         shards[-1][k] = tensors[k]
         size += nb
     if len(shards) == 1:
-        save_file(shards[0], str(tmp / SINGLE), metadata=meta)
+        save_safetensors(tmp / SINGLE, shards[0], meta)  # with nmsparse's checksum (old readers ignore it)
         return [SINGLE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     wm = {}
     for name, shard in zip(names, shards):
-        save_file(shard, str(tmp / name), metadata=meta)
+        save_safetensors(tmp / name, shard, meta)
         wm.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))},
+    _write_text(tmp / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))},
                                         indent=2) + "\n")
     return names + [INDEX]
 
@@ -185,3 +190,10 @@ def _compat(config: dict) -> None:
         if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
             config["rope_scaling"] = dict(rope)
     config["torch_dtype"] = config["dtype"]
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise write_error(path, e) from e
