@@ -5,7 +5,7 @@ layer's reduction dimension (2:4 keeps 2 of every 4).
 """
 
 from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
-from nmsparse.errors import LoadError
+from nmsparse.errors import LoadError, WriteError
 from nmsparse.kernels import NMLinear, NMLinearReport, to_nm_linear
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
@@ -34,6 +34,7 @@ __all__ = [
     "save_compressed",
     "LayerEntry",
     "LoadError",
+    "WriteError",
     "SADRecord",
     "SADTracker",
     "SparsityReport",
