@@ -147,7 +147,9 @@ def test_fallback_above_crossover(cache):
         assert (mod._dense is not None) == (cache and batch > 3)
     mod.release_dense()
     assert mod._dense is None
-    assert NMLinear.from_linear(lin, 2, 4).crossover == NMLinear.default_crossover[torch.float32] == 24
+    fresh = NMLinear.from_linear(lin, 2, 4)
+    assert fresh.crossover == NMLinear.default_crossover[fresh.path][torch.float32]
+    assert NMLinear.default_crossover["avx512"][torch.float32] == 24
     mod = mod.to(torch.bfloat16)  # the cache follows the values' dtype
     xb = torch.randn(5, 40).to(torch.bfloat16)
     assert mod(xb).dtype == torch.bfloat16

@@ -44,6 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nmsparse import _numba_pool
+from nmsparse.kernels import cpu_nm_avx2, cpu_select
 
 CHUNK = 16  # columns per mask word
 KERNEL_M = (2, 4, 8, 16)  # group sizes whose groups never straddle a 16-column chunk
@@ -266,14 +267,19 @@ def pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def unpack(values: torch.Tensor, masks: torch.Tensor, n: int, m: int, in_features: int,
-           padded: bool = False) -> torch.Tensor:
+           padded: bool = False, expand: bool | None = None) -> torch.Tensor:
     """The dense ``(out, in)`` weight of a packed one (``(out, padded_in(in))`` with ``padded=True``:
-    zero columns past ``in``), in ``values``' dtype."""
+    zero columns past ``in``), in ``values``' dtype.
+
+    ``expand``: use the ``expandload`` kernel (fast with AVX-512, scalar elsewhere) or plain loops
+    that every CPU compiles well; default: ``expandload`` only where the CPU has the AVX-512 kernel."""
     rows, nchunks = masks.shape
     out = torch.empty(rows, nchunks * CHUNK, dtype=values.dtype)
+    if expand is None:
+        expand = not cpu_select.missing("avx512", values.dtype, cpu_select.host_cpu())
     if out.numel():
-        _numba_pool.run(_unpack_kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows,
-                    CHUNK * n // m, nchunks)
+        kernel = _unpack_kernel if expand else cpu_nm_avx2.unpack_portable
+        _numba_pool.run(kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows, CHUNK * n // m, nchunks)
     return out if padded or out.shape[1] == in_features else out[:, :in_features].contiguous()
 
 
@@ -281,8 +287,13 @@ SERIAL_WORK = 1 << 16  # batch * rows * chunks up to which the product runs on t
 
 
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int, m: int,
-              in_features: int, arrays: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+              in_features: int, arrays: tuple[np.ndarray, np.ndarray] | None = None,
+              path: str = "avx512") -> torch.Tensor:
     """``x @ W.T`` for a 2-d fp32 ``x`` ``(batch, in)`` and a packed weight, as fp32 ``(batch, out)``.
+
+    ``path``: ``"avx512"`` (this module's ``expandload`` kernel) or ``"avx2"``
+    (:mod:`nmsparse.kernels.cpu_nm_avx2`, m in 2, 4, 8); :mod:`nmsparse.kernels.cpu_select` says
+    which one the CPU runs natively (the caller's job: this function runs what it is told).
 
     ``arrays``: ``(values, masks)`` already flattened to numpy by :func:`packed_arrays` (a layer called
     many times keeps them, saving two conversions per call). Products of at most ``SERIAL_WORK``
@@ -298,7 +309,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
         pv = torch.zeros(ROW_BLOCK, values.shape[1], dtype=values.dtype)
         pm = torch.zeros(ROW_BLOCK, nchunks, dtype=torch.int16)
         pv[:rows], pm[:rows] = values, masks
-        return nm_matmul(x, pv, pm, n, m, in_features)[:, :rows].clone()
+        return nm_matmul(x, pv, pm, n, m, in_features, path=path)[:, :rows].clone()
     pin = nchunks * CHUNK
     if pin != in_features:
         xp = torch.zeros(batch, pin, dtype=torch.float32)
@@ -307,10 +318,17 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
         xp = x.contiguous()
     vn, mn = arrays if arrays is not None else packed_arrays(values, masks)
     args = (vn, mn, xp.view(-1).numpy(), out_np, batch, rows, CHUNK * n // m, nchunks)
-    if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
-        _matmul_serial(*args)
+    if path == "avx2":
+        serial, parallel = cpu_nm_avx2.drivers(n, m)
+        args = args + (cpu_nm_avx2.LUT,)
+    elif path == "avx512":
+        serial, parallel = _matmul_serial, _matmul_kernel
     else:
-        _numba_pool.run(_matmul_kernel, *args)
+        raise ValueError(f"nm_matmul: path must be 'avx512' or 'avx2', got {path!r}")
+    if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
+        serial(*args)
+    else:
+        _numba_pool.run(parallel, *args)
     return out
 
 
