@@ -5,7 +5,9 @@ N is the number of weights **kept** in every group of M consecutive weights alon
 * ``torch.ops.nmsparse.nm_linear(x, values, masks, bias, n, m, in_features, path)``: ``x @ W.T + b`` for
   ``x`` of shape ``(..., in)`` in the values' dtype, with the packed weight (``path``: ``"avx512"`` or
   ``"avx2"``, see :mod:`nmsparse.kernels.cpu_select`); fp32 accumulation, one rounding to the values'
-  dtype. Its backward gives the input gradient (the buffers get none).
+  dtype. A ``path`` this CPU cannot run natively (a graph exported on another CPU) is replaced by
+  the one :func:`~nmsparse.kernels.cpu_select.choose` picks here, or by the decompressed weight and
+  ``F.linear``. Its backward gives the input gradient (the buffers get none).
 * ``torch.ops.nmsparse.nm_unpack(values, masks, n, m, in_features)``: the decompressed ``(out, in)``
   weight (the dense fallback inside compiled graphs).
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from nmsparse.kernels import cpu_nm
+from nmsparse.kernels import cpu_nm, cpu_select
 
 
 def linear_impl(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, bias: torch.Tensor | None, n: int,
@@ -35,6 +37,12 @@ def linear_impl(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, bias
 @torch.library.custom_op("nmsparse::nm_linear", mutates_args=(), device_types="cpu")
 def nm_linear(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, bias: torch.Tensor | None, n: int, m: int,
               in_features: int, path: str) -> torch.Tensor:
+    if path not in ("avx512", "avx2") or cpu_select.missing(path, values.dtype, cpu_select.host_cpu()):
+        # a graph exported on another CPU: run what this one has (never a scalar lowering)
+        path = cpu_select.choose(m, values.dtype, "auto").path
+    if path == "dense":
+        w = cpu_nm.unpack(values, masks, n, m, in_features)
+        return torch.nn.functional.linear(x, w, bias)
     y = linear_impl(x, values, masks, bias, n, m, in_features, path)
     return y if y._base is None else y.clone()  # a custom op's output may not alias anything
 
