@@ -329,8 +329,7 @@ print("haswell ok")
 @pytest.mark.skipif(not HAS["avx2"] or sys.platform != "linux", reason="needs a CPU that runs AVX2 code")
 def test_avx2_kernel_compiled_for_haswell_in_a_subprocess():
     """numba compiles everything for haswell (no AVX-512 anywhere): the AVX2 machine's code, run here."""
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": cpu_select.HASWELL_FEATURES,
-           "NMSPARSE_NM_TUNE": "0"}
+    env = {**os.environ, **cpu_select.haswell_env(dense_too=False), "NMSPARSE_NM_TUNE": "0"}
     env.pop("NMSPARSE_NM_KERNEL", None)
     out = subprocess.run([sys.executable, "-c", HASWELL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -33,6 +33,7 @@ HALF = 8  # columns per mask byte / ymm register of fp32
 CHUNK = 16
 ROW_BLOCK = 4
 PREFETCH_CHUNKS = 32
+SPLIT_TILE = 0  # tiles up to this many x rows keep separate accumulators per half (16 ymm: 0 avoids spills)
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
@@ -105,7 +106,7 @@ def _avx2_block(typingctx, tile, h, vals, voff, vstride, masks, moff, nchunks, p
     bf16 = vals.dtype == types.int16
     sig = types.void(tile, h, vals, types.intp, types.intp, masks, types.intp, types.intp, types.intp, x, types.intp,
                      types.intp, out, types.intp, types.intp, lut)
-    split = tile_n <= 2  # separate accumulators for the two halves: shorter FMA chains when few x rows
+    split = tile_n <= SPLIT_TILE  # separate accumulators for the two halves: shorter FMA chains when few x rows
 
     def codegen(context, builder, s, args):
         vd = _data(context, builder, s.args[2], args[2])
@@ -138,8 +139,9 @@ def _avx2_block(typingctx, tile, h, vals, voff, vstride, masks, moff, nchunks, p
             for i in range(rows):
                 ci = ir.Constant(_I64, i)
                 vo = builder.add(builder.add(voff, builder.mul(vstride, ci)), builder.mul(c, per))
-                builder.call(pfetch, [builder.gep(vd, [builder.add(vo, ahead)]), ir.Constant(_I32, 0),
-                                      ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                if PREFETCH_CHUNKS:
+                    builder.call(pfetch, [builder.gep(vd, [builder.add(vo, ahead)]), ir.Constant(_I32, 0),
+                                          ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
                 mk = builder.load(builder.gep(md, [builder.add(builder.add(moff, builder.mul(nch, ci)), c)]))
                 mk = builder.zext(mk, _I32)
                 lo = builder.and_(mk, ir.Constant(_I32, 0xFF))

@@ -131,3 +131,15 @@ def choose(m: int, dtype: torch.dtype, kernel: str | None = None, cpu: CpuInfo |
         else:
             return Choice(path)
     return Choice("dense", f"no N:M kernel for this CPU ({cpu.name}, {cpu.isa()}; {'; '.join(why)})")
+
+
+def haswell_env(dense_too: bool = True) -> dict[str, str]:
+    """Environment variables that make a fresh process compile nmsparse's kernels for an AVX2+FMA CPU
+    without AVX-512 (``haswell``); with ``dense_too`` also torch's own CPU code (ATen's vectorized
+    kernels, MKL, oneDNN) stops at AVX2, so that dense baselines are an AVX2 machine's too. For
+    testing and benchmarking the AVX2 path on an AVX-512 machine (the memory system stays this one's)."""
+    env = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL_FEATURES}
+    if dense_too:
+        env.update({"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    return env
+
