@@ -334,3 +334,38 @@ def test_avx2_kernel_compiled_for_haswell_in_a_subprocess():
     out = subprocess.run([sys.executable, "-c", HASWELL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "haswell ok" in out.stdout
+
+
+def reference_pack(w: torch.Tensor, n: int, m: int):
+    """Brute force: per row and group, the non-zeros, then zeros at the lowest unused columns up to n."""
+    out_f, in_f = w.shape
+    values = torch.zeros(out_f, in_f * n // m, dtype=w.dtype)
+    masks = torch.zeros(out_f, -(-in_f // 16), dtype=torch.int32)
+    for r in range(out_f):
+        k = 0
+        for g in range(in_f // m):
+            cols = list(range(g * m, g * m + m))
+            nz = [c for c in cols if bool(w[r, c] != 0)]
+            keep = sorted(nz + [c for c in cols if c not in nz][: n - len(nz)])
+            for c in keep:
+                values[r, k] = w[r, c] if c in nz else 0
+                masks[r, c // 16] |= 1 << (c % 16)
+                k += 1
+    return values, torch.where(masks >= 1 << 15, masks - (1 << 16), masks).to(torch.int16)
+
+
+@pytest.mark.parametrize("dtype", cpu_nm.KERNEL_DTYPES)
+def test_pack_matches_brute_force_and_refuses_dense_groups(dtype):
+    for n, m, in_f in ((2, 4, 20), (3, 8, 24), (1, 2, 34), (5, 16, 32)):
+        w = nm_weight(5, in_f, n, m, dtype, seed=in_f, special=True)
+        w[4, 1] = -0.0 if w[4, 1] == 0 else w[4, 1]  # -0.0: not a kept value
+        values, masks = cpu_nm.pack(w, n, m)
+        ref_v, ref_m = reference_pack(w, n, m)
+        assert torch.equal(masks, ref_m)
+        assert torch.equal(values.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           ref_v.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    w = nm_weight(4, 16, 2, 4, dtype)
+    w[2, 4:8] = 1.0
+    with pytest.raises(ValueError, match=r"weight \(4, 16\) is not 2:4 along in: row 2, group 1 \(columns 4..7\) "
+                                         "has 4 non-zeros"):
+        cpu_nm.pack(w, 2, 4)

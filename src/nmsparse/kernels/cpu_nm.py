@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nmsparse import _numba_pool
-from nmsparse.kernels import cpu_nm_avx2, cpu_select
+from nmsparse.kernels import cpu_nm_avx2, cpu_select, pack_kernel
 
 CHUNK = 16  # columns per mask word
 KERNEL_M = (2, 4, 8, 16)  # group sizes whose groups never straddle a 16-column chunk
@@ -250,20 +250,24 @@ def nonzero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack a 2-d N:M weight ``(out, in)`` (groups of m along ``in``) into ``(values, masks)`` (see the
-    module docstring). The caller has checked the shape and that no group holds more than n non-zeros."""
+    """Pack a 2-d N:M weight ``(out, in)`` (groups of m along ``in``, float32 or bfloat16) into
+    ``(values, masks)`` (see the module docstring), in one compiled pass. ValueError (naming the first
+    offending row and group) when a group holds more than n non-zeros."""
     out_f, in_f = weight.shape
     w = weight.detach().contiguous()
-    nz = (w != 0).view(out_f, -1, m)
-    need = (n - nz.sum(-1, keepdim=True)).clamp_min(0)
-    pad = ~nz & (torch.cumsum(~nz, -1, dtype=torch.int32) <= need)
-    keep = (nz | pad).view(out_f, in_f)
-    values = torch.where(pad.view(out_f, in_f), torch.zeros((), dtype=w.dtype), w)[keep].view(out_f, in_f * n // m)
-    kp = torch.zeros(out_f, padded_in(in_f), dtype=torch.int32)
-    kp[:, :in_f] = keep
-    bits = (kp.view(out_f, -1, CHUNK) << torch.arange(CHUNK, dtype=torch.int32)).sum(-1, dtype=torch.int32)
-    masks = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
-    return values.contiguous(), masks.contiguous()
+    values = torch.empty(out_f, in_f * n // m, dtype=w.dtype)
+    masks = torch.empty(out_f, padded_in(in_f) // CHUNK, dtype=torch.int16)
+    bad = np.zeros(out_f, dtype=np.int64)
+    if w.numel():
+        absmask, ity = (0x7FFF, np.int16) if w.dtype == torch.bfloat16 else (0x7FFF_FFFF, np.int32)
+        _numba_pool.run(pack_kernel.pack_rows, _flat_np(w).view(ity), in_f, n, m, absmask,
+                        _flat_np(values).view(ity), _flat_np(masks).view(np.uint16), bad)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        g, count = divmod(int(bad[r]) - 1, m + 1)
+        raise ValueError(f"weight {tuple(weight.shape)} is not {n}:{m} along in: row {r}, group {g} (columns "
+                         f"{g * m}..{g * m + m - 1}) has {count} non-zeros")
+    return values, masks
 
 
 def unpack(values: torch.Tensor, masks: torch.Tensor, n: int, m: int, in_features: int,

@@ -76,9 +76,9 @@ class NMLinear(nn.Module):
         self.register_buffer("values", torch.zeros(out_features, in_features * n // m, dtype=dtype))
         masks = torch.zeros(out_features, cpu_nm.padded_in(in_features) // cpu_nm.CHUNK, dtype=torch.int16)
         if in_features:  # a valid empty pattern: the first n columns of every group
-            first = torch.zeros(out_features, cpu_nm.padded_in(in_features), dtype=torch.float32)
-            first[:, :in_features].view(out_features, -1, m)[..., :n] = 1
-            masks = cpu_nm.pack(first[:, :in_features], n, m)[1]
+            keep = (torch.arange(cpu_nm.padded_in(in_features)) % m < n) & (torch.arange(cpu_nm.padded_in(in_features)) < in_features)
+            word = (keep.view(-1, cpu_nm.CHUNK).int() << torch.arange(cpu_nm.CHUNK)).sum(-1)
+            masks = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16).expand(out_features, -1).contiguous()
         self.register_buffer("masks", masks)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self._resolve()  # a forced kernel this CPU cannot run is an error now, not at the first call
@@ -97,17 +97,14 @@ class NMLinear(nn.Module):
         if reason:
             raise ValueError(f"{label}: {reason}")
         w = linear.weight.detach()
-        counts = cpu_nm.nonzero_counts(w, m)
-        if bool((counts > n).any()):
-            r, g = (int(i) for i in (counts > n).nonzero()[0])
-            raise ValueError(
-                f"{label} weight {tuple(w.shape)} is not {n}:{m} along in: row {r}, group {g} (columns "
-                f"{g * m}..{g * m + m - 1}) has {int(counts[r, g])} non-zeros; finalize an N:M model first "
-                "(nmsparse.sparsify + nmsparse.finalize, or nmsparse.prune)"
-            )
+        try:
+            values, masks = cpu_nm.pack(w, n, m)
+        except ValueError as err:
+            raise ValueError(f"{label} {err}; finalize an N:M model first (nmsparse.sparsify + nmsparse.finalize, "
+                             "or nmsparse.prune)") from None
         mod = cls(linear.in_features, linear.out_features, n, m, bias=linear.bias is not None, dtype=w.dtype,
                   crossover=crossover, cache_dense=cache_dense, kernel=kernel)
-        mod.values, mod.masks = cpu_nm.pack(w, n, m)
+        mod.values, mod.masks = values, masks
         if linear.bias is not None:
             mod.bias = linear.bias.detach().clone()
         return mod
