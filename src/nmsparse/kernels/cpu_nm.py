@@ -324,7 +324,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
     args = (vn, mn, xp.view(-1).numpy(), out_np, batch, rows, CHUNK * n // m, nchunks)
     if path == "avx2":
         serial, parallel = cpu_nm_avx2.drivers(n, m)
-        args = args + (cpu_nm_avx2.LUT,)
+        args = args + (cpu_nm_avx2.lut_for(n, m, values.dtype == torch.bfloat16),)
     elif path == "avx512":
         serial, parallel = _matmul_serial, _matmul_kernel
     else:

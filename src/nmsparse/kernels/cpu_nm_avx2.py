@@ -15,8 +15,12 @@ in ``values``:
    ``j`` is set, else lane 7, which is one of the zeros (``h <= 7``).
 
 That is the expanded half, bit for bit (NaN and inf included), then an FMA with the matching 8 entries
-of ``x``. Blocks of 4 output rows x up to 4 x rows, a prefetch 32 chunks ahead per row, and the driver
-(padding, threads) are those of the AVX-512 kernel (:func:`nmsparse.kernels.cpu_nm.nm_matmul` with
+of ``x``. bf16 chunks of at most 8 values (2:4, 4:8, 1:4, ...: ``h <= 4``) take a shorter route: one
+broadcast load of the chunk's values into both 128-bit lanes and one ``vpshufb`` per half, whose
+control (:func:`bf16_lut`, 16 KiB) moves each kept value into the upper two bytes of its fp32 lane and
+zeros everything else, so expanding and widening are one instruction. Blocks of 4 output rows x up
+to 4 x rows, a prefetch 2 KiB ahead per row, and the driver (padding, threads) are those of the
+AVX-512 kernel (:func:`nmsparse.kernels.cpu_nm.nm_matmul` with
 ``path="avx2"``). fp32 accumulation in 8 lanes: the sums differ from the AVX-512 kernel's by rounding.
 """
 
@@ -32,7 +36,7 @@ from numba.extending import intrinsic
 HALF = 8  # columns per mask byte / ymm register of fp32
 CHUNK = 16
 ROW_BLOCK = 4
-PREFETCH_CHUNKS = 32
+PREFETCH_BYTES = 2048  # software prefetch distance along each row of values (fp32 2:4: 64 chunks)
 SPLIT_TILE = 0  # tiles up to this many x rows keep separate accumulators per half (16 ymm: 0 avoids spills)
 
 _I64 = ir.IntType(64)
@@ -41,6 +45,7 @@ _I16 = ir.IntType(16)
 _F32 = ir.FloatType()
 _V8F = ir.VectorType(_F32, HALF)
 _V8I32 = ir.VectorType(_I32, HALF)
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
 
 
 def _make_lut() -> np.ndarray:
@@ -57,6 +62,37 @@ def _make_lut() -> np.ndarray:
 
 
 LUT = _make_lut()
+
+
+def bf16_lut(h: int) -> np.ndarray:
+    """``vpshufb`` controls for bf16 chunks of ``2h <= 8`` values (h per 8 columns), both halves:
+    ``[half * 256 + byte][32 bytes]``. Output fp32 lane ``j`` of a half with mask ``byte`` takes the
+    bf16 value ``half * h + rank`` into its upper two bytes (the fp32 of that bf16) when bit ``j`` is
+    set; every other byte is 0x80 (zero). Each 128-bit lane of the source holds all 2h values."""
+    ctl = np.full((2, 256, HALF, 4), 0x80, dtype=np.uint8)
+    for half in range(2):
+        for b in range(256):
+            rank = 0
+            for j in range(HALF):
+                if b >> j & 1:
+                    v = half * h + rank
+                    ctl[half, b, j, 2], ctl[half, b, j, 3] = 2 * v, 2 * v + 1
+                    rank += 1
+    return ctl.reshape(-1)
+
+
+_BF16_LUTS: dict[int, np.ndarray] = {}
+
+
+def lut_for(n: int, m: int, bf16: bool) -> np.ndarray:
+    """The table the kernel for n:m reads: :data:`LUT` (fp32, or bf16 with more than 4 values per 8
+    columns) or :func:`bf16_lut` (bf16 chunks of at most 8 values: one ``vpshufb`` expands and widens)."""
+    h = HALF * n // m
+    if not bf16 or h > 4:
+        return LUT
+    if h not in _BF16_LUTS:
+        _BF16_LUTS[h] = bf16_lut(h)
+    return _BF16_LUTS[h]
 
 
 def _data(context, builder, aty, arr):
@@ -83,6 +119,25 @@ def _half(builder, vd, lutd, index, byte, h: int, bf16: bool):
     return builder.call(perm, [v, idx])
 
 
+def _halves_shuffled(builder, vd, lutd, index, lo, hi, h: int):
+    """Both expanded fp32 halves of a bf16 chunk of 2h <= 8 values at ``vd[index]``: one broadcast load
+    of the chunk's values to both 128-bit lanes, one ``vpshufb`` per half (control ``lutd``, see
+    :func:`bf16_lut`), which places each kept value in the upper half of its fp32 lane and zeros elsewhere."""
+    vt = ir.VectorType(_I16, 2 * h)
+    v = builder.load(builder.bitcast(builder.gep(vd, [index]), vt.as_pointer()), align=2)
+    splat = [i if i < 2 * h else 2 * h for i in range(8)] * 2
+    v = builder.shuffle_vector(v, ir.Constant(vt, None), ir.Constant(ir.VectorType(_I32, 16), splat))
+    v8 = builder.bitcast(v, _V32I8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]), "llvm.x86.avx2.pshuf.b")
+    out = []
+    for half, byte in ((0, lo), (1, hi)):
+        row = builder.add(builder.zext(byte, _I64), ir.Constant(_I64, 256 * half))
+        cp = builder.gep(lutd, [builder.mul(row, ir.Constant(_I64, 32))])
+        ctl = builder.load(builder.bitcast(cp, _V32I8.as_pointer()), align=1)
+        out.append(builder.bitcast(builder.call(fn, [v8, ctl]), _V8F))
+    return out
+
+
 def _check(arr, what, dtypes):
     if not isinstance(arr, types.Array) or arr.ndim != 1 or arr.dtype not in dtypes:
         raise numba.core.errors.TypingError(f"{what} must be a 1-d array of {dtypes}, got {arr}")
@@ -102,8 +157,9 @@ def _avx2_block(typingctx, tile, h, vals, voff, vstride, masks, moff, nchunks, p
     _check(masks, "masks", (types.int16,))
     _check(x, "x", (types.float32,))
     _check(out, "out", (types.float32,))
-    _check(lut, "lut", (types.int32,))
     bf16 = vals.dtype == types.int16
+    shuffled = bf16 and hv <= 4  # the vpshufb form (bf16_lut); else vpermps (LUT)
+    _check(lut, "lut", (types.uint8,) if shuffled else (types.int32,))
     sig = types.void(tile, h, vals, types.intp, types.intp, masks, types.intp, types.intp, types.intp, x, types.intp,
                      types.intp, out, types.intp, types.intp, lut)
     split = tile_n <= SPLIT_TILE  # separate accumulators for the two halves: shorter FMA chains when few x rows
@@ -123,7 +179,7 @@ def _avx2_block(typingctx, tile, h, vals, voff, vstride, masks, moff, nchunks, p
         nacc = 2 if split else 1
         accs = [[[cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(nacc)]
                  for _ in range(tile_n)] for _ in range(rows)]
-        ahead = builder.mul(per, ir.Constant(_I64, PREFETCH_CHUNKS))
+        ahead = ir.Constant(_I64, PREFETCH_BYTES // (2 if bf16 else 4))  # elements: the same distance in bytes
         hconst = ir.Constant(_I64, hv)
         with cgutils.for_range(builder, nch) as loop:
             c = loop.index
@@ -139,14 +195,18 @@ def _avx2_block(typingctx, tile, h, vals, voff, vstride, masks, moff, nchunks, p
             for i in range(rows):
                 ci = ir.Constant(_I64, i)
                 vo = builder.add(builder.add(voff, builder.mul(vstride, ci)), builder.mul(c, per))
-                if PREFETCH_CHUNKS:
+                if PREFETCH_BYTES:
                     builder.call(pfetch, [builder.gep(vd, [builder.add(vo, ahead)]), ir.Constant(_I32, 0),
                                           ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
                 mk = builder.load(builder.gep(md, [builder.add(builder.add(moff, builder.mul(nch, ci)), c)]))
                 mk = builder.zext(mk, _I32)
                 lo = builder.and_(mk, ir.Constant(_I32, 0xFF))
                 hi = builder.lshr(mk, ir.Constant(_I32, HALF))
-                ws = (_half(builder, vd, ld, vo, lo, hv, bf16), _half(builder, vd, ld, builder.add(vo, hconst), hi, hv, bf16))
+                if shuffled:
+                    ws = _halves_shuffled(builder, vd, ld, vo, lo, hi, hv)
+                else:
+                    ws = (_half(builder, vd, ld, vo, lo, hv, bf16),
+                          _half(builder, vd, ld, builder.add(vo, hconst), hi, hv, bf16))
                 for j in range(tile_n):
                     for k in range(2):
                         a = accs[i][j][k if split else 0]
