@@ -25,8 +25,9 @@ reads 32 MiB of fp32 values + 2 MiB of masks = 53.1% of the dense 64 MiB (bf16: 
 
 The kernel (``nm_matmul``) works on blocks of 4 output rows x up to 4 input rows: for each 16-column
 chunk it loads the x rows' 16 entries once, expands each weight row's chunk straight from ``values``
-into a 16-lane vector under its 16-bit mask (one ``vexpandps`` on AVX-512 CPUs, LLVM's
-``llvm.masked.expandload``; other CPUs get LLVM's portable lowering of the same intrinsic), and
+into a 16-lane vector under its 16-bit mask (one ``vexpandps``, LLVM's ``llvm.masked.expandload``;
+on CPUs without AVX-512 LLVM lowers it to scalar code, so :mod:`nmsparse.kernels.cpu_select` never
+picks this kernel there: the AVX2 kernel of :mod:`nmsparse.kernels.cpu_nm_avx2` or dense run instead), and
 multiplies (FMA) every pair into its own accumulator; each weight row's values are prefetched 32
 chunks ahead. The weight is never decompressed in memory. ``bfloat16`` values are expanded as 16-bit
 lanes and widened to fp32 in registers (a shift), so bf16 reads half the value bytes of fp32;
