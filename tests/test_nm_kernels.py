@@ -197,6 +197,12 @@ def test_to_nm_linear_reports_kernel_and_crossover(monkeypatch):
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     rep = to_nm_linear(copy.deepcopy(ref), kernel="dense", min_weights=0)
     assert not rep.converted and rep.layers[0].reason == "dense forced (kernel='dense')"
+    rep = to_nm_linear(copy.deepcopy(ref).to(torch.bfloat16), min_weights=0)  # avx2 bf16: default crossover 0
+    assert not rep.converted and rep.layers[0].reason == (
+        "the avx2 kernel's default crossover for torch.bfloat16 is 0 (slower than dense at batch 1 where "
+        "measured); tune=True times it on this CPU, crossover= forces it")
+    rep = to_nm_linear(copy.deepcopy(ref).to(torch.bfloat16), min_weights=0, crossover=3)
+    assert [e.crossover for e in rep.converted] == [3, 3, 3]
 
 
 class FakeTimer:

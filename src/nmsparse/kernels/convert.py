@@ -192,6 +192,9 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
         if reason is None:
             choice = cpu_select.choose(lm, w.dtype, kernel)  # a forced kernel the CPU lacks: error, model untouched
             reason = choice.reason if choice.path == "dense" else None
+            if reason is None and not tune and crossover is None and not NMLinear.default_crossover[choice.path].get(w.dtype):
+                reason = (f"the {choice.path} kernel's default crossover for {w.dtype} is 0 (slower than dense at "
+                          "batch 1 where measured); tune=True times it on this CPU, crossover= forces it")
         if reason:
             e.reason = reason
             continue

@@ -44,10 +44,10 @@ class NMLinear(nn.Module):
 
     # Rows of input up to which the packed kernel runs when no measured crossover is set, per kernel and
     # values dtype (docs/inference.md): AVX-512 on a Sapphire Rapids (4096x4096: fp32 beats dense up to 24
-    # rows, bf16 up to 4); AVX2 measured with the haswell build on a znver5 (conservative: to_nm_linear
-    # measures each layer's own crossover unless told not to).
+    # rows, bf16 up to 4); AVX2 from the haswell build on a Zen 5 (fp32 wins up to 8 rows; bf16 lost at
+    # batch 1 on one thread, so 0: dense). to_nm_linear measures each layer's own unless told not to.
     default_crossover: dict = {"avx512": {torch.float32: 24, torch.bfloat16: 4},
-                               "avx2": {torch.float32: 8, torch.bfloat16: 2}, "dense": {}}
+                               "avx2": {torch.float32: 8, torch.bfloat16: 0}, "dense": {}}
 
     def __init__(self, in_features: int, out_features: int, n: int, m: int, *, bias: bool = True,
                  dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True,
