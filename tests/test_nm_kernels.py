@@ -24,6 +24,8 @@ HAS = {p: all(not cpu_select.missing(p, dt, HOST) for dt in cpu_nm.KERNEL_DTYPES
 RUNNABLE = [p for p in ("avx512", "avx2") if HAS[p]] + ["dense"]
 ALL_NM = [(n, m) for m in (2, 4, 8) for n in range(1, m)]
 
+NEEDS_KERNEL = pytest.mark.skipif(RUNNABLE == ["dense"], reason="this CPU has no N:M kernel")
+
 ZNVER3 = cpu_select.CpuInfo("znver3", frozenset({"avx", "avx2", "fma", "f16c", "bmi2"}))
 SKX = cpu_select.CpuInfo("skylake-avx512", frozenset({"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl"}))
 ICX = cpu_select.CpuInfo("icelake-server", SKX.features | {"avx512vbmi2"})
@@ -216,6 +218,7 @@ class FakeTimer:
         return 1.0 if kind == "dense" else 1.0 / self.speed.get(batch, 0.5)
 
 
+@NEEDS_KERNEL
 def test_measured_crossover_with_a_fake_timer(monkeypatch):
     tuning.clear_cache()
     model = pruned_mlp()
@@ -255,6 +258,7 @@ def test_measured_crossover_with_a_fake_timer(monkeypatch):
     tuning.clear_cache()
 
 
+@NEEDS_KERNEL
 def test_real_timing_is_cheap_and_cached():
     tuning.clear_cache()
     lin = pruned_mlp()[2]
@@ -265,11 +269,12 @@ def test_real_timing_is_cheap_and_cached():
     tuning.clear_cache()
 
 
+@NEEDS_KERNEL
 @pytest.mark.parametrize("dtype", cpu_nm.KERNEL_DTYPES)
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_torch_compile_equals_eager(dtype, mode):
     model = pruned_mlp(dtype)
-    to_nm_linear(model, min_weights=0)
+    to_nm_linear(model, min_weights=0, crossover=8)  # explicit: AVX2 bf16 would stay dense by default
     assert all(isinstance(m, NMLinear) for m in model[::2])
     ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
     torch._dynamo.reset()
@@ -280,6 +285,7 @@ def test_torch_compile_equals_eager(dtype, mode):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@NEEDS_KERNEL
 def test_torch_compile_backward_and_export():
     model = pruned_mlp()
     to_nm_linear(model, min_weights=0)
