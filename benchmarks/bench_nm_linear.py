@@ -9,13 +9,23 @@ the load average before each run (the machine may be shared). A weight of ``--si
 (fp32: 64 MiB at 4096) fits in a large L3 cache: that is the situation measured.
 
     python benchmarks/bench_nm_linear.py --markdown
+    python benchmarks/bench_nm_linear.py --markdown --kernel avx2            # the AVX2 kernel, this CPU's build
+    python benchmarks/bench_nm_linear.py --markdown --haswell                # built for haswell, torch at AVX2
+
+The kernel is the one ``NMLinear`` picks for this CPU (``--kernel`` forces one); "NMLinear (default)"
+uses ``NMLinear.default_crossover`` for that kernel (no timing at conversion). ``--haswell`` reruns the
+benchmark in a subprocess where numba compiles for an AVX2 + FMA CPU without AVX-512 and torch's
+ATen, MKL and oneDNN stop at AVX2 (:func:`nmsparse.kernels.cpu_select.haswell_env`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -23,23 +33,23 @@ import torch.nn.functional as F
 
 import nmsparse
 import timing
-from nmsparse.kernels import NMLinear
+from nmsparse.kernels import NMLinear, cpu_select
 
 CONFIGS = {"2:4-fp32": (2, 4, torch.float32), "4:8-fp32": (4, 8, torch.float32), "2:4-bf16": (2, 4, torch.bfloat16)}
 VARIANTS = ("kernel", "nmlinear", "no_cache")
 HEADERS = {"kernel": "packed kernel only", "nmlinear": "NMLinear (default)", "no_cache": "NMLinear cache_dense=False"}
 
 
-def layers(size: int, n: int, m: int, dtype: torch.dtype, variants=VARIANTS, seed: int = 0):
+def layers(size: int, n: int, m: int, dtype: torch.dtype, variants=VARIANTS, seed: int = 0, kernel=None):
     g = torch.Generator().manual_seed(seed)
     lin = torch.nn.Linear(size, size, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(size, size, generator=g))
         lin.weight.mul_(nmsparse.nm_mask(lin.weight, n, m))
     lin = lin.to(dtype)
-    make = {"kernel": lambda: NMLinear.from_linear(lin, n, m, crossover=1 << 30),
-            "nmlinear": lambda: NMLinear.from_linear(lin, n, m),
-            "no_cache": lambda: NMLinear.from_linear(lin, n, m, cache_dense=False)}
+    make = {"kernel": lambda: NMLinear.from_linear(lin, n, m, crossover=1 << 30, kernel=kernel),
+            "nmlinear": lambda: NMLinear.from_linear(lin, n, m, kernel=kernel),
+            "no_cache": lambda: NMLinear.from_linear(lin, n, m, cache_dense=False, kernel=kernel)}
     return lin.weight.detach(), {k: make[k]() for k in variants}
 
 
@@ -79,17 +89,27 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="which NMLinear variants to interleave with dense (fewer: a smaller working set in cache)")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    ap.add_argument("--kernel", default=None, help="auto (default), avx512, avx2, dense")
+    ap.add_argument("--haswell", action="store_true", help="rerun compiled for haswell (AVX2+FMA), torch at AVX2")
     timing.add_args(ap)
     args = ap.parse_args()
+    if args.haswell:
+        env = {**os.environ, **cpu_select.haswell_env()}
+        argv = [a for a in sys.argv[1:] if a != "--haswell"]
+        sys.exit(subprocess.run([sys.executable, __file__, *argv], env=env).returncode)
     clock = timing.setup(ap, args)
     batches = [int(b) for b in args.batches.split(",")]
     variants = tuple(args.variants.split(","))
     if not variants or any(v not in VARIANTS for v in variants):
         ap.error(f"--variants: choose from {','.join(VARIANTS)}")
-    print(f"size {args.size}, threads {args.threads}, clock {args.clock}, crossover by dtype {NMLinear.default_crossover}, runs {args.runs}")
+    cpu = cpu_select.host_cpu()
+    print(f"CPU {cpu.name} ({cpu.isa()}), torch ATen {torch.backends.cpu.get_cpu_capability()}, size {args.size}, "
+          f"threads {args.threads}, clock {args.clock}, runs {args.runs}")
     for name in args.configs.split(","):
         n, m, dtype = CONFIGS[name]
-        w, mods = layers(args.size, n, m, dtype, variants)
+        w, mods = layers(args.size, n, m, dtype, variants, kernel=args.kernel)
+        first = next(iter(mods.values()))
+        print(f"{name}: kernel {first.path}, default crossover {NMLinear.default_crossover[first.path].get(dtype, 0)}")
         runs, loads = [], []
         for r in range(args.runs):
             loads.append(timing.load())

@@ -18,6 +18,14 @@ from nmsparse.kernels import NMLinear, cpu_nm, to_nm_linear
 NMS = [(1, 4), (2, 4), (4, 8), (2, 8)]
 
 
+@pytest.fixture(autouse=True)
+def _no_timing(monkeypatch):
+    """Conversions here use the fixed defaults (no timing at conversion: fast, deterministic); the
+    timing itself is tested in test_nm_kernels.py."""
+    monkeypatch.setenv("NMSPARSE_NM_TUNE", "0")
+    monkeypatch.delenv("NMSPARSE_NM_KERNEL", raising=False)
+
+
 def nm_weight(out_f: int, in_f: int, n: int, m: int, dtype=torch.float32, seed: int = 0, sparser: bool = True):
     """A random N:M weight; with ``sparser`` some groups hold fewer than n non-zeros, one row is all zero."""
     g = torch.Generator().manual_seed(seed)
@@ -147,7 +155,9 @@ def test_fallback_above_crossover(cache):
         assert (mod._dense is not None) == (cache and batch > 3)
     mod.release_dense()
     assert mod._dense is None
-    assert NMLinear.from_linear(lin, 2, 4).crossover == NMLinear.default_crossover[torch.float32] == 24
+    fresh = NMLinear.from_linear(lin, 2, 4)
+    assert fresh.crossover == NMLinear.default_crossover[fresh.path].get(torch.float32, 0)
+    assert NMLinear.default_crossover["avx512"][torch.float32] == 24
     mod = mod.to(torch.bfloat16)  # the cache follows the values' dtype
     xb = torch.randn(5, 40).to(torch.bfloat16)
     assert mod(xb).dtype == torch.bfloat16

@@ -3,6 +3,10 @@
 N is the number of weights **kept** in every group of M consecutive weights along ``in``.
 
 * CPU inference: :class:`NMLinear` (packed weight, numba kernel), :func:`to_nm_linear` (module conversion).
+  Kernels: :mod:`~nmsparse.kernels.cpu_nm` (layout, packing, AVX-512 kernel), :mod:`~nmsparse.kernels.cpu_nm_avx2`
+  (AVX2+FMA kernel), :mod:`~nmsparse.kernels.cpu_select` (which one this CPU runs, overrides),
+  :mod:`~nmsparse.kernels.tune` (crossovers timed at conversion), :mod:`~nmsparse.kernels.nm_op`
+  (custom ops for ``torch.compile`` / ``torch.export``).
 * NVIDIA 2:4 semi-structured kernels for training and inference (CUDA; a CPU emulation for tests):
   :mod:`nmsparse.kernels.semi_structured`, :mod:`nmsparse.kernels.semi_structured_autograd`.
 """

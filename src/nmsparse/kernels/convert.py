@@ -6,21 +6,23 @@ N is the number of weights **kept** in every group of M consecutive weights alon
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmsparse.kernels import cpu_nm
+from nmsparse.kernels import cpu_nm, cpu_select, tune as tuning
 from nmsparse.kernels.nm_linear import NMLinear, unsupported_reason
 from nmsparse.nmmasks import check_nm
 
 AUTO_MAX_DENSITY = 0.75  # auto-detection converts n:m only when n/m <= this (else packing saves little)
-# Layers with fewer weights stay dense by default: such a weight (16 MiB in fp32) sits in the CPU's
-# caches, where dense BLAS is compute-bound and as fast as or faster than the packed kernel (measured
-# with benchmarks/bench_nm_shapes.py, docs/inference.md: 2 threads, 384x384 to 2048x1024 run at
-# 0.3-1.3x dense at 1-24 rows; 2048x2048 at 0.92-1.67x, 4096x4096 at 1.05-1.64x).
+# Without timing (tune=False), layers with fewer weights stay dense by default: such a weight (16 MiB in
+# fp32) sits in the CPU's caches, where dense BLAS is compute-bound and as fast as or faster than the
+# packed kernel (measured with benchmarks/bench_nm_shapes.py on a Sapphire Rapids, docs/inference.md:
+# 2 threads, 384x384 to 2048x1024 run at 0.3-1.3x dense at 1-24 rows; 4096x4096 at 1.05-1.64x).
 DEFAULT_MIN_WEIGHTS = 1 << 22
+TUNE_ENV = "NMSPARSE_NM_TUNE"  # "0": to_nm_linear's default is tune=False (reproducible runs, tests)
 
 
 @dataclasses.dataclass
@@ -35,6 +37,9 @@ class ConvertedLayer:
     reason: str = ""
     dense_bytes: int = 0
     packed_bytes: int = 0
+    kernel: str = ""
+    crossover: int | None = None
+    measured: dict | None = None  # batch -> dense_time / kernel_time, when timed at conversion
 
 
 @dataclasses.dataclass
@@ -59,8 +64,10 @@ class NMLinearReport:
         rows = [("layer", "type", "shape", "weight bytes", "NMLinear")]
         for e in self.layers:
             size = f"{e.dense_bytes} -> {e.packed_bytes}" if e.converted else str(e.dense_bytes)
+            how = f"packed {e.nm}, {e.kernel} kernel up to {e.crossover} rows" + (
+                " (measured)" if e.measured else "") + ", dense F.linear above"
             rows.append((e.name, e.kind, "x".join(map(str, e.shape)), size,
-                         f"packed {e.nm}" if e.converted else f"dense: {e.reason}"))
+                         how if e.converted else f"dense: {e.reason}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
         before = sum(e.dense_bytes for e in self.converted)
@@ -91,7 +98,8 @@ def _entry(name: str, mod: nn.Module) -> ConvertedLayer:
 
 def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *,
                  crossover: int | None = None, cache_dense: bool = True,
-                 min_weights: int = DEFAULT_MIN_WEIGHTS) -> NMLinearReport:
+                 min_weights: int | None = None, kernel: str | None = None,
+                 tune: bool | None = None) -> NMLinearReport:
     """Replace, in place, every finalized N:M ``nn.Linear`` of ``model`` by an :class:`NMLinear`.
 
     With ``n`` and ``m`` given (both or neither), a Linear converts when every group of m
@@ -102,13 +110,31 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
     still parametrized, not N:M, dtype other than float32/bfloat16, not on the CPU. Everything is
     checked before the model is touched. ``crossover`` and ``cache_dense`` go to every NMLinear.
 
-    ``min_weights``: a layer with fewer weights (``out * in``) stays dense, with that reason: small
-    weights live in the CPU caches, where dense BLAS is at least as fast as the kernel (default
-    ``2**22``, e.g. 2048x2048; ``min_weights=0`` converts them too, trading speed for 47% less weight
-    memory).
+    ``kernel``: which N:M kernel the layers run (:func:`nmsparse.kernels.cpu_select.choose`): ``"auto"``
+    (default, or ``$NMSPARSE_NM_KERNEL``) takes the AVX-512 kernel, else the AVX2+FMA one, else none:
+    then every layer stays dense with the reason ("no N:M kernel for this CPU (...)"). A forced kernel
+    the CPU cannot run natively is a ValueError.
+
+    ``tune`` (default True, or False when ``$NMSPARSE_NM_TUNE=0``): time each distinct layer shape's
+    kernel against dense ``F.linear`` at batches 1-32 (:mod:`nmsparse.kernels.tune`, a fraction of a
+    second per shape, cached per CPU, shape, dtype and thread count) and use the measured crossover; a
+    layer whose kernel loses already at batch 1 stays dense with that reason. ``tune=False`` (reproducible
+    runs): the conservative ``NMLinear.default_crossover`` per kernel and dtype. An explicit
+    ``crossover`` is used as given (no timing).
+
+    ``min_weights``: a layer with fewer weights (``out * in``) stays dense, with that reason. Default:
+    0 when timing (the timing decides), else ``2**22`` (e.g. 2048x2048: smaller weights sit in the CPU
+    caches, where dense BLAS is at least as fast as the kernel; ``min_weights=0`` converts them too,
+    trading speed for 47% less weight memory).
     """
+    if tune is None:
+        tune = os.environ.get(TUNE_ENV, "1") != "0"
+    tune = bool(tune) and crossover is None
+    if min_weights is None:
+        min_weights = 0 if tune else DEFAULT_MIN_WEIGHTS
     if isinstance(min_weights, bool) or not isinstance(min_weights, int) or min_weights < 0:
         raise ValueError(f"min_weights must be an integer >= 0 (weights per layer), got {min_weights!r}")
+    cpu_select.requested(kernel)
     if (n is None) != (m is None):
         raise ValueError(f"give both n and m (n kept per group of m) or neither, got n={n!r}, m={m!r}")
     if n is not None:
@@ -163,6 +189,12 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
             reason = (f"{w.numel()} weights < min_weights={min_weights}: a weight this small sits in the CPU "
                       "caches, where dense BLAS is as fast as the packed kernel (min_weights=0 converts it "
                       "anyway, for the memory)")
+        if reason is None:
+            choice = cpu_select.choose(lm, w.dtype, kernel)  # a forced kernel the CPU lacks: error, model untouched
+            reason = choice.reason if choice.path == "dense" else None
+            if reason is None and not tune and crossover is None and not NMLinear.default_crossover[choice.path].get(w.dtype):
+                reason = (f"the {choice.path} kernel's default crossover for {w.dtype} is 0 (slower than dense at "
+                          "batch 1 where measured); tune=True times it on this CPU, crossover= forces it")
         if reason:
             e.reason = reason
             continue
@@ -171,14 +203,27 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
     if any(not e.name for e, *_ in plan):
         raise ValueError("to_nm_linear cannot replace the model itself (an nn.Linear); wrap it in a container "
                          "(nn.Sequential(linear)) or use NMLinear.from_linear")
-    modules = dict(model.named_modules())
+    built = []
     for e, mod, parent, child, ln, lm in plan:
-        new = NMLinear.from_linear(mod, ln, lm, name=e.name, crossover=crossover, cache_dense=cache_dense)
+        new = NMLinear.from_linear(mod, ln, lm, name=e.name, crossover=crossover, cache_dense=cache_dense,
+                                   kernel=kernel)
+        if tune:
+            meas = tuning.measure(mod.weight.detach(), new)
+            e.measured = dict(meas.ratios)
+            if meas.crossover == 0:
+                e.reason = tuning.dense_reason(tuple(mod.weight.shape), mod.weight.dtype, new.path, meas)
+                continue
+            new.set_measured_crossover(new.path, new.values.dtype, meas.crossover)
+        built.append((e, mod, parent, child, ln, lm, new))
+    modules = dict(model.named_modules())
+    for e, mod, parent, child, ln, lm, new in built:
         new.train(mod.training)
         setattr(modules[parent], child, new)
-        e.converted, e.nm = True, f"{ln}:{lm}"
+        e.converted, e.nm, e.kernel, e.crossover = True, f"{ln}:{lm}", new.path, new.crossover
         e.packed_bytes = sum(t.numel() * t.element_size() for t in (new.values, new.masks))
-    settings = {"n": n, "m": m, "crossover": crossover if crossover is not None else "by dtype",
-                "cache_dense": cache_dense, "min_weights": min_weights}
+    cpu = cpu_select.host_cpu()
+    settings = {"n": n, "m": m, "crossover": crossover if crossover is not None else ("measured" if tune else "by kernel and dtype"),
+                "cache_dense": cache_dense, "min_weights": min_weights, "kernel": cpu_select.requested(kernel),
+                "tune": tune, "cpu": cpu.name, "isa": cpu.isa(), "threads": torch.get_num_threads()}
     return NMLinearReport(entries, settings)
 

@@ -25,8 +25,9 @@ reads 32 MiB of fp32 values + 2 MiB of masks = 53.1% of the dense 64 MiB (bf16: 
 
 The kernel (``nm_matmul``) works on blocks of 4 output rows x up to 4 input rows: for each 16-column
 chunk it loads the x rows' 16 entries once, expands each weight row's chunk straight from ``values``
-into a 16-lane vector under its 16-bit mask (one ``vexpandps`` on AVX-512 CPUs, LLVM's
-``llvm.masked.expandload``; other CPUs get LLVM's portable lowering of the same intrinsic), and
+into a 16-lane vector under its 16-bit mask (one ``vexpandps``, LLVM's ``llvm.masked.expandload``;
+on CPUs without AVX-512 LLVM lowers it to scalar code, so :mod:`nmsparse.kernels.cpu_select` never
+picks this kernel there: the AVX2 kernel of :mod:`nmsparse.kernels.cpu_nm_avx2` or dense run instead), and
 multiplies (FMA) every pair into its own accumulator; each weight row's values are prefetched 32
 chunks ahead. The weight is never decompressed in memory. ``bfloat16`` values are expanded as 16-bit
 lanes and widened to fp32 in registers (a shift), so bf16 reads half the value bytes of fp32;
@@ -44,6 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nmsparse import _numba_pool
+from nmsparse.kernels import cpu_nm_avx2, cpu_select, pack_kernel
 
 CHUNK = 16  # columns per mask word
 KERNEL_M = (2, 4, 8, 16)  # group sizes whose groups never straddle a 16-column chunk
@@ -249,31 +251,40 @@ def nonzero_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack a 2-d N:M weight ``(out, in)`` (groups of m along ``in``) into ``(values, masks)`` (see the
-    module docstring). The caller has checked the shape and that no group holds more than n non-zeros."""
+    """Pack a 2-d N:M weight ``(out, in)`` (groups of m along ``in``, float32 or bfloat16) into
+    ``(values, masks)`` (see the module docstring), in one compiled pass. ValueError (naming the first
+    offending row and group) when a group holds more than n non-zeros."""
     out_f, in_f = weight.shape
     w = weight.detach().contiguous()
-    nz = (w != 0).view(out_f, -1, m)
-    need = (n - nz.sum(-1, keepdim=True)).clamp_min(0)
-    pad = ~nz & (torch.cumsum(~nz, -1, dtype=torch.int32) <= need)
-    keep = (nz | pad).view(out_f, in_f)
-    values = torch.where(pad.view(out_f, in_f), torch.zeros((), dtype=w.dtype), w)[keep].view(out_f, in_f * n // m)
-    kp = torch.zeros(out_f, padded_in(in_f), dtype=torch.int32)
-    kp[:, :in_f] = keep
-    bits = (kp.view(out_f, -1, CHUNK) << torch.arange(CHUNK, dtype=torch.int32)).sum(-1, dtype=torch.int32)
-    masks = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
-    return values.contiguous(), masks.contiguous()
+    values = torch.empty(out_f, in_f * n // m, dtype=w.dtype)
+    masks = torch.empty(out_f, padded_in(in_f) // CHUNK, dtype=torch.int16)
+    bad = np.zeros(out_f, dtype=np.int64)
+    if w.numel():
+        absmask, ity = (0x7FFF, np.int16) if w.dtype == torch.bfloat16 else (0x7FFF_FFFF, np.int32)
+        _numba_pool.run(pack_kernel.pack_rows, _flat_np(w).view(ity), in_f, n, m, absmask,
+                        _flat_np(values).view(ity), _flat_np(masks).view(np.uint16), bad)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        g, count = divmod(int(bad[r]) - 1, m + 1)
+        raise ValueError(f"weight {tuple(weight.shape)} is not {n}:{m} along in: row {r}, group {g} (columns "
+                         f"{g * m}..{g * m + m - 1}) has {count} non-zeros")
+    return values, masks
 
 
 def unpack(values: torch.Tensor, masks: torch.Tensor, n: int, m: int, in_features: int,
-           padded: bool = False) -> torch.Tensor:
+           padded: bool = False, expand: bool | None = None) -> torch.Tensor:
     """The dense ``(out, in)`` weight of a packed one (``(out, padded_in(in))`` with ``padded=True``:
-    zero columns past ``in``), in ``values``' dtype."""
+    zero columns past ``in``), in ``values``' dtype.
+
+    ``expand``: use the ``expandload`` kernel (fast with AVX-512, scalar elsewhere) or plain loops
+    that every CPU compiles well; default: ``expandload`` only where the CPU has the AVX-512 kernel."""
     rows, nchunks = masks.shape
     out = torch.empty(rows, nchunks * CHUNK, dtype=values.dtype)
+    if expand is None:
+        expand = not cpu_select.missing("avx512", values.dtype, cpu_select.host_cpu())
     if out.numel():
-        _numba_pool.run(_unpack_kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows,
-                    CHUNK * n // m, nchunks)
+        kernel = _unpack_kernel if expand else cpu_nm_avx2.unpack_portable
+        _numba_pool.run(kernel, _flat_np(values), _flat_np(masks), _flat_np(out), rows, CHUNK * n // m, nchunks)
     return out if padded or out.shape[1] == in_features else out[:, :in_features].contiguous()
 
 
@@ -281,8 +292,13 @@ SERIAL_WORK = 1 << 16  # batch * rows * chunks up to which the product runs on t
 
 
 def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int, m: int,
-              in_features: int, arrays: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+              in_features: int, arrays: tuple[np.ndarray, np.ndarray] | None = None,
+              path: str = "avx512") -> torch.Tensor:
     """``x @ W.T`` for a 2-d fp32 ``x`` ``(batch, in)`` and a packed weight, as fp32 ``(batch, out)``.
+
+    ``path``: ``"avx512"`` (this module's ``expandload`` kernel) or ``"avx2"``
+    (:mod:`nmsparse.kernels.cpu_nm_avx2`, m in 2, 4, 8); :mod:`nmsparse.kernels.cpu_select` says
+    which one the CPU runs natively (the caller's job: this function runs what it is told).
 
     ``arrays``: ``(values, masks)`` already flattened to numpy by :func:`packed_arrays` (a layer called
     many times keeps them, saving two conversions per call). Products of at most ``SERIAL_WORK``
@@ -298,7 +314,7 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
         pv = torch.zeros(ROW_BLOCK, values.shape[1], dtype=values.dtype)
         pm = torch.zeros(ROW_BLOCK, nchunks, dtype=torch.int16)
         pv[:rows], pm[:rows] = values, masks
-        return nm_matmul(x, pv, pm, n, m, in_features)[:, :rows].clone()
+        return nm_matmul(x, pv, pm, n, m, in_features, path=path)[:, :rows].clone()
     pin = nchunks * CHUNK
     if pin != in_features:
         xp = torch.zeros(batch, pin, dtype=torch.float32)
@@ -307,10 +323,17 @@ def nm_matmul(x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor, n: int
         xp = x.contiguous()
     vn, mn = arrays if arrays is not None else packed_arrays(values, masks)
     args = (vn, mn, xp.view(-1).numpy(), out_np, batch, rows, CHUNK * n // m, nchunks)
-    if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
-        _matmul_serial(*args)
+    if path == "avx2":
+        serial, parallel = cpu_nm_avx2.drivers(n, m)
+        args = args + (cpu_nm_avx2.lut_for(n, m, values.dtype == torch.bfloat16),)
+    elif path == "avx512":
+        serial, parallel = _matmul_serial, _matmul_kernel
     else:
-        _numba_pool.run(_matmul_kernel, *args)
+        raise ValueError(f"nm_matmul: path must be 'avx512' or 'avx2', got {path!r}")
+    if batch * rows * nchunks <= SERIAL_WORK or torch.get_num_threads() == 1:
+        serial(*args)
+    else:
+        _numba_pool.run(parallel, *args)
     return out
 
 

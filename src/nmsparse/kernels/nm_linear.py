@@ -15,9 +15,14 @@ decompresses on every large call and never holds the dense weight: decompressing
 about two dense batch-1 products, so mid-size batches are then markedly slower than dense (see
 ``docs/inference.md``).
 
+The kernel is chosen per CPU (:mod:`nmsparse.kernels.cpu_select`): AVX-512, AVX2+FMA, or none, when
+the layer decompresses its weight once and runs ``F.linear`` at every batch (``path == "dense"``).
+
 Inference layer: the packed weight and bias are buffers and get no gradient, but gradients flow to
 the input (backward multiplies by the decompressed weight), so the layer works with or without
-``torch.no_grad()``.
+``torch.no_grad()``. Under ``torch.compile`` / ``torch.export`` the kernel is the custom op
+``torch.ops.nmsparse.nm_linear`` (:mod:`nmsparse.kernels.nm_op`); there the fallback decompresses on
+every call (no cache inside a graph).
 """
 
 from __future__ import annotations
@@ -26,23 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmsparse.kernels import cpu_nm
+from nmsparse.kernels import cpu_nm, cpu_select, nm_op
 from nmsparse.nmmasks import check_nm
-
-
-class _PackedMatmul(torch.autograd.Function):
-    """fp32 ``x @ W.T`` with the packed weight; backward gives the input gradient only."""
-
-    @staticmethod
-    def forward(ctx, x2d, values, masks, n, m, in_features, arrays):  # type: ignore[override]
-        ctx.packed = (values, masks, n, m, in_features)
-        return cpu_nm.nm_matmul(x2d, values, masks, n, m, in_features, arrays)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        values, masks, n, m, in_features = ctx.packed
-        w = cpu_nm.unpack(values, masks, n, m, in_features).float()
-        return grad_out @ w, None, None, None, None, None, None
 
 
 class NMLinear(nn.Module):
@@ -52,16 +42,20 @@ class NMLinear(nn.Module):
     the values (float32 or bfloat16); output ``(..., out_features)`` in the same dtype.
     """
 
-    # Rows of input up to which the packed kernel runs, per values dtype (measured with
-    # benchmarks/bench_nm_linear.py on 4096x4096, docs/inference.md: fp32 beats dense up to 24 rows and
-    # is even at 32; bf16 beats dense up to 4 rows and loses from 5, where oneDNN's bf16 matmul is fast).
-    default_crossover: dict = {torch.float32: 24, torch.bfloat16: 4}
+    # Rows of input up to which the packed kernel runs when no measured crossover is set, per kernel and
+    # values dtype (docs/inference.md): AVX-512 on a Sapphire Rapids (4096x4096: fp32 beats dense up to 24
+    # rows, bf16 up to 4); AVX2 from the haswell build on a Zen 5 (fp32 wins up to 8 rows; bf16 lost at
+    # batch 1 on one thread, so 0: dense). to_nm_linear measures each layer's own unless told not to.
+    default_crossover: dict = {"avx512": {torch.float32: 24, torch.bfloat16: 4},
+                               "avx2": {torch.float32: 8, torch.bfloat16: 0}, "dense": {}}
 
     def __init__(self, in_features: int, out_features: int, n: int, m: int, *, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True):
+                 dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True,
+                 kernel: str | None = None):
         super().__init__()
         n, m = check_nm(n, m)
         cpu_nm.check_kernel_nm(n, m)
+        cpu_select.requested(kernel)  # a bad name is an error here
         if dtype not in cpu_nm.KERNEL_DTYPES:
             raise ValueError(f"NMLinear stores float32 or bfloat16 weights, got dtype {dtype}")
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -73,24 +67,28 @@ class NMLinear(nn.Module):
             raise ValueError(f"crossover must be an integer >= 0 (rows of input handled by the kernel), got {crossover!r}")
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         self._crossover = crossover
+        self.kernel = kernel
+        self._tuned: tuple | None = None  # (path, dtype, crossover) measured by to_nm_linear
+        self._path: tuple | None = None  # (dtype, path) of the last resolution
         self.cache_dense = bool(cache_dense)
         self._dense: tuple[tuple, torch.Tensor] | None = None
         self._arrays: tuple | None = None  # the kernel's numpy views of values/masks (and what they view)
         self.register_buffer("values", torch.zeros(out_features, in_features * n // m, dtype=dtype))
         masks = torch.zeros(out_features, cpu_nm.padded_in(in_features) // cpu_nm.CHUNK, dtype=torch.int16)
         if in_features:  # a valid empty pattern: the first n columns of every group
-            first = torch.zeros(out_features, cpu_nm.padded_in(in_features), dtype=torch.float32)
-            first[:, :in_features].view(out_features, -1, m)[..., :n] = 1
-            masks = cpu_nm.pack(first[:, :in_features], n, m)[1]
+            keep = (torch.arange(cpu_nm.padded_in(in_features)) % m < n) & (torch.arange(cpu_nm.padded_in(in_features)) < in_features)
+            word = (keep.view(-1, cpu_nm.CHUNK).int() << torch.arange(cpu_nm.CHUNK)).sum(-1)
+            masks = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16).expand(out_features, -1).contiguous()
         self.register_buffer("masks", masks)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self._resolve()  # a forced kernel this CPU cannot run is an error now, not at the first call
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, n: int, m: int, *, name: str = "", crossover: int | None = None,
-                    cache_dense: bool = True) -> "NMLinear":
+                    cache_dense: bool = True, kernel: str | None = None) -> "NMLinear":
         """Pack a finalized N:M ``nn.Linear`` (at most n non-zeros in every group of m along ``in``).
 
-        ``name`` only labels errors. Raises ``ValueError`` (naming the layer and shape) when the layer
+        ``name`` only labels errors; ``kernel``: see :func:`nmsparse.kernels.cpu_select.choose`. Raises ``ValueError`` (naming the layer and shape) when the layer
         is not a CPU float32/bfloat16 ``nn.Linear``, n:m is not supported by the kernel (m in 2, 4, 8,
         16), ``in`` is not a multiple of m, or a group holds more than n non-zeros.
         """
@@ -99,17 +97,14 @@ class NMLinear(nn.Module):
         if reason:
             raise ValueError(f"{label}: {reason}")
         w = linear.weight.detach()
-        counts = cpu_nm.nonzero_counts(w, m)
-        if bool((counts > n).any()):
-            r, g = (int(i) for i in (counts > n).nonzero()[0])
-            raise ValueError(
-                f"{label} weight {tuple(w.shape)} is not {n}:{m} along in: row {r}, group {g} (columns "
-                f"{g * m}..{g * m + m - 1}) has {int(counts[r, g])} non-zeros; finalize an N:M model first "
-                "(nmsparse.sparsify + nmsparse.finalize, or nmsparse.prune)"
-            )
+        try:
+            values, masks = cpu_nm.pack(w, n, m)
+        except ValueError as err:
+            raise ValueError(f"{label} {err}; finalize an N:M model first (nmsparse.sparsify + nmsparse.finalize, "
+                             "or nmsparse.prune)") from None
         mod = cls(linear.in_features, linear.out_features, n, m, bias=linear.bias is not None, dtype=w.dtype,
-                  crossover=crossover, cache_dense=cache_dense)
-        mod.values, mod.masks = cpu_nm.pack(w, n, m)
+                  crossover=crossover, cache_dense=cache_dense, kernel=kernel)
+        mod.values, mod.masks = values, masks
         if linear.bias is not None:
             mod.bias = linear.bias.detach().clone()
         return mod
@@ -118,12 +113,37 @@ class NMLinear(nn.Module):
         """The decompressed ``(out, in)`` weight, in the values' dtype (zeros at pruned positions)."""
         return cpu_nm.unpack(self.values, self.masks, self.n, self.m, self.in_features)
 
+    def _resolve(self) -> str:
+        dtype = self.values.dtype
+        if dtype not in cpu_nm.KERNEL_DTYPES:
+            return "dense"  # forward refuses such a layer with its own error
+        path = cpu_select.choose(self.m, dtype, self.kernel).path
+        self._path = (dtype, path)
+        return path
+
+    @property
+    def path(self) -> str:
+        """The kernel this layer runs on this CPU: ``"avx512"``, ``"avx2"`` or ``"dense"`` (no N:M
+        kernel: decompressed weight and ``F.linear`` at every batch)."""
+        p = self._path
+        return p[1] if p is not None and p[0] is self.values.dtype else self._resolve()
+
     @property
     def crossover(self) -> int:
-        """Rows of input up to which the kernel runs (the constructor's value, else by dtype)."""
+        """Rows of input up to which the kernel runs: the constructor's value, else the one
+        ``to_nm_linear`` measured for this kernel and dtype, else ``default_crossover``; 0 for dense."""
+        path, dtype = self.path, self.values.dtype
+        if path == "dense":
+            return 0
         if self._crossover is not None:
             return self._crossover
-        return self.default_crossover.get(self.values.dtype, 0)
+        if self._tuned is not None and self._tuned[:2] == (path, dtype):
+            return self._tuned[2]
+        return self.default_crossover[path].get(dtype, 0)
+
+    def set_measured_crossover(self, path: str, dtype: torch.dtype, crossover: int) -> None:
+        """Use ``crossover`` (measured for ``path`` and ``dtype``) while the layer runs that kernel and dtype."""
+        self._tuned = (path, dtype, int(crossover))
 
     def release_dense(self) -> None:
         """Drop the cached decompressed weight (``cache_dense``); the next large batch rebuilds it."""
@@ -157,18 +177,19 @@ class NMLinear(nn.Module):
         if not (type(x) is torch.Tensor and x.dtype is dtype and x.dim() > 0 and x.shape[-1] == self.in_features
                 and dtype in cpu_nm.KERNEL_DTYPES and x.device.type == "cpu" and values.device.type == "cpu"):
             self._check_input(x)
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.shape[0] > self.crossover:
+        p = self._path
+        path = p[1] if p is not None and p[0] is dtype else self._resolve()
+        compiling = torch.compiler.is_compiling()
+        if x.shape[:-1].numel() > self.crossover:
+            if compiling:
+                w = torch.ops.nmsparse.nm_unpack(values, self.masks, self.n, self.m, self.in_features)
+                return F.linear(x, w, self.bias)
             return F.linear(x, self._fallback_weight(), self.bias)
-        x2d = x2d.float()
-        if torch.is_grad_enabled() and x2d.requires_grad:
-            y = _PackedMatmul.apply(x2d, values, self.masks, self.n, self.m, self.in_features, self._kernel_arrays())
-        else:  # inference: no autograd node to build
-            y = cpu_nm.nm_matmul(x2d, values, self.masks, self.n, self.m, self.in_features, self._kernel_arrays())
-        if self.bias is not None:
-            y = y.add_(self.bias) if dtype is torch.float32 else y + self.bias.float()
-        return y.to(dtype).reshape(*lead, self.out_features)
+        if compiling or (torch.is_grad_enabled() and x.requires_grad):  # the custom op (autograd, graphs)
+            return torch.ops.nmsparse.nm_linear(x, values, self.masks, self.bias, self.n, self.m, self.in_features,
+                                                path)
+        return nm_op.linear_impl(x, values, self.masks, self.bias, self.n, self.m, self.in_features, path,
+                                 self._kernel_arrays())
 
     def _check_input(self, x) -> None:
         """One clear error for an input (or a layer state) the kernel cannot run."""
@@ -197,8 +218,8 @@ class NMLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, m={self.m}, "
-                f"bias={self.bias is not None}, dtype={self.values.dtype}, crossover={self.crossover}, "
-                f"cache_dense={self.cache_dense}")
+                f"bias={self.bias is not None}, dtype={self.values.dtype}, kernel={self.path}, "
+                f"crossover={self.crossover}, cache_dense={self.cache_dense}")
 
 
 def _buffer_key(*tensors: torch.Tensor) -> tuple:
