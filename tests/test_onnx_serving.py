@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmsparse
+from nmsparse import checksum
 from nmsparse.cli import main
 from nmsparse.export import export_onnx
 from nmsparse.training.models import build_model
@@ -309,7 +310,8 @@ def ckpt(tmp_path_factory):
     model = build_model("mlp")
     nmsparse.prune(model, 2, 4, method="magnitude")
     meta = {"config": json.dumps({"model": "mlp", "data": "fashion-mnist", "nm": "2:4", "layout": "channels"})}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "final.safetensors"), metadata=meta)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "final.safetensors"), metadata=checksum.sign(state, meta))  # as 'nmsparse train' writes it
     return d / "final.safetensors", model.eval()
 
 
