@@ -239,8 +239,12 @@ def test_forward_errors():
     mod = NMLinear.from_linear(layer(nm_weight(5, 16, 2, 4)), 2, 4)
     with pytest.raises(ValueError, match=r"expects input \(\.\.\., 16\), got \(2, 12\)"):
         mod(torch.randn(2, 12))
-    with pytest.raises(ValueError, match="holds torch.float32 weights but got a torch.bfloat16 input"):
+    with pytest.raises(ValueError, match=r"holds torch.float32 weights but got a torch.bfloat16 input; convert the "
+                                         r"input \(x.to\(torch.float32\)\) or the layer \(.to\(torch.bfloat16\)\)$"):
         mod(torch.randn(2, 16).to(torch.bfloat16))
+    # float64 input: only converting the input helps (a float64 layer cannot run), so only that is suggested
+    with pytest.raises(ValueError, match=r"got a torch.float64 input; convert the input \(x.to\(torch.float32\)\)$"):
+        mod(torch.randn(2, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="this one holds torch.float16; convert it"):
         mod.half()(torch.randn(2, 16).half())
 

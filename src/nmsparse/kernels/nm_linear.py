@@ -201,8 +201,9 @@ class NMLinear(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"NMLinear expects input (..., {self.in_features}), got {shape}")
         if x.dtype != dtype:
+            layer = f" or the layer (.to({x.dtype}))" if x.dtype in cpu_nm.KERNEL_DTYPES else ""
             raise ValueError(f"NMLinear holds {dtype} weights but got a {x.dtype} input; convert the input "
-                             f"(x.to({dtype})) or the layer (.to({x.dtype}))")
+                             f"(x.to({dtype})){layer}")
         if x.device.type != "cpu" or self.values.device.type != "cpu":
             raise ValueError(f"NMLinear runs on the CPU; got input on {x.device}, weights on {self.values.device}")
 
