@@ -177,6 +177,43 @@ def test_onnx_file(tmp_path):
     assert r.other_params == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_onnx_file_low_precision(tmp_path, dtype):
+    """bf16 (what export --dtype bf16 writes) and float8 initializers: ml_dtypes arrays in onnx."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    w = _nm(8, 16, 2, 4).T.contiguous().to(dtype)
+    kind = {torch.bfloat16: TensorProto.BFLOAT16, torch.float16: TensorProto.FLOAT16,
+            torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}[dtype]
+    init = helper.make_tensor("W", kind, list(w.shape), w.view(torch.uint8).numpy().tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", kind, [1, 16])],
+                              [helper.make_tensor_value_info("y", kind, [1, 8])], [init])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    t = _by_name(inspect(tmp_path / "m.onnx"))["W"]
+    assert t.dtype == str(dtype).replace("torch.", "") and t.axis == 0 and t.pattern == "2:4"
+
+
+def test_onnx_external_data(tmp_path, capsys):
+    """Initializers in a .data file are read one at a time; a missing .data file is one line naming it."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = _nm(8, 16, 2, 4).T.contiguous()
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(w.numpy(), "W")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    assert _by_name(inspect(tmp_path / "m.onnx"))["W"].pattern == "2:4"
+    (tmp_path / "m.onnx.data").unlink()
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "initializer 'W' cannot be read" in err and "m.onnx.data" in err
+
+
 def test_cli_table_and_json(tmp_path, capsys):
     save_file(_model().state_dict(), str(tmp_path / "m.safetensors"))
     assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0

@@ -39,9 +39,16 @@ class InitializerCheck:
     nodes: tuple[str, ...] = ()  # the ONNX nodes that reduce over it (Conv/Gemm/MatMul), by name
 
 
+# ml_dtypes types (no numpy equivalent) that onnx's numpy_helper returns -> (numpy view, torch dtype)
+_ML_DTYPES = {"bfloat16": (np.uint16, torch.bfloat16), "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
+              "float8_e5m2": (np.uint8, torch.float8_e5m2)}
+
+
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    if arr.dtype.name == "bfloat16":  # ml_dtypes bfloat16, no numpy equivalent
-        return torch.from_numpy(np.array(arr, copy=True).view(np.uint16)).view(torch.bfloat16)
+    """A copy of an initializer's array as a torch tensor (bfloat16 and float8 included)."""
+    special = _ML_DTYPES.get(arr.dtype.name)
+    if special is not None:
+        return torch.from_numpy(np.array(arr, copy=True).view(special[0])).view(special[1])
     return torch.from_numpy(np.array(arr, copy=True))
 
 

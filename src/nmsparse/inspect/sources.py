@@ -145,17 +145,17 @@ def onnx_file(path: Path) -> Iterator[Item]:
         from onnx import numpy_helper
     except ImportError:
         raise LoadError(path, "reading ONNX needs the onnx package (pip install 'nmsparse[onnx]')") from None
-    from nmsparse.export.onnx_check import _reduction_uses
+    from nmsparse.export.onnx_check import _reduction_uses, _to_torch
 
-    try:
-        model = onnx.load(str(path))
+    try:  # the graph only: external data is read one initializer at a time below
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
         raise LoadError(path, f"is not a readable ONNX model ({type(e).__name__})") from None
     uses = _reduction_uses(model.graph)
     for init in sorted(model.graph.initializer, key=lambda i: i.name):
         try:
-            t = torch.from_numpy(numpy_helper.to_array(init, base_dir=str(path.parent)).copy())
-        except Exception as e:  # noqa: BLE001 - missing external data, bad raw bytes
+            t = _to_torch(numpy_helper.to_array(init, base_dir=str(path.parent)))
+        except Exception as e:  # noqa: BLE001 - missing external data, bad raw bytes, a dtype torch lacks
             raise LoadError(path, f"initializer {init.name!r} cannot be read ({type(e).__name__}: {e})") from None
         axes = [a for _, a, _ in uses.get(init.name, []) if a is not None]
         yield init.name, t, (axes[0] if axes and t.dim() >= 2 else None), uses[init.name][0][0] if axes else ""
