@@ -268,6 +268,21 @@ def test_damaged_compressed_tensors_folder(tmp_path, capsys):
     assert err.count("\n") == 1 and "model.layers.0.mlp.up_proj.bitmask sets 4 of the 4 bits" in err
 
 
+def test_compressed_tensors_folder_missing_part(tmp_path, capsys):
+    import shutil
+
+    from safetensors import safe_open
+
+    d = tmp_path / "f"
+    shutil.copytree(FIX / "llama_bf16", d)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.0.mlp.up_proj.bitmask"}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'model.layers.0.mlp.up_proj.bitmask' is missing" in err
+
+
 def test_command_line_entry_point(tmp_path):
     save_file(_model().state_dict(), str(tmp_path / "m.safetensors"))
     r = subprocess.run([sys.executable, "-m", "nmsparse", "inspect", str(tmp_path / "nope")], capture_output=True,

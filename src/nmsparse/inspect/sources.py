@@ -66,6 +66,10 @@ def compressed_tensors_folder(path: Path) -> Iterator[Item]:
     for name in sorted(set(entries) - parts | {f"{m}.weight" for m in mods}):
         mod = name[: -len(".weight")]
         if mod in mods:
+            missing = [f"{mod}.{s}" for s in bitmask.SUFFIXES if f"{mod}.{s}" not in entries]
+            if missing:
+                raise LoadError(path, f"tensor {missing[0]!r} is missing: '{mod}.compressed' needs {mod}.bitmask "
+                                      f"and {mod}.shape beside it")
             got = {s: read_tensor(entries[f"{mod}.{s}"], f"{mod}.{s}") for s in bitmask.SUFFIXES}
             try:
                 t = bitmask.decompress24(got["compressed"], got["bitmask"], got["shape"], mod)
