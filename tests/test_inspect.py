@@ -48,6 +48,7 @@ def test_finest_pattern_matches_brute_force(nm, rows, groups, seed, extra_zeros)
     assert ref is not None and (p.n / p.m, p.m, p.n) == ref
     assert p.n / p.m <= n / m and is_nm(t, p.n, p.m, dim=1) and p.label == f"{p.n}:{p.m}"
     assert math.isclose(p.zeros, int((t == 0).sum()) / t.numel())
+    assert p.two_four == is_nm(t, 2, 4, dim=1)  # 2:8, 1:8, 2:16... are 2:4 too
 
 
 def test_named_patterns():
@@ -84,6 +85,17 @@ def _model():
 
 def _by_name(report):
     return {t.name: t for t in report.tensors}
+
+
+def test_summary_counts_finer_patterns_that_are_2_4(tmp_path):
+    """A 2:8 weight is reported as 2:8 and it runs on 2:4 kernels; a 4:8 one does not."""
+    w28, w48 = _nm(32, 16, 2, 8, seed=1), _nm(32, 16, 4, 8, seed=2)
+    save_file({"a.weight": w28, "b.weight": w48}, str(tmp_path / "m.safetensors"))
+    r = inspect(tmp_path / "m.safetensors")
+    t = _by_name(r)
+    assert t["a.weight"].pattern == "2:8" and t["a.weight"].two_four
+    assert t["b.weight"].pattern == "4:8" and not t["b.weight"].two_four
+    assert r.summary().endswith("; 50.0% can run on 2:4 kernels (sparse tensor cores, nmsparse's CPU kernel)")
 
 
 def test_safetensors_file(tmp_path):

@@ -27,7 +27,7 @@ def inspect(path: str | os.PathLike) -> InspectReport:
             continue
         pat = finest_pattern(t, axis if axis is not None else t.dim() - 1)
         report.tensors.append(TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), axis,
-                                         pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note))
+                                         pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note, pat.two_four))
     if kind == "compressed-tensors" and any(t.dtype.startswith("float8") for t in report.tensors):
         report.notes.append("FP8 weights are measured as stored (float8); their scales count as other parameters")
     return report
