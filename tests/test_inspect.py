@@ -98,6 +98,22 @@ def test_summary_counts_finer_patterns_that_are_2_4(tmp_path):
     assert r.summary().endswith("; 50.0% can run on 2:4 kernels (sparse tensor cores, nmsparse's CPU kernel)")
 
 
+@pytest.mark.parametrize("layout", ["channels", "flat"])
+def test_conv_layouts(tmp_path, layout):
+    """A conv weight is measured along its input channels (what TensorRT reads); one pruned in
+    nmsparse's flat layout says so in its note rather than look like a failed 7:8."""
+    conv = torch.nn.Conv2d(8, 16, 3)
+    with torch.no_grad():
+        conv.weight.mul_(nmsparse.layer_mask(conv.weight, 2, 4, layout))
+    save_file({"conv.weight": conv.weight.detach().contiguous()}, str(tmp_path / "m.safetensors"))
+    t = _by_name(inspect(tmp_path / "m.safetensors"))["conv.weight"]
+    assert t.axis == 1 and t.shape == (16, 8, 3, 3)
+    if layout == "channels":
+        assert t.pattern == "2:4" and t.note == ""
+    else:
+        assert t.pattern != "2:4" and t.note == "2:4 in the flat layout (in x kernel)"
+
+
 def test_safetensors_file(tmp_path):
     save_file(_model().state_dict(), str(tmp_path / "m.safetensors"))
     r = inspect(tmp_path / "m.safetensors")

@@ -26,6 +26,10 @@ def inspect(path: str | os.PathLike) -> InspectReport:
             report.other_params += t.numel()
             continue
         pat = finest_pattern(t, axis if axis is not None else t.dim() - 1)
+        if axis == 1 and t.dim() > 2:  # a conv weight: also nmsparse's flat layout (in/groups x kernel)
+            flat = finest_pattern(t.reshape(t.shape[0], -1), 1)
+            if flat.n is not None and (pat.n is None or flat.n * pat.m < pat.n * flat.m):
+                note = "; ".join(v for v in (note, f"{flat.label} in the flat layout (in x kernel)") if v)
         report.tensors.append(TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), axis,
                                          pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note, pat.two_four))
     if kind == "compressed-tensors" and any(t.dtype.startswith("float8") for t in report.tensors):
