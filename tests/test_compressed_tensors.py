@@ -153,6 +153,25 @@ def test_save_errors(tmp_path):
     assert not (tmp_path / "f").exists() and (tmp_path / "busy" / "x").read_text() == "keep"
 
 
+def test_save_to_a_new_folder_on_another_file_system(tmp_path, monkeypatch):
+    """The temporary folder is made beside the nearest existing parent of ``folder`` (on its file
+    system), not in the working folder: os.replace across file systems fails with EXDEV."""
+    import os
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    monkeypatch.chdir(tmp_path)
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        save(_tiny(), other / "a" / "b")
+        assert (other / "a" / "b" / "model.safetensors").is_file() and list(tmp_path.iterdir()) == []
+        assert [p.name for p in other.iterdir()] == ["a"]
+    finally:
+        shutil.rmtree(other)
+
+
 # -- bad folders: one FormatError naming the tensor, no model ------------------------------------------
 def _copy(tmp_path, name="llama_bf16"):
     dst = tmp_path / name

@@ -137,7 +137,9 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    parent = out.parent if out.parent.exists() else Path(".")
+    parent = out.parent
+    while not parent.exists():  # the nearest existing folder: on --out's file system, so os.replace works
+        parent = parent.parent
     tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-export.", dir=parent))
     try:
         report = _export(args.format, model, example, tmp / FILENAMES[args.format], n, m, layout, onnx_export)

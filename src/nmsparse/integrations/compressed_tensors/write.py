@@ -109,7 +109,9 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     config["dtype"] = dtype  # the stored weights' dtype, which readers build the model in
     _compat(config)
     config["quantization_config"] = sparsity_entry(sorted(report.dense), round(zeros / max(total, 1), 4))
-    parent = folder.parent if folder.parent.exists() else Path(".")
+    parent = folder.parent
+    while not parent.exists():  # the nearest existing folder: on folder's file system, so os.replace works
+        parent = parent.parent
     tmp = Path(tempfile.mkdtemp(prefix=".nmsparse-ct.", dir=parent))
     try:
         files = _write_shards(tensors, tmp, max_shard_bytes)
