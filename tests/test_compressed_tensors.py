@@ -337,17 +337,22 @@ def test_export_cli_compressed_tensors(tmp_path, capsys):
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
     assert json.loads((out / "export_report.json").read_text())["nm"] == "2:4"
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "final.safetensors"))
     for argv, msg, dst in [
         (["--dtype", "fp32"], "stores bf16 or fp16 weights", "y"),
         (["--dtype", "bf16", "--nm", "4:8"], "is 2:4 along the input features", "y"),
         (["--dtype", "bf16"], "already holds an export; pass --overwrite", "ct"),
+        (["--dtype", "bf16"], "is not empty; pass --overwrite", "busy"),  # was save()'s 'overwrite=True'
+        (["--dtype", "bf16"], "cannot write --out", "final.safetensors/sub"),  # an OSError: was a traceback
     ]:
         assert main(["export", "--hf-model", str(tmp_path / "hf"), "--format", "compressed-tensors",
                      "--out", str(tmp_path / dst), *argv]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and msg in err, err
-    assert not (tmp_path / "y").exists()
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "final.safetensors"))
+        err = capsys.readouterr().err  # transformers' 'Loading weights' bar may come first
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("nmsparse export: error: ") and msg in last and "Traceback" not in err, err
+    assert not (tmp_path / "y").exists() and [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
     assert main(["export", "--checkpoint", str(tmp_path / "final.safetensors"), "--format", "compressed-tensors",
                  "--dtype", "bf16", "--out", str(tmp_path / "x")]) == 2
     assert "pass --hf-model" in capsys.readouterr().err

@@ -175,15 +175,19 @@ def _export_compressed_tensors(args: argparse.Namespace, out: Path) -> int:
                         "pass --dtype bf16 or --dtype fp16")
     if args.nm not in (None, "auto", "2:4") or args.layout not in (None, "channels"):
         raise UserError("--format compressed-tensors is 2:4 along the input features: leave out --nm and --layout")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace the files of an earlier export")
     model = _load_hf(args.hf_model)[0].to(DTYPES[args.dtype]).eval()
     try:
         report = save(model, out, overwrite=args.overwrite)
+        full = {"source": {"hf_model": args.hf_model}, "format": args.format, "dtype": args.dtype, "nm": "2:4",
+                "compressed": report.compressed, "dense": report.dense, "nbytes": report.nbytes,
+                "dense_nbytes": report.dense_nbytes}
+        (out / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
     except ValueError as e:
         raise UserError(str(e)) from None
-    full = {"source": {"hf_model": args.hf_model}, "format": args.format, "dtype": args.dtype, "nm": "2:4",
-            "compressed": report.compressed, "dense": report.dense, "nbytes": report.nbytes,
-            "dense_nbytes": report.dense_nbytes}
-    (out / "export_report.json").write_text(json.dumps(full, indent=2) + "\n")
+    except OSError as e:  # a read-only or full disk, a path through a file
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
     for name, why in report.dense.items():
         print(f"{name}: dense ({why})")
     print(report.summary())
