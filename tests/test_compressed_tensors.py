@@ -115,7 +115,9 @@ def test_save_then_load_round_trips(tmp_path, shard):
     assert set(report.dense) == {"lm_head", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}
     assert "not 2:4" in report.dense["lm_head"] and report.nbytes < report.dense_nbytes
     assert ("model.safetensors.index.json" in report.files) == bool(shard)
-    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"]  # a model built from a config records none itself
+    cfg = written["quantization_config"]
     assert cfg["sparsity_config"]["format"] == "sparse-24-bitmask" and cfg["quant_method"] == "compressed-tensors"
     assert cfg["sparsity_config"]["targets"] == ["Linear"] and "lm_head" in cfg["sparsity_config"]["ignore"]
     real = json.loads((FIX / "llama_bf16" / "config.json").read_text())["quantization_config"]
@@ -308,8 +310,26 @@ def test_fp8_scale_of_the_wrong_shape(tmp_path):
     _refused(d, rf"tensor '{Q}.weight_scale' is shape \(1,\); FP8 channel scales of '{Q}' need shape \(32, 1\)")
 
 
+def test_wrong_model_class_names_the_recorded_one(tmp_path):
+    """A BertModel folder loaded with the default AutoModelForCausalLM: the error names the class to pass."""
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, max_position_embeddings=16)
+    model = transformers.BertModel(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(nm_mask(mod.weight, 2, 4, dim=1))
+    save(model, tmp_path / "bert")
+    _refused(tmp_path / "bert", r"records architectures \['BertModel'\]: pass model_class=transformers.BertModel\)$")
+    back = _load_quiet(tmp_path / "bert", model_class=transformers.BertModel)
+    assert torch.equal(back.pooler.dense.weight, model.pooler.dense.weight)
+
+
 def test_not_a_folder(tmp_path):
     _refused(tmp_path, r"has no config.json")
+    _refused(tmp_path / "nope", r"nope: not found$")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    _refused(tmp_path / "model.safetensors", r"is a file: give the model folder")
     d = _copy(tmp_path / "b")
     (d / "model.safetensors").unlink()
     _refused(d, r"holds no model.safetensors")

@@ -107,6 +107,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     config = model.config.to_dict()
     dtype = str(model.get_submodule(report.compressed[0]).weight.dtype).replace("torch.", "")
     config["dtype"] = dtype  # the stored weights' dtype, which readers build the model in
+    config["architectures"] = [type(model).__name__]  # as save_pretrained records it: vLLM picks the class by it
     _compat(config)
     config["quantization_config"] = sparsity_entry(sorted(report.dense), round(zeros / max(total, 1), 4))
     parent = folder.parent
