@@ -108,6 +108,9 @@ def test_conv_layouts(tmp_path, layout):
     save_file({"conv.weight": conv.weight.detach().contiguous()}, str(tmp_path / "m.safetensors"))
     t = _by_name(inspect(tmp_path / "m.safetensors"))["conv.weight"]
     assert t.axis == 1 and t.shape == (16, 8, 3, 3)
+    save_file({"vit.embeddings.patch_embeddings.projection.weight": conv.weight.detach().contiguous()},
+              str(tmp_path / "vit.safetensors"))  # a conv, not an embedding table, despite its name
+    assert inspect(tmp_path / "vit.safetensors").tensors[0].axis == 1
     if layout == "channels":
         assert t.pattern == "2:4" and t.note == ""
     else:

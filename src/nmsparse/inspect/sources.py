@@ -32,8 +32,8 @@ def axis_of(name: str, t: torch.Tensor, conv1d: bool = False) -> int | None:
     leaf = name.rsplit(".", 1)[-1]
     if leaf not in ("weight", "kernel") and not name.endswith("_weight"):
         return None
-    if any(k in name for k in ("embed", "wte", "wpe", "position_embeddings", "token_type")):
-        return None
+    if t.dim() == 2 and any(k in name for k in ("embed", "wte", "wpe", "position_embeddings", "token_type")):
+        return None  # an embedding table (a conv such as ViT's patch_embeddings.projection is 3-D or more)
     return 0 if conv1d and t.dim() == 2 else 1
 
 
