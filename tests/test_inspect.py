@@ -117,6 +117,18 @@ def test_conv_layouts(tmp_path, layout):
         assert t.pattern != "2:4" and t.note == "2:4 in the flat layout (in x kernel)"
 
 
+def test_transposed_weight_without_config(tmp_path):
+    """GPT-2's Conv1D (in, out) in a file with no config.json beside it: measured as a Linear, along
+    axis 1, where it is not N:M; the note says it is N:M along axis 0."""
+    w = _nm(16, 32, 2, 4).T.contiguous()  # (in=32, out=16), 2:4 along dim 0
+    save_file({"h.0.attn.c_attn.weight": w}, str(tmp_path / "m.safetensors"))
+    t = inspect(tmp_path / "m.safetensors").tensors[0]
+    assert t.axis == 1 and t.pattern != "2:4"
+    assert t.note == "2:4 along axis 0 (a transposed layout, e.g. GPT-2's Conv1D?)"
+    save_file({"x.weight": _nm(16, 32, 2, 4)}, str(tmp_path / "ok.safetensors"))
+    assert inspect(tmp_path / "ok.safetensors").tensors[0].note == ""  # N:M along its axis: no note
+
+
 def test_safetensors_file(tmp_path):
     save_file(_model().state_dict(), str(tmp_path / "m.safetensors"))
     r = inspect(tmp_path / "m.safetensors")
