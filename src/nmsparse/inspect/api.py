@@ -29,7 +29,7 @@ def inspect(path: str | os.PathLike) -> InspectReport:
         other = None
         if axis == 1 and t.dim() > 2:  # a conv weight: also nmsparse's flat layout (in/groups x kernel)
             other = (finest_pattern(t.reshape(t.shape[0], -1), 1), "in the flat layout (in x kernel)")
-        elif axis in (0, 1) and t.dim() == 2 and pat.n is None:  # an (in, out) weight read as (out, in)?
+        elif axis in (0, 1) and t.dim() == 2 and not pat.two_four:  # an (in, out) weight read as (out, in)?
             other = (finest_pattern(t, 1 - axis), f"along axis {1 - axis} (a transposed layout, e.g. GPT-2's Conv1D?)")
         if other is not None and _finer(other[0], pat):
             note = "; ".join(v for v in (note, f"{other[0].label} {other[1]}") if v)
