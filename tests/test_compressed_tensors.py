@@ -141,6 +141,23 @@ def test_save_finalized_sparsified_model(tmp_path):
     assert set(report.compressed) == sparse and len(sparse) >= 12 and "lm_head" in report.dense
 
 
+def test_save_reports_conv1d_layers_left_dense(tmp_path):
+    """GPT-2's Conv1D layers are not nn.Linear: each is listed dense with its reason (not silently
+    dense), and only Linear layers go into sparsity_config.ignore."""
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                  tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(nm_mask(model.lm_head.weight, 2, 4, dim=1))
+    report = save(model, tmp_path / "g")
+    assert report.compressed == ["lm_head"]
+    assert set(report.dense) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                 "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    assert all("Conv1D" in why for why in report.dense.values())
+    q = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert q["sparsity_config"]["ignore"] == []
+
+
 def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="float32.*model.to\\(torch.bfloat16\\)"):
         save(_tiny().float(), tmp_path / "f")

@@ -97,6 +97,10 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
             report.compressed.append(name)
         else:
             report.dense[name] = why
+    for name, mod in model.named_modules():  # weight layers the format cannot store compressed
+        if type(mod).__name__ == "Conv1D" and getattr(getattr(mod, "weight", None), "dim", lambda: 0)() == 2:
+            report.dense[name] = ("transformers Conv1D (weight stored (in, out)), not nn.Linear: sparse-24-bitmask "
+                                  "readers compress Linear layers only")
     if not report.compressed:
         raise ValueError(f"{type(model).__name__} has no Linear layer whose weight is 2:4 along its input features "
                          f"({'; '.join(f'{k}: {v}' for k, v in list(report.dense.items())[:3])}); prune or "
@@ -109,7 +113,8 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     config["dtype"] = dtype  # the stored weights' dtype, which readers build the model in
     config["architectures"] = [type(model).__name__]  # as save_pretrained records it: vLLM picks the class by it
     _compat(config)
-    config["quantization_config"] = sparsity_entry(sorted(report.dense), round(zeros / max(total, 1), 4))
+    ignore = sorted(k for k in report.dense if isinstance(model.get_submodule(k), nn.Linear))  # targets: Linear
+    config["quantization_config"] = sparsity_entry(ignore, round(zeros / max(total, 1), 4))
     parent = folder.parent
     while not parent.exists():  # the nearest existing folder: on folder's file system, so os.replace works
         parent = parent.parent
