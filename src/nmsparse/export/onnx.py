@@ -255,7 +255,13 @@ def export_onnx(
         model.eval()
         with _no_kv_cache(model):
             with torch.no_grad():
-                outs = onnx_io.output_names(model(*args, **kwargs), output_names)
+                try:
+                    result = model(*args, **kwargs)
+                except Exception as e:  # a shape or dtype the model does not take: the user's inputs
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    raise ValueError(f"{type(model).__name__} fails on the example inputs ({type(e).__name__}: "
+                                     f"{first}); nothing was written") from e
+                outs = onnx_io.output_names(result, output_names)
             big = sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_EXTERNAL
             try:
                 call_args, call_kwargs = io.call()
