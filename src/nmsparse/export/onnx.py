@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -272,8 +273,16 @@ def export_onnx(
                                       dynamic_shapes=io.dynamic_shapes())
             except Exception as e:  # the exporter's own errors are long; keep the cause attached
                 hint = "; pass dynamic=False (nmsparse export: --static) to export fixed shapes" if any(io.axes) else ""
-                raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+                ones = sorted(k for k, v in io.sizes().items() if v == 1 and k != onnx_io.BATCH)
+                if ones:  # e.g. transformers' SDPA: is_causal = (sequence > 1), a SymBool when traced at 1
+                    hint += (f", or trace with an example of size 2 or more along the dynamic axis "
+                             f"{ones[0]!r} (size 1 takes another code path in many models)")
+                root = e  # torch.onnx wraps the cause in a TorchExportError whose first line is boilerplate
+                while root.__cause__ is not None and root.__cause__ is not root:
+                    root = root.__cause__
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(root).splitlines()[0] if str(root) else "")
+                raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: {type(root).__name__}: "
+                                   f"{first}{hint}") from e
             proto = onnx.load(str(tmp))
             if check:
                 try:
