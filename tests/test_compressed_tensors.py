@@ -158,6 +158,29 @@ def test_save_reports_conv1d_layers_left_dense(tmp_path):
     assert q["sparsity_config"]["ignore"] == []
 
 
+def test_save_does_not_copy_the_dense_tensors(tmp_path, monkeypatch):
+    """The tensors stored as they are go to safetensors without a copy (a full copy doubled the memory
+    of saving a large model); a view sharing its storage is copied, which safetensors needs."""
+    import safetensors.torch
+
+    written = {}
+    real = safetensors.torch.save_file
+
+    def spy(tensors, path, metadata=None):
+        written.update(tensors)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    model = _tiny()
+    save(model, tmp_path / "o")
+    assert written["lm_head.weight"].data_ptr() == model.lm_head.weight.data_ptr()
+    assert written["model.norm.weight"].data_ptr() == model.model.norm.weight.data_ptr()
+    assert torch.equal(_load_quiet(tmp_path / "o").lm_head.weight, model.lm_head.weight)
+    model.model.norm.weight = torch.nn.Parameter(model.model.layers[0].input_layernorm.weight.data)  # one storage
+    save(model, tmp_path / "p")
+    assert written["model.norm.weight"].data_ptr() != written["model.layers.0.input_layernorm.weight"].data_ptr()
+
+
 def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="float32.*model.to\\(torch.bfloat16\\)"):
         save(_tiny().float(), tmp_path / "f")

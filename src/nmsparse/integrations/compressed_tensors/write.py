@@ -137,6 +137,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
 def _tensors(model: nn.Module, compressed: set[str], report: SaveReport) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    storages: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:  # a tied second name: save_pretrained stores the tensor once
             continue
@@ -150,7 +151,11 @@ def _tensors(model: nn.Module, compressed: set[str], report: SaveReport) -> dict
                 out[f"{mod}.{s}"] = v
                 report.nbytes += v.numel() * v.element_size()
         else:
-            out[key] = t.clone()
+            store = t.untyped_storage()
+            whole = t.storage_offset() == 0 and store.nbytes() == t.numel() * t.element_size()
+            # no copy of the model's tensors: only a view, or a second tensor on one storage, is copied
+            out[key] = t if whole and store.data_ptr() not in storages else t.clone()
+            storages.add(store.data_ptr())
             report.nbytes += t.numel() * t.element_size()
     return out
 
