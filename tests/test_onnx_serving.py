@@ -364,6 +364,22 @@ def test_cli_onnx_option_errors(ckpt, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_a_dynamic_axis_the_exporter_fixed_is_an_error(tmp_path):
+    """LLaMA called with input_ids of batch 1 and no attention_mask: torch.export silently fixes the batch
+    to 1. That is an error naming the axis (even with check=False), not a file that takes batch 1 only."""
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with pytest.raises(RuntimeError, match=r"fixed the dynamic axis 'batch' \(input 'input_ids', axis 0\) to the "
+                                           r"example's size 1: .*also pass the attention_mask"):
+        export_onnx(model, (ids,), tmp_path / "m.onnx", n=2, m=4, check=False)
+    assert os.listdir(tmp_path) == []
+    report = export_onnx(model, (ids,), tmp_path / "m.onnx", n=2, m=4, check=False,
+                         example_kwargs={"attention_mask": torch.ones_like(ids)})
+    assert report.signature["inputs"][0]["shape"] == ["batch", "sequence"]
+
+
 def test_one_token_example_with_a_dynamic_sequence_says_what_to_do(tmp_path):
     """transformers' SDPA takes is_causal = (sequence > 1): traced at 1 token it is a SymBool and
     torch.export fails; the error says to trace with 2 or more (or dynamic=False)."""

@@ -183,6 +183,23 @@ def _no_kv_cache(model: nn.Module):
             config.use_cache = True
 
 
+def _check_axes_kept(proto, io: onnx_io.GraphInputs) -> None:
+    """``RuntimeError`` when the exporter fixed an axis it was asked to keep dynamic (torch.export may
+    specialize an axis to the example's size, e.g. a batch of 1 in a transformers model called without
+    an attention mask, and say nothing): the file would serve that one size only."""
+    dims = {v["name"]: v["shape"] for v in graph_signature(proto)["inputs"]}
+    for name, ax in zip(io.names, io.axes):
+        for a, axis_name in ax.items():
+            got = dims.get(name, [])[a] if a < len(dims.get(name, [])) else None
+            if isinstance(got, int):
+                raise RuntimeError(
+                    f"torch.onnx.export fixed the dynamic axis {axis_name!r} (input {name!r}, axis {a}) to the "
+                    f"example's size {got}: the model's code specializes it there, so the file would take that "
+                    f"size only; trace with an example of size 2 or more along it (for a transformers model, "
+                    f"also pass the attention_mask), or pass dynamic=False (nmsparse export: --static); "
+                    "nothing was written")
+
+
 def _second_shape(sizes: dict[str, int]) -> dict[str, int]:
     """A second size for every dynamic axis: half the example's, or 3 where the example has 1."""
     return {k: v // 2 if v >= 2 else 3 for k, v in sizes.items()}
@@ -284,6 +301,7 @@ def export_onnx(
                 raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: {type(root).__name__}: "
                                    f"{first}{hint}") from e
             proto = onnx.load(str(tmp))
+            _check_axes_kept(proto, io)
             if check:
                 try:
                     onnx.checker.check_model(str(tmp), full_check=True)
