@@ -293,6 +293,9 @@ def test_damaged_files(tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     assert main(["inspect", str(tmp_path / "empty_dir")]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+    save_file(_model().state_dict(), str(tmp_path / "empty_dir" / "final.safetensors"))  # a training run's folder
+    assert main(["inspect", str(tmp_path / "empty_dir")]) == 2
+    assert "(it holds final.safetensors: inspect one of those)" in capsys.readouterr().err
 
 
 def test_damaged_compressed_tensors_folder(tmp_path, capsys):
