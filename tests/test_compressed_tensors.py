@@ -418,6 +418,23 @@ def test_export_cli_compressed_tensors(tmp_path, capsys):
     assert "pass --hf-model" in capsys.readouterr().err
 
 
+def test_export_cli_reads_a_compressed_tensors_folder(tmp_path, capsys):
+    """--hf-model naming a stranded sparse-24-bitmask folder: decompressed by nmsparse (transformers'
+    from_pretrained asked for a compressed-tensors release that no longer reads the format)."""
+    from nmsparse.cli import main
+
+    assert main(["export", "--hf-model", str(FIX / "llama_fp8_tensor"), "--format", "dense", "--dtype", "bf16",
+                 "--out", str(tmp_path / "d")]) == 0
+    out, err = capsys.readouterr()
+    assert "note: " in err and "FP8 weights of 14 layer(s) dequantized" in err
+    want = _load_quiet(FIX / "llama_fp8_tensor").state_dict()
+    got = load_file(str(tmp_path / "d" / "model.safetensors"))
+    assert set(got) <= set(want) and len(got) >= 20
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
+
 def test_skeleton_on_meta_and_shards_read_in_order(monkeypatch):
     from nmsparse.integrations.compressed_tensors import read as rd
 

@@ -374,10 +374,7 @@ def test_a_dynamic_axis_the_exporter_fixed_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"fixed the dynamic axis 'batch' \(input 'input_ids', axis 0\) to the "
                                            r"example's size 1: .*also pass the attention_mask"):
         export_onnx(model, (ids,), tmp_path / "m.onnx", n=2, m=4, check=False)
-    assert os.listdir(tmp_path) == []
-    report = export_onnx(model, (ids,), tmp_path / "m.onnx", n=2, m=4, check=False,
-                         example_kwargs={"attention_mask": torch.ones_like(ids)})
-    assert report.signature["inputs"][0]["shape"] == ["batch", "sequence"]
+    assert os.listdir(tmp_path) == []  # with the attention_mask it exports: test_cli_hf_causal_lm_and_vision_models
 
 
 def test_one_token_example_with_a_dynamic_sequence_says_what_to_do(tmp_path):

@@ -260,6 +260,24 @@ def _json_dict(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _load_compressed_tensors(path: str, cls):
+    """A compressed-tensors sparse-24-bitmask folder, decompressed by nmsparse (docs/interop.md)."""
+    import warnings
+
+    from nmsparse.integrations.compressed_tensors import load
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load(path, model_class=cls)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    for w in caught:  # the FP8 note, once, as a line of its own
+        print(f"note: {w.message}", file=sys.stderr)
+    ids = torch.ones(1, 8, dtype=torch.long)
+    return model, model.config.to_dict(), (ids, torch.ones_like(ids)), None
+
+
 def _load_hf(path: str):
     if not Path(path, "config.json").is_file():
         raise UserError(f"--hf-model {path!r} is not a Hugging Face model folder (no config.json)")
@@ -272,6 +290,10 @@ def _load_hf(path: str):
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
         cls = cls if cls is not None else transformers.AutoModel  # no recorded class: the base model
+        qc = getattr(config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(getattr(method, "value", method)) == "compressed-tensors":  # transformers no longer reads 2:4 ones
+            return _load_compressed_tensors(path, cls)
         model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
         raise UserError(f"cannot load --hf-model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
