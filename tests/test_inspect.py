@@ -238,6 +238,23 @@ def test_onnx_file_low_precision(tmp_path, dtype):
     assert t.dtype == str(dtype).replace("torch.", "") and t.axis == 0 and t.pattern == "2:4"
 
 
+def test_onnx_weight_cast_before_its_matmul(tmp_path):
+    """fp16 weights cast to float32 on the way to a MatMul (a common mixed-precision graph): the axis is
+    the MatMul's, through the Cast, and the weight counts in the summary."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = _nm(8, 16, 2, 4).T.contiguous().half()  # (in, out): 2:4 along axis 0
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["W"], ["W32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "W32"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [numpy_helper.from_array(w.numpy(), "W")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    r = inspect(tmp_path / "m.onnx")
+    t = _by_name(r)["W"]
+    assert t.axis == 0 and t.pattern == "2:4" and t.note == "Cast->MatMul" and r.weights() == [t]
+
+
 def test_onnx_external_data(tmp_path, capsys):
     """Initializers in a .data file are read one at a time; a missing .data file is one line naming it."""
     onnx = pytest.importorskip("onnx")
