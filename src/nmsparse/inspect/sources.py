@@ -179,7 +179,8 @@ def detect(path: Path) -> str:
         if (path / SINGLE).is_file() or (path / INDEX).is_file():
             return "hf-folder"
         files = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".pt", ".onnx"))
-        hint = f" (it holds {', '.join(files[:4])}{', ...' if len(files) > 4 else ''}: inspect one of those)" if files else ""
+        more = ", ..." if len(files) > 4 else ""
+        hint = f" (it holds {', '.join(files[:4])}{more}: inspect one of those)" if files else ""
         raise LoadError(path, f"is a folder without {SINGLE} or {INDEX}: not a Hugging Face model folder{hint}")
     if not path.exists():
         raise LoadError(path, "not found")
