@@ -115,7 +115,9 @@ def test_save_then_load_round_trips(tmp_path, shard):
     assert set(report.dense) == {"lm_head", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"}
     assert "not 2:4" in report.dense["lm_head"] and report.nbytes < report.dense_nbytes
     assert ("model.safetensors.index.json" in report.files) == bool(shard)
-    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"]  # a model built from a config records none itself
+    cfg = written["quantization_config"]
     assert cfg["sparsity_config"]["format"] == "sparse-24-bitmask" and cfg["quant_method"] == "compressed-tensors"
     assert cfg["sparsity_config"]["targets"] == ["Linear"] and "lm_head" in cfg["sparsity_config"]["ignore"]
     real = json.loads((FIX / "llama_bf16" / "config.json").read_text())["quantization_config"]
@@ -139,6 +141,46 @@ def test_save_finalized_sparsified_model(tmp_path):
     assert set(report.compressed) == sparse and len(sparse) >= 12 and "lm_head" in report.dense
 
 
+def test_save_reports_conv1d_layers_left_dense(tmp_path):
+    """GPT-2's Conv1D layers are not nn.Linear: each is listed dense with its reason (not silently
+    dense), and only Linear layers go into sparsity_config.ignore."""
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                  tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(nm_mask(model.lm_head.weight, 2, 4, dim=1))
+    report = save(model, tmp_path / "g")
+    assert report.compressed == ["lm_head"]
+    assert set(report.dense) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                 "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    assert all("Conv1D" in why for why in report.dense.values())
+    q = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert q["sparsity_config"]["ignore"] == []
+
+
+def test_save_does_not_copy_the_dense_tensors(tmp_path, monkeypatch):
+    """The tensors stored as they are go to safetensors without a copy (a full copy doubled the memory
+    of saving a large model); a view sharing its storage is copied, which safetensors needs."""
+    import safetensors.torch
+
+    written = {}
+    real = safetensors.torch.save_file
+
+    def spy(tensors, path, metadata=None):
+        written.update(tensors)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", spy)
+    model = _tiny()
+    save(model, tmp_path / "o")
+    assert written["lm_head.weight"].data_ptr() == model.lm_head.weight.data_ptr()
+    assert written["model.norm.weight"].data_ptr() == model.model.norm.weight.data_ptr()
+    assert torch.equal(_load_quiet(tmp_path / "o").lm_head.weight, model.lm_head.weight)
+    model.model.norm.weight = torch.nn.Parameter(model.model.layers[0].input_layernorm.weight.data)  # one storage
+    save(model, tmp_path / "p")
+    assert written["model.norm.weight"].data_ptr() != written["model.layers.0.input_layernorm.weight"].data_ptr()
+
+
 def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="float32.*model.to\\(torch.bfloat16\\)"):
         save(_tiny().float(), tmp_path / "f")
@@ -151,6 +193,25 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="is not empty; pass overwrite=True"):
         save(_tiny(), tmp_path / "busy")
     assert not (tmp_path / "f").exists() and (tmp_path / "busy" / "x").read_text() == "keep"
+
+
+def test_save_to_a_new_folder_on_another_file_system(tmp_path, monkeypatch):
+    """The temporary folder is made beside the nearest existing parent of ``folder`` (on its file
+    system), not in the working folder: os.replace across file systems fails with EXDEV."""
+    import os
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    monkeypatch.chdir(tmp_path)
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        save(_tiny(), other / "a" / "b")
+        assert (other / "a" / "b" / "model.safetensors").is_file() and list(tmp_path.iterdir()) == []
+        assert [p.name for p in other.iterdir()] == ["a"]
+    finally:
+        shutil.rmtree(other)
 
 
 # -- bad folders: one FormatError naming the tensor, no model ------------------------------------------
@@ -289,8 +350,26 @@ def test_fp8_scale_of_the_wrong_shape(tmp_path):
     _refused(d, rf"tensor '{Q}.weight_scale' is shape \(1,\); FP8 channel scales of '{Q}' need shape \(32, 1\)")
 
 
+def test_wrong_model_class_names_the_recorded_one(tmp_path):
+    """A BertModel folder loaded with the default AutoModelForCausalLM: the error names the class to pass."""
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, max_position_embeddings=16)
+    model = transformers.BertModel(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(nm_mask(mod.weight, 2, 4, dim=1))
+    save(model, tmp_path / "bert")
+    _refused(tmp_path / "bert", r"records architectures \['BertModel'\]: pass model_class=transformers.BertModel\)$")
+    back = _load_quiet(tmp_path / "bert", model_class=transformers.BertModel)
+    assert torch.equal(back.pooler.dense.weight, model.pooler.dense.weight)
+
+
 def test_not_a_folder(tmp_path):
     _refused(tmp_path, r"has no config.json")
+    _refused(tmp_path / "nope", r"nope: not found$")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    _refused(tmp_path / "model.safetensors", r"is a file: give the model folder")
     d = _copy(tmp_path / "b")
     (d / "model.safetensors").unlink()
     _refused(d, r"holds no model.safetensors")
@@ -318,20 +397,42 @@ def test_export_cli_compressed_tensors(tmp_path, capsys):
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
     assert json.loads((out / "export_report.json").read_text())["nm"] == "2:4"
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "final.safetensors"))
     for argv, msg, dst in [
         (["--dtype", "fp32"], "stores bf16 or fp16 weights", "y"),
         (["--dtype", "bf16", "--nm", "4:8"], "is 2:4 along the input features", "y"),
         (["--dtype", "bf16"], "already holds an export; pass --overwrite", "ct"),
+        (["--dtype", "bf16"], "is not empty; pass --overwrite", "busy"),  # was save()'s 'overwrite=True'
+        (["--dtype", "bf16"], "cannot write --out", "final.safetensors/sub"),  # an OSError: was a traceback
     ]:
         assert main(["export", "--hf-model", str(tmp_path / "hf"), "--format", "compressed-tensors",
                      "--out", str(tmp_path / dst), *argv]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and msg in err, err
-    assert not (tmp_path / "y").exists()
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "final.safetensors"))
+        err = capsys.readouterr().err  # transformers' 'Loading weights' bar may come first
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("nmsparse export: error: ") and msg in last and "Traceback" not in err, err
+    assert not (tmp_path / "y").exists() and [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
     assert main(["export", "--checkpoint", str(tmp_path / "final.safetensors"), "--format", "compressed-tensors",
                  "--dtype", "bf16", "--out", str(tmp_path / "x")]) == 2
     assert "pass --hf-model" in capsys.readouterr().err
+
+
+def test_export_cli_reads_a_compressed_tensors_folder(tmp_path, capsys):
+    """--hf-model naming a stranded sparse-24-bitmask folder: decompressed by nmsparse (transformers'
+    from_pretrained asked for a compressed-tensors release that no longer reads the format)."""
+    from nmsparse.cli import main
+
+    assert main(["export", "--hf-model", str(FIX / "llama_fp8_tensor"), "--format", "dense", "--dtype", "bf16",
+                 "--out", str(tmp_path / "d")]) == 0
+    out, err = capsys.readouterr()
+    assert "note: " in err and "FP8 weights of 14 layer(s) dequantized" in err
+    want = _load_quiet(FIX / "llama_fp8_tensor").state_dict()
+    got = load_file(str(tmp_path / "d" / "model.safetensors"))
+    assert set(got) <= set(want) and len(got) >= 20
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
 
 
 def test_skeleton_on_meta_and_shards_read_in_order(monkeypatch):

@@ -79,6 +79,29 @@ def test_dense_bf16_and_overwrite(ckpt, tmp_path, capsys):
     assert rc == 0 and load_file(str(tmp_path / "model.safetensors"))["fc.weight"].dtype == torch.float32
 
 
+def test_out_in_a_new_folder_on_another_file_system(ckpt, tmp_path, capsys, monkeypatch):
+    """--out whose parents do not exist yet, on another file system than the working folder: the
+    temporary folder goes beside the nearest existing parent, not into the working folder (which made
+    os.replace fail with EXDEV, a traceback)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    monkeypatch.chdir(tmp_path)
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        path, _ = ckpt
+        rc, _, err = run(capsys, "--checkpoint", path, "--format", "dense", "--out", other / "a" / "b")
+        assert rc == 0, err
+        assert (other / "a" / "b" / "model.safetensors").is_file() and list(tmp_path.iterdir()) == []
+        assert [p.name for p in other.iterdir()] == ["a"]  # no temporary folder left
+    finally:
+        shutil.rmtree(other)
+
+
 def test_nm_auto_detects_when_nothing_recorded(tmp_path, capsys):
     model = finalized(4, 8)
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))

@@ -305,6 +305,9 @@ def test_every_input_error_before_anything_is_written(tmp_path):
         (lambda: export_onnx(lin, (x,), out, allow_broken="yes", **ok), r"allow_broken must be True or False"),
         (lambda: export_onnx(lin, (x,), out, n=4, m=4), r"need 0 < n < m"),
         (lambda: export_onnx(lin, (x,), out, layout="rows", **ok), r"layout must be one of \('channels', 'flat'\)"),
+        (lambda: export_onnx(lin, (torch.randn(2, 7),), out, **ok),  # was torch's bare RuntimeError
+         r"Linear fails on the example inputs \(RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+        (lambda: export_onnx(lin, (torch.ones(2, 8, dtype=torch.long),), out, **ok), r"fails on the example inputs"),
     ]
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):

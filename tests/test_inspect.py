@@ -48,6 +48,7 @@ def test_finest_pattern_matches_brute_force(nm, rows, groups, seed, extra_zeros)
     assert ref is not None and (p.n / p.m, p.m, p.n) == ref
     assert p.n / p.m <= n / m and is_nm(t, p.n, p.m, dim=1) and p.label == f"{p.n}:{p.m}"
     assert math.isclose(p.zeros, int((t == 0).sum()) / t.numel())
+    assert p.two_four == is_nm(t, 2, 4, dim=1)  # 2:8, 1:8, 2:16... are 2:4 too
 
 
 def test_named_patterns():
@@ -84,6 +85,48 @@ def _model():
 
 def _by_name(report):
     return {t.name: t for t in report.tensors}
+
+
+def test_summary_counts_finer_patterns_that_are_2_4(tmp_path):
+    """A 2:8 weight is reported as 2:8 and it runs on 2:4 kernels; a 4:8 one does not."""
+    w28, w48 = _nm(32, 16, 2, 8, seed=1), _nm(32, 16, 4, 8, seed=2)
+    save_file({"a.weight": w28, "b.weight": w48}, str(tmp_path / "m.safetensors"))
+    r = inspect(tmp_path / "m.safetensors")
+    t = _by_name(r)
+    assert t["a.weight"].pattern == "2:8" and t["a.weight"].two_four
+    assert t["b.weight"].pattern == "4:8" and not t["b.weight"].two_four
+    assert r.summary().endswith("; 50.0% can run on 2:4 kernels (sparse tensor cores, nmsparse's CPU kernel)")
+
+
+@pytest.mark.parametrize("layout", ["channels", "flat"])
+def test_conv_layouts(tmp_path, layout):
+    """A conv weight is measured along its input channels (what TensorRT reads); one pruned in
+    nmsparse's flat layout says so in its note rather than look like a failed 7:8."""
+    conv = torch.nn.Conv2d(8, 16, 3)
+    with torch.no_grad():
+        conv.weight.mul_(nmsparse.layer_mask(conv.weight, 2, 4, layout))
+    save_file({"conv.weight": conv.weight.detach().contiguous()}, str(tmp_path / "m.safetensors"))
+    t = _by_name(inspect(tmp_path / "m.safetensors"))["conv.weight"]
+    assert t.axis == 1 and t.shape == (16, 8, 3, 3)
+    save_file({"vit.embeddings.patch_embeddings.projection.weight": conv.weight.detach().contiguous()},
+              str(tmp_path / "vit.safetensors"))  # a conv, not an embedding table, despite its name
+    assert inspect(tmp_path / "vit.safetensors").tensors[0].axis == 1
+    if layout == "channels":
+        assert t.pattern == "2:4" and t.note == ""
+    else:
+        assert t.pattern != "2:4" and t.note == "2:4 in the flat layout (in x kernel)"
+
+
+def test_transposed_weight_without_config(tmp_path):
+    """GPT-2's Conv1D (in, out) in a file with no config.json beside it: measured as a Linear, along
+    axis 1, where it is not N:M; the note says it is N:M along axis 0."""
+    w = _nm(16, 32, 2, 4).T.contiguous()  # (in=32, out=16), 2:4 along dim 0
+    save_file({"h.0.attn.c_attn.weight": w}, str(tmp_path / "m.safetensors"))
+    t = inspect(tmp_path / "m.safetensors").tensors[0]
+    assert t.axis == 1 and t.pattern != "2:4"
+    assert t.note == "2:4 along axis 0 (a transposed layout, e.g. GPT-2's Conv1D?)"
+    save_file({"x.weight": _nm(16, 32, 2, 4)}, str(tmp_path / "ok.safetensors"))
+    assert inspect(tmp_path / "ok.safetensors").tensors[0].note == ""  # N:M along its axis: no note
 
 
 def test_safetensors_file(tmp_path):
@@ -177,6 +220,60 @@ def test_onnx_file(tmp_path):
     assert r.other_params == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_onnx_file_low_precision(tmp_path, dtype):
+    """bf16 (what export --dtype bf16 writes) and float8 initializers: ml_dtypes arrays in onnx."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    w = _nm(8, 16, 2, 4).T.contiguous().to(dtype)
+    kind = {torch.bfloat16: TensorProto.BFLOAT16, torch.float16: TensorProto.FLOAT16,
+            torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}[dtype]
+    init = helper.make_tensor("W", kind, list(w.shape), w.view(torch.uint8).numpy().tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", kind, [1, 16])],
+                              [helper.make_tensor_value_info("y", kind, [1, 8])], [init])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    t = _by_name(inspect(tmp_path / "m.onnx"))["W"]
+    assert t.dtype == str(dtype).replace("torch.", "") and t.axis == 0 and t.pattern == "2:4"
+
+
+def test_onnx_weight_cast_before_its_matmul(tmp_path):
+    """fp16 weights cast to float32 on the way to a MatMul (a common mixed-precision graph): the axis is
+    the MatMul's, through the Cast, and the weight counts in the summary."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = _nm(8, 16, 2, 4).T.contiguous().half()  # (in, out): 2:4 along axis 0
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["W"], ["W32"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "W32"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [numpy_helper.from_array(w.numpy(), "W")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    r = inspect(tmp_path / "m.onnx")
+    t = _by_name(r)["W"]
+    assert t.axis == 0 and t.pattern == "2:4" and t.note == "Cast->MatMul" and r.weights() == [t]
+
+
+def test_onnx_external_data(tmp_path, capsys):
+    """Initializers in a .data file are read one at a time; a missing .data file is one line naming it."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = _nm(8, 16, 2, 4).T.contiguous()
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(w.numpy(), "W")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    assert _by_name(inspect(tmp_path / "m.onnx"))["W"].pattern == "2:4"
+    (tmp_path / "m.onnx.data").unlink()
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "initializer 'W' cannot be read" in err and "m.onnx.data" in err
+
+
 def test_cli_table_and_json(tmp_path, capsys):
     save_file(_model().state_dict(), str(tmp_path / "m.safetensors"))
     assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
@@ -213,6 +310,9 @@ def test_damaged_files(tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     assert main(["inspect", str(tmp_path / "empty_dir")]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
+    save_file(_model().state_dict(), str(tmp_path / "empty_dir" / "final.safetensors"))  # a training run's folder
+    assert main(["inspect", str(tmp_path / "empty_dir")]) == 2
+    assert "(it holds final.safetensors: inspect one of those)" in capsys.readouterr().err
 
 
 def test_damaged_compressed_tensors_folder(tmp_path, capsys):
@@ -229,6 +329,21 @@ def test_damaged_compressed_tensors_folder(tmp_path, capsys):
     assert main(["inspect", str(d)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.layers.0.mlp.up_proj.bitmask sets 4 of the 4 bits" in err
+
+
+def test_compressed_tensors_folder_missing_part(tmp_path, capsys):
+    import shutil
+
+    from safetensors import safe_open
+
+    d = tmp_path / "f"
+    shutil.copytree(FIX / "llama_bf16", d)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.0.mlp.up_proj.bitmask"}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'model.layers.0.mlp.up_proj.bitmask' is missing" in err
 
 
 def test_command_line_entry_point(tmp_path):

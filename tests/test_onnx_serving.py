@@ -369,6 +369,8 @@ def test_cli_onnx_option_errors(ckpt, tmp_path, capsys):
         (["--checkpoint", ckpt[0], "--format", "onnx", "--seq-len", "4"], "--seq-len applies to --hf-model text models"),
         (["--hf-model", tmp_path / "hf", "--format", "onnx", "--seq-len", "17"],
          r"--seq-len 17 exceeds the model's max_position_embeddings \(16\)"),
+        (["--hf-model", tmp_path / "hf", "--format", "onnx", "--seq-len", "1"],  # was torch.export's SymBool error
+         r"--seq-len 1 with a dynamic sequence axis: .*pass --seq-len 2 or more"),
     ]
     import re
 
@@ -379,6 +381,33 @@ def test_cli_onnx_option_errors(ckpt, tmp_path, capsys):
         assert rc == 2 and err.count("\n") == 1 and re.search(msg, err), (argv, err)
         assert err.startswith("nmsparse export: error: ")
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_dynamic_axis_the_exporter_fixed_is_an_error(tmp_path):
+    """LLaMA called with input_ids of batch 1 and no attention_mask: torch.export silently fixes the batch
+    to 1. That is an error naming the axis (even with check=False), not a file that takes batch 1 only."""
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with pytest.raises(RuntimeError, match=r"fixed the dynamic axis 'batch' \(input 'input_ids', axis 0\) to the "
+                                           r"example's size 1: .*also pass the attention_mask"):
+        export_onnx(model, (ids,), tmp_path / "m.onnx", n=2, m=4, check=False)
+    assert os.listdir(tmp_path) == []  # with the attention_mask it exports: test_cli_hf_causal_lm_and_vision_models
+
+
+def test_one_token_example_with_a_dynamic_sequence_says_what_to_do(tmp_path):
+    """transformers' SDPA takes is_causal = (sequence > 1): traced at 1 token it is a SymBool and
+    torch.export fails; the error says to trace with 2 or more (or dynamic=False)."""
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"LlamaForCausalLM: TypeError: scaled_dot_product_attention\(\): "
+                       r"argument 'is_causal' must be bool, not SymBool; pass dynamic=False .* or trace with an "
+                       r"example of size 2 or more along the dynamic axis 'sequence'"):
+        export_onnx(model, (), tmp_path / "m.onnx", n=2, m=4, example_kwargs={"input_ids": ids})
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_hf_causal_lm_and_vision_models(tmp_path, capsys):

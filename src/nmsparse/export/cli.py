@@ -210,18 +210,19 @@ def _export_compressed_tensors(args: argparse.Namespace, out: Path) -> int:
                         "pass --dtype bf16 or --dtype fp16")
     if args.nm not in (None, "auto", "2:4") or args.layout not in (None, "channels"):
         raise UserError("--format compressed-tensors is 2:4 along the input features: leave out --nm and --layout")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace the files of an earlier export")
     model = _load_hf(args.hf_model)[0].to(DTYPES[args.dtype]).eval()
     try:
         report = save(model, out, overwrite=args.overwrite)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    full = {"source": {"hf_model": args.hf_model}, "format": args.format, "dtype": args.dtype, "nm": "2:4",
-            "compressed": report.compressed, "dense": report.dense, "nbytes": report.nbytes,
-            "dense_nbytes": report.dense_nbytes}
-    try:
+        full = {"source": {"hf_model": args.hf_model}, "format": args.format, "dtype": args.dtype, "nm": "2:4",
+                "compressed": report.compressed, "dense": report.dense, "nbytes": report.nbytes,
+                "dense_nbytes": report.dense_nbytes}
         _write_text(out / "export_report.json", json.dumps(full, indent=2) + "\n", out / "export_report.json")
-    except WriteError as e:
+    except ValueError as e:  # a WriteError too: one line naming the file and the cause
         raise UserError(str(e)) from None
+    except OSError as e:  # a read-only or full disk, a path through a file
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
     for name, why in report.dense.items():
         print(f"{name}: dense ({why})")
     print(report.summary())
@@ -309,6 +310,24 @@ def _json_dict(text: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _load_compressed_tensors(path: str, cls):
+    """A compressed-tensors sparse-24-bitmask folder, decompressed by nmsparse (docs/interop.md)."""
+    import warnings
+
+    from nmsparse.integrations.compressed_tensors import load
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load(path, model_class=cls)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    for w in caught:  # the FP8 note, once, as a line of its own
+        print(f"note: {w.message}", file=sys.stderr)
+    ids = torch.ones(1, 8, dtype=torch.long)
+    return model, model.config.to_dict(), (ids, torch.ones_like(ids)), None
+
+
 def _load_hf(path: str):
     if not Path(path, "config.json").is_file():
         raise UserError(f"--hf-model {path!r} is not a Hugging Face model folder (no config.json)")
@@ -329,6 +348,10 @@ def _load_hf(path: str):
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
         cls = cls if cls is not None else transformers.AutoModel  # no recorded class: the base model
+        qc = getattr(config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(getattr(method, "value", method)) == "compressed-tensors":  # transformers no longer reads 2:4 ones
+            return _load_compressed_tensors(path, cls)
         model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
         raise UserError(f"cannot load --hf-model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -182,6 +183,23 @@ def _no_kv_cache(model: nn.Module):
             config.use_cache = True
 
 
+def _check_axes_kept(proto, io: onnx_io.GraphInputs) -> None:
+    """``RuntimeError`` when the exporter fixed an axis it was asked to keep dynamic (torch.export may
+    specialize an axis to the example's size, e.g. a batch of 1 in a transformers model called without
+    an attention mask, and say nothing): the file would serve that one size only."""
+    dims = {v["name"]: v["shape"] for v in graph_signature(proto)["inputs"]}
+    for name, ax in zip(io.names, io.axes):
+        for a, axis_name in ax.items():
+            got = dims.get(name, [])[a] if a < len(dims.get(name, [])) else None
+            if isinstance(got, int):
+                raise RuntimeError(
+                    f"torch.onnx.export fixed the dynamic axis {axis_name!r} (input {name!r}, axis {a}) to the "
+                    f"example's size {got}: the model's code specializes it there, so the file would take that "
+                    f"size only; trace with an example of size 2 or more along it (for a transformers model, "
+                    f"also pass the attention_mask), or pass dynamic=False (nmsparse export: --static); "
+                    "nothing was written")
+
+
 def _second_shape(sizes: dict[str, int]) -> dict[str, int]:
     """A second size for every dynamic axis: half the example's, or 3 where the example has 1."""
     return {k: v // 2 if v >= 2 else 3 for k, v in sizes.items()}
@@ -255,7 +273,13 @@ def export_onnx(
         model.eval()
         with _no_kv_cache(model):
             with torch.no_grad():
-                outs = onnx_io.output_names(model(*args, **kwargs), output_names)
+                try:
+                    result = model(*args, **kwargs)
+                except Exception as e:  # a shape or dtype the model does not take: the user's inputs
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    raise ValueError(f"{type(model).__name__} fails on the example inputs ({type(e).__name__}: "
+                                     f"{first}); nothing was written") from e
+                outs = onnx_io.output_names(result, output_names)
             big = sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_EXTERNAL
             try:
                 call_args, call_kwargs = io.call(io.widened())  # no dynamic axis traced at size 1
@@ -266,9 +290,18 @@ def export_onnx(
                                       dynamic_shapes=io.dynamic_shapes())
             except Exception as e:  # the exporter's own errors are long; keep the cause attached
                 hint = "; pass dynamic=False (nmsparse export: --static) to export fixed shapes" if any(io.axes) else ""
-                raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+                ones = sorted(k for k, v in io.sizes().items() if v == 1 and k != onnx_io.BATCH)
+                if ones:  # e.g. transformers' SDPA: is_causal = (sequence > 1), a SymBool when traced at 1
+                    hint += (f", or trace with an example of size 2 or more along the dynamic axis "
+                             f"{ones[0]!r} (size 1 takes another code path in many models)")
+                root = e  # torch.onnx wraps the cause in a TorchExportError whose first line is boilerplate
+                while root.__cause__ is not None and root.__cause__ is not root:
+                    root = root.__cause__
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(root).splitlines()[0] if str(root) else "")
+                raise RuntimeError(f"torch.onnx.export failed for {type(model).__name__}: {type(root).__name__}: "
+                                   f"{first}{hint}") from e
             proto = onnx.load(str(tmp))
+            _check_axes_kept(proto, io)
             if check:
                 try:
                     onnx.checker.check_model(str(tmp), full_check=True)

@@ -14,7 +14,7 @@ from torch import nn
 from nmsparse.layout import SUPPORTED_LAYERS, check_layout, layer_is_nm, reduction_size
 from nmsparse.nmmasks import check_nm
 
-_PASS_THROUGH = ("Transpose", "Identity")
+_PASS_THROUGH = ("Transpose", "Identity", "Cast")  # shape-preserving (Transpose: permuting) on the way to a matmul
 
 
 @dataclasses.dataclass
@@ -39,9 +39,16 @@ class InitializerCheck:
     nodes: tuple[str, ...] = ()  # the ONNX nodes that reduce over it (Conv/Gemm/MatMul), by name
 
 
+# ml_dtypes types (no numpy equivalent) that onnx's numpy_helper returns -> (numpy view, torch dtype)
+_ML_DTYPES = {"bfloat16": (np.uint16, torch.bfloat16), "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
+              "float8_e5m2": (np.uint8, torch.float8_e5m2)}
+
+
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    if arr.dtype.name == "bfloat16":  # ml_dtypes bfloat16, no numpy equivalent
-        return torch.from_numpy(np.array(arr, copy=True).view(np.uint16)).view(torch.bfloat16)
+    """A copy of an initializer's array as a torch tensor (bfloat16 and float8 included)."""
+    special = _ML_DTYPES.get(arr.dtype.name)
+    if special is not None:
+        return torch.from_numpy(np.array(arr, copy=True).view(special[0])).view(special[1])
     return torch.from_numpy(np.array(arr, copy=True))
 
 
@@ -61,16 +68,16 @@ def _reduction_uses(graph) -> dict[str, list[tuple[str, int | None, str]]]:
             consumers.setdefault(name, []).append((node, k))
     out: dict[str, list] = {}
 
-    def visit(init: str, tensor: str, perm: list[int], depth: int) -> None:
+    def visit(init: str, tensor: str, perm: list[int], via: tuple[str, ...]) -> None:
         for node, k in consumers.get(tensor, []):
             attrs = {a.name: a for a in node.attribute}
             rank = len(perm)
             axis = None
-            if node.op_type in _PASS_THROUGH and depth < 8:
+            if node.op_type in _PASS_THROUGH and len(via) < 8:
                 p = list(attrs["perm"].ints) if "perm" in attrs else list(range(rank))[::-1]
-                if node.op_type == "Identity":
+                if node.op_type != "Transpose":  # Identity, Cast (e.g. fp16 weights cast to float32)
                     p = list(range(rank))
-                visit(init, node.output[0], [perm[i] for i in p], depth + 1)
+                visit(init, node.output[0], [perm[i] for i in p], via + (node.op_type,))
                 continue
             if node.op_type in ("Conv", "ConvInteger") and k == 1 and rank >= 3:
                 axis = 1
@@ -83,12 +90,12 @@ def _reduction_uses(graph) -> dict[str, list[tuple[str, int | None, str]]]:
             op = node.op_type
             if node.op_type == "Gemm":
                 op = f"Gemm(transB={attrs['transB'].i if 'transB' in attrs else 0})" if k == 1 else "Gemm(A)"
-            if depth:
-                op = f"Transpose->{op}"
+            if via:
+                op = "->".join(via + (op,))
             out.setdefault(init, []).append((op, None if axis is None else perm[axis], node.name))
 
     for name, rank in inits.items():
-        visit(name, name, list(range(rank)), 0)
+        visit(name, name, list(range(rank)), ())
     return out
 
 

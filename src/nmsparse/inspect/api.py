@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nmsparse.inspect.patterns import finest_pattern
+from nmsparse.inspect.patterns import Pattern, finest_pattern
 from nmsparse.inspect.report import InspectReport, TensorInfo
 from nmsparse.inspect.sources import READERS, detect
 
@@ -26,8 +26,20 @@ def inspect(path: str | os.PathLike) -> InspectReport:
             report.other_params += t.numel()
             continue
         pat = finest_pattern(t, axis if axis is not None else t.dim() - 1)
+        other = None
+        if axis == 1 and t.dim() > 2:  # a conv weight: also nmsparse's flat layout (in/groups x kernel)
+            other = (finest_pattern(t.reshape(t.shape[0], -1), 1), "in the flat layout (in x kernel)")
+        elif axis in (0, 1) and t.dim() == 2 and not pat.two_four:  # an (in, out) weight read as (out, in)?
+            other = (finest_pattern(t, 1 - axis), f"along axis {1 - axis} (a transposed layout, e.g. GPT-2's Conv1D?)")
+        if other is not None and _finer(other[0], pat):
+            note = "; ".join(v for v in (note, f"{other[0].label} {other[1]}") if v)
         report.tensors.append(TensorInfo(name, tuple(t.shape), str(t.dtype).replace("torch.", ""), axis,
-                                         pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note))
+                                         pat.label, pat.n, pat.m, pat.zeros, pat.transposable, note, pat.two_four))
     if kind == "compressed-tensors" and any(t.dtype.startswith("float8") for t in report.tensors):
         report.notes.append("FP8 weights are measured as stored (float8); their scales count as other parameters")
     return report
+
+
+def _finer(a: Pattern, b: Pattern) -> bool:
+    """``a`` is N:M and of lower density than ``b`` (or ``b`` is not N:M)."""
+    return a.n is not None and (b.n is None or a.n * b.m < b.n * a.m)

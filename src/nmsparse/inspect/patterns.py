@@ -21,13 +21,16 @@ M_CANDIDATES = (4, 8, 16)
 class Pattern:
     """``label``: "2:4", "dense", "unstructured 37.5% zeros" or "all zeros"; ``n``/``m`` when N:M;
     ``zeros``: fraction of zero entries; ``transposable``: whether the 2-D tensor is N:M along both
-    axes (None when not N:M, not 2-D, or a side is not a multiple of m)."""
+    axes (None when not N:M, not 2-D, or a side is not a multiple of m); ``two_four``: at most 2
+    non-zeros in every group of 4 along the axis (what 2:4 kernels need), true also of finer patterns
+    that are not reported as 2:4 (1:8, 2:8, 2:16...)."""
 
     label: str
     n: int | None
     m: int | None
     zeros: float
     transposable: bool | None = None
+    two_four: bool = False
 
 
 def nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -49,10 +52,12 @@ def finest_pattern(t: torch.Tensor, dim: int) -> Pattern:
         return Pattern("all zeros", None, None, 1.0)
     g = nz.movedim(dim, -1)
     best: tuple[float, int, int] | None = None
+    two_four = False
     for m in M_CANDIDATES:
         if g.shape[-1] % m:
             continue
         n = int(g.reshape(-1, m).sum(-1).max())
+        two_four = two_four or (m == 4 and n <= 2)
         if n < m and (best is None or (n / m, m) < (best[0], best[1])):
             best = (n / m, m, n)
     if best is None:
@@ -62,4 +67,4 @@ def finest_pattern(t: torch.Tensor, dim: int) -> Pattern:
     trans = None
     if nz.dim() == 2 and nz.shape[0] % m == 0 and nz.shape[1] % m == 0:
         trans = is_transposable_nm(nz, n, m)
-    return Pattern(f"{n}:{m}", n, m, zeros, trans)
+    return Pattern(f"{n}:{m}", n, m, zeros, trans, two_four)

@@ -33,6 +33,7 @@ class TensorInfo:
     zeros: float
     transposable: bool | None
     note: str = ""
+    two_four: bool = False  # at most 2 non-zeros per 4 along ``axis``: runs on 2:4 kernels
 
     @property
     def numel(self) -> int:
@@ -86,7 +87,7 @@ class InspectReport:
         if nm:
             line += (f"; stored N:M (kept values + positions) the weights take {_size(comp_b)} instead of "
                      f"{_size(dense_b)} ({100 * comp_b / dense_b:.0f}%)")
-            two_four = sum(t.numel for t in nm if (t.n, t.m) in ((2, 4), (1, 4)))
+            two_four = sum(t.numel for t in nm if t.two_four)
             if two_four:
                 line += (f"; {100 * two_four / total:.1f}% can run on 2:4 kernels (sparse tensor cores, "
                          "nmsparse's CPU kernel)")

@@ -33,8 +33,8 @@ def axis_of(name: str, t: torch.Tensor, conv1d: bool = False) -> int | None:
     leaf = name.rsplit(".", 1)[-1]
     if leaf not in ("weight", "kernel") and not name.endswith("_weight"):
         return None
-    if any(k in name for k in ("embed", "wte", "wpe", "position_embeddings", "token_type")):
-        return None
+    if t.dim() == 2 and any(k in name for k in ("embed", "wte", "wpe", "position_embeddings", "token_type")):
+        return None  # an embedding table (a conv such as ViT's patch_embeddings.projection is 3-D or more)
     return 0 if conv1d and t.dim() == 2 else 1
 
 
@@ -67,6 +67,10 @@ def compressed_tensors_folder(path: Path) -> Iterator[Item]:
     for name in sorted(set(entries) - parts | {f"{m}.weight" for m in mods}):
         mod = name[: -len(".weight")]
         if mod in mods:
+            missing = [f"{mod}.{s}" for s in bitmask.SUFFIXES if f"{mod}.{s}" not in entries]
+            if missing:
+                raise LoadError(path, f"tensor {missing[0]!r} is missing: '{mod}.compressed' needs {mod}.bitmask "
+                                      f"and {mod}.shape beside it")
             got = {s: read_tensor(entries[f"{mod}.{s}"], f"{mod}.{s}") for s in bitmask.SUFFIXES}
             try:
                 t = bitmask.decompress24(got["compressed"], got["bitmask"], got["shape"], mod)
@@ -154,17 +158,17 @@ def onnx_file(path: Path) -> Iterator[Item]:
         from onnx import numpy_helper
     except ImportError:
         raise LoadError(path, "reading ONNX needs the onnx package (pip install 'nmsparse[onnx]')") from None
-    from nmsparse.export.onnx_check import _reduction_uses
+    from nmsparse.export.onnx_check import _reduction_uses, _to_torch
 
-    try:
-        model = onnx.load(str(path))
+    try:  # the graph only: external data is read one initializer at a time below
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and others
         raise LoadError(path, f"is not a readable ONNX model ({type(e).__name__})") from None
     uses = _reduction_uses(model.graph)
     for init in sorted(model.graph.initializer, key=lambda i: i.name):
         try:
-            t = torch.from_numpy(numpy_helper.to_array(init, base_dir=str(path.parent)).copy())
-        except Exception as e:  # noqa: BLE001 - missing external data, bad raw bytes
+            t = _to_torch(numpy_helper.to_array(init, base_dir=str(path.parent)))
+        except Exception as e:  # noqa: BLE001 - missing external data, bad raw bytes, a dtype torch lacks
             raise LoadError(path, f"initializer {init.name!r} cannot be read ({type(e).__name__}: {e})") from None
         axes = [a for _, a, _ in uses.get(init.name, []) if a is not None]
         yield init.name, t, (axes[0] if axes and t.dim() >= 2 else None), uses[init.name][0][0] if axes else ""
@@ -183,7 +187,10 @@ def detect(path: Path) -> str:
                 return "compressed-tensors"
         if (path / SINGLE).is_file() or (path / INDEX).is_file():
             return "hf-folder"
-        raise LoadError(path, f"is a folder without {SINGLE} or {INDEX}: not a Hugging Face model folder")
+        files = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".pt", ".onnx"))
+        more = ", ..." if len(files) > 4 else ""
+        hint = f" (it holds {', '.join(files[:4])}{more}: inspect one of those)" if files else ""
+        raise LoadError(path, f"is a folder without {SINGLE} or {INDEX}: not a Hugging Face model folder{hint}")
     if not path.exists():
         raise LoadError(path, "not found")
     try:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmsparse.export.files import FormatError
 from nmsparse.integrations.compressed_tensors import bitmask
 from nmsparse.integrations.compressed_tensors.folder import Entry, fail, read_tensor, weight_map
 from nmsparse.integrations.compressed_tensors.scheme import Scheme, parse
@@ -31,6 +32,10 @@ _FLOAT_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def read_scheme(folder: Path) -> tuple[dict, Scheme]:
     """``(config.json as a dict, its parsed Scheme)``; ``FormatError`` for a folder we cannot read."""
     cfg_path = folder / "config.json"
+    if not folder.exists():
+        raise fail(folder, "not found")
+    if not folder.is_dir():
+        raise fail(folder, "is a file: give the model folder (config.json and its safetensors files)")
     if not cfg_path.is_file():
         raise fail(folder, "has no config.json: not a Hugging Face model folder")
     try:
@@ -57,7 +62,14 @@ def load(folder: str | os.PathLike, model_class: Any = None) -> nn.Module:
     cfg, scheme = read_scheme(folder)
     entries = weight_map(folder)
     model = _skeleton(folder, cfg, model_class)
-    plan = _plan(folder, model, scheme, entries)
+    try:
+        plan = _plan(folder, model, scheme, entries)
+    except FormatError as e:  # often the wrong model class for the folder: say which class it records
+        archs = cfg.get("architectures")
+        if isinstance(archs, list) and archs and type(model).__name__ not in archs:
+            raise FormatError(f"{e} (config.json records architectures {archs}: pass model_class="
+                              f"transformers.{archs[0]})", path=e.path) from None
+        raise
     new = _read(folder, model, plan, entries)
     _assign(folder, model, new)
     if plan["fp8"]:

@@ -98,6 +98,10 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
             report.compressed.append(name)
         else:
             report.dense[name] = why
+    for name, mod in model.named_modules():  # weight layers the format cannot store compressed
+        if type(mod).__name__ == "Conv1D" and getattr(getattr(mod, "weight", None), "dim", lambda: 0)() == 2:
+            report.dense[name] = ("transformers Conv1D (weight stored (in, out)), not nn.Linear: sparse-24-bitmask "
+                                  "readers compress Linear layers only")
     if not report.compressed:
         raise ValueError(f"{type(model).__name__} has no Linear layer whose weight is 2:4 along its input features "
                          f"({'; '.join(f'{k}: {v}' for k, v in list(report.dense.items())[:3])}); prune or "
@@ -108,8 +112,10 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     config = model.config.to_dict()
     dtype = str(model.get_submodule(report.compressed[0]).weight.dtype).replace("torch.", "")
     config["dtype"] = dtype  # the stored weights' dtype, which readers build the model in
+    config["architectures"] = [type(model).__name__]  # as save_pretrained records it: vLLM picks the class by it
     _compat(config)
-    config["quantization_config"] = sparsity_entry(sorted(report.dense), round(zeros / max(total, 1), 4))
+    ignore = sorted(k for k in report.dense if isinstance(model.get_submodule(k), nn.Linear))  # targets: Linear
+    config["quantization_config"] = sparsity_entry(ignore, round(zeros / max(total, 1), 4))
     created = not folder.exists()
     tmp = staging_dir(folder)  # inside folder: a killed save leaves nothing beside it (the next one cleans up)
     try:
@@ -136,6 +142,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
 def _tensors(model: nn.Module, compressed: set[str], report: SaveReport) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    storages: set[int] = set()
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:  # a tied second name: save_pretrained stores the tensor once
             continue
@@ -149,7 +156,11 @@ def _tensors(model: nn.Module, compressed: set[str], report: SaveReport) -> dict
                 out[f"{mod}.{s}"] = v
                 report.nbytes += v.numel() * v.element_size()
         else:
-            out[key] = t.clone()
+            store = t.untyped_storage()
+            whole = t.storage_offset() == 0 and store.nbytes() == t.numel() * t.element_size()
+            # no copy of the model's tensors: only a view, or a second tensor on one storage, is copied
+            out[key] = t if whole and store.data_ptr() not in storages else t.clone()
+            storages.add(store.data_ptr())
             report.nbytes += t.numel() * t.element_size()
     return out
 
