@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["nmsparse.training.cli", "nmsparse.reproduce.cli", "nmsparse.prune.cli", "nmsparse.export.cli"]
+COMMANDS = ["nmsparse.training.cli", "nmsparse.reproduce.cli", "nmsparse.prune.cli", "nmsparse.export.cli",
+            "nmsparse.distill.cli"]
 
 
 class _Parser(argparse.ArgumentParser):
