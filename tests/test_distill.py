@@ -139,12 +139,21 @@ def test_a_checkpoint_of_other_settings_or_damaged_is_refused_with_the_student_u
                          out=tmp_path / "d", resume=True, progress=False)
     assert not any(True for _ in sparse_tensors(student))  # untouched: not even sparsified
     path = tmp_path / "d" / "checkpoint.pt"
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    state = torch.load(path, weights_only=True)
+    state["model"]["head.bias"] += 1  # a changed value under the old checksum
+    torch.save(state, path)
+    kw = dict(steps=2, lr=1e-2, nm=(2, 4), select=SEL, dropout=True, out=tmp_path / "d", resume=True, progress=False)
+    with pytest.raises(LoadError, match="cannot resume from .*checkpoint.pt: is corrupted"):
+        nmsparse.distill(student, teacher, data(3), **kw)
+    path.write_bytes(path.read_bytes()[:200])  # truncated
     with pytest.raises(LoadError, match="cannot resume from .*checkpoint.pt"):
-        nmsparse.distill(student, teacher, data(3), steps=2, lr=1e-2, nm=(2, 4), select=SEL, dropout=True,
-                         out=tmp_path / "d", resume=True, progress=False)
+        nmsparse.distill(student, teacher, data(3), **kw)
+    torch.save({"format": 1, "kind": "distill"}, path)
+    with pytest.raises(LoadError, match="damaged distillation checkpoint \\(entry 'step'"):
+        nmsparse.distill(student, teacher, data(3), **kw)
+    torch.save({"epoch": 1}, path)
+    with pytest.raises(LoadError, match="not an nmsparse distillation checkpoint"):
+        nmsparse.distill(student, teacher, data(3), **kw)
     assert not any(True for _ in sparse_tensors(student))
 
 

@@ -39,7 +39,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read and verify a distillation checkpoint (no pickled code runs). Raises
     :class:`~nmsparse.errors.LoadError` naming ``path`` for a file that is unreadable, damaged
     (checksum), of another format or kind, or missing an entry."""
-    state = read_torch(path)
+    try:
+        state = read_torch(path)
+    except LoadError as e:
+        raise e.with_hint(HINT, action="cannot resume from") from e
     if not isinstance(state, dict) or state.get("kind") != KIND:
         raise LoadError(path, "is not an nmsparse distillation checkpoint (no kind='distill' entry)", HINT,
                         action="cannot resume from")
