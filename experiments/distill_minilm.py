@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="checkpoint folder (resume with --resume)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", default=None, help="JSON results")
+    ap.add_argument("--pruned-cache", default=None,
+                    help="safetensors file: load the one-shot model from it if it exists, else write it there")
     args = ap.parse_args()
     n, m = (int(v) for v in args.nm.split(":"))
 
@@ -105,9 +107,21 @@ def main() -> None:
     t_all = time.perf_counter()
     student = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    nmsparse.prune(student, n, m, method=args.prune, calib=batches(tok, calib_s, 32, args.max_length),
-                   include="encoder.*", keep_dense=(), progress=False)
-    t_prune = time.perf_counter() - t0
+    cache = Path(args.pruned_cache) if args.pruned_cache else None
+    if cache is not None and cache.is_file():  # the same one-shot model, pruned by an earlier run
+        from safetensors.torch import load_file
+
+        student.load_state_dict(load_file(cache))
+        t_prune = float(json.loads(cache.with_suffix(".json").read_text())["prune_s"])
+    else:
+        nmsparse.prune(student, n, m, method=args.prune, calib=batches(tok, calib_s, 32, args.max_length),
+                       include="encoder.*", keep_dense=(), progress=False)
+        t_prune = time.perf_counter() - t0
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in student.state_dict().items()}, cache)
+            cache.with_suffix(".json").write_text(json.dumps({"prune_s": t_prune, "args": vars(args)}))
     record(f"{args.prune} one-shot", student, t_prune)
 
     def log(line: str) -> None:

@@ -34,6 +34,7 @@ from nmsparse.distill.blocks import BlockOutputs, find_blocks
 from nmsparse.distill import losses as L
 from nmsparse.errors import LoadError
 from nmsparse.layout import layer_is_nm
+from nmsparse.lora.masks import lora_masks
 from nmsparse.nmmasks import check_nm
 from nmsparse.progress import Progress, resolve
 from nmsparse.sparsify import finalize, masks, sparse_tensors, sparsify
@@ -87,11 +88,11 @@ def _attention_mask(x: Any) -> torch.Tensor | None:
 
 def _prepare_student(student: nn.Module, nm: Any, method: str, decay: float, select: Mapping | None) -> None:
     """Make ``student`` N:M with ``method`` when it is not already (see :func:`distill`)."""
-    have = list(sparse_tensors(student))
+    have = list(sparse_tensors(student)) or lora_masks(student)
     if have:
         if nm is not None or select:
-            raise ValueError("the student is already N:M (nmsparse.sparsify): pass neither nm nor select, its "
-                             "masks and method are used as they are")
+            raise ValueError("the student is already N:M (nmsparse.sparsify or nmsparse.lora): pass neither nm nor "
+                             "select, its masks and method are used as they are")
         return
     if nm is None:
         raise ValueError("the student has no N:M layer: pass nm=(n, m) (its masks are then taken from its "
@@ -185,6 +186,10 @@ def distill(
     ``log_every`` steps, ``on_log(record)`` the record then, after that step's checkpoint (it may
 evaluate the student: train mode is set again after it). ``out``/``resume``/``checkpoint_every``: see the module doc.
 
+    A student with N:M LoRA layers (:func:`nmsparse.lora.get_nm_peft_model`) trains its adapters
+    (``method`` ``"lora"``; their masks are checked unchanged) and is not finalized: merge it with
+    :func:`nmsparse.lora.merge`.
+
     Returns a :class:`DistillReport`; the student is finalized when ``finalize_student``. Every
     argument is checked before the student is touched; a checkpoint that does not fit raises
     :class:`~nmsparse.errors.LoadError` with the student unchanged.
@@ -203,9 +208,10 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
     if hidden_weight > 0 and not names:
         raise ValueError(f"{type(teacher).__name__} has no repeated blocks to match hidden states on: pass "
                          "hidden_weight=0 or blocks=[module names]")
-    for model, who in ((teacher, "teacher"), (student, "student")):
+    student_names = [_resolve(student, b) for b in names]
+    for model, who, wanted in ((teacher, "teacher", names), (student, "student", student_names)):
         mods = dict(model.named_modules())
-        missing = [b for b in names if b not in mods]
+        missing = [b for b in wanted if b not in mods]
         if missing:
             raise ValueError(f"the {who} ({type(model).__name__}) has no module named {missing[0]!r} (blocks): "
                              "student and teacher must have the same architecture")
@@ -218,7 +224,8 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
     def setup(model: nn.Module):
         _prepare_student(model, nm, method, decay, select)
         layers = list(sparse_tensors(model))
-        config = dict(settings, method=layers[0][3].method, nm=[layers[0][3].n, layers[0][3].m])
+        config = dict(settings, method=layers[0][3].method if layers else "lora",
+                      nm=[layers[0][3].n, layers[0][3].m] if layers else None)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         warm = min(steps, round(warmup * steps))
@@ -242,7 +249,7 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
 
     torch.manual_seed(seed)
     report = DistillReport(steps=0, layers=len(layers), method=method_used)
-    start_masks = masks(student)
+    start_masks = _all_masks(student)
     if saved is not None:
         student.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -250,7 +257,8 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
         ckpt.set_rng_state(saved["rng"])
         report.records = list(saved["records"])
         report.steps = report.resumed_from = saved["step"]
-        if method_used == "fixed" and any(not torch.equal(start_masks[k], v) for k, v in masks(student).items()):
+        if method_used in ("fixed", "lora") and any(not torch.equal(start_masks[k], v)
+                                                   for k, v in _all_masks(student).items()):
             raise ValueError(f"the checkpoint in {out_dir} holds other fixed masks than this student's: resume "
                              "from the same starting student")
     elif out_dir is not None:
@@ -277,7 +285,7 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
     t0 = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64)
     count = 0
-    with BlockOutputs(teacher, names) as t_hooks, BlockOutputs(student, names) as s_hooks:
+    with BlockOutputs(teacher, names) as t_hooks, BlockOutputs(student, student_names) as s_hooks:
         while report.steps < steps:
             epoch, i = divmod(report.steps, len(data))
             x = _to(_inputs(data[_batch_order(len(data), seed, epoch)[i]]), device)
@@ -291,7 +299,8 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
             lo = L.output_loss(kind, s_out, t_out, am, temperature) if kind != "none" else s_out.new_zeros(())
             lh = s_out.new_zeros(())
             if names:
-                lh = sum(L.hidden_loss(s_hooks.outputs[n], t_hooks.outputs[n], am) for n in names) / len(names)
+                lh = sum(L.hidden_loss(s_hooks.outputs[sn], t_hooks.outputs[n], am)
+                         for n, sn in zip(names, student_names)) / len(names)
             loss = output_weight * lo + hidden_weight * lh
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -324,12 +333,12 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
     bar.close()
     _check_nm(student)
     report.nm_checks += 1
-    if method_used == "fixed":
-        now = masks(student)
+    if method_used in ("fixed", "lora"):
+        now = _all_masks(student)
         report.masks_unchanged = all(torch.equal(start_masks[k], now[k]) for k in start_masks)
         if not report.masks_unchanged:  # a bug, never the user's doing
             raise RuntimeError("a fixed mask changed during distillation")
-    if finalize_student:
+    if finalize_student and method_used != "lora":
         student.eval()
         finalize(student)
         for full, n, m, layout in [(f, p.n, p.m, p.layout) for f, _, _, p in layers]:
@@ -345,6 +354,21 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
             ckpt.atomic_write(out_dir / "final.safetensors", lambda f: f.write(data_bytes))
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _all_masks(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of the student's N:M layers: :func:`nmsparse.masks` and those of N:M LoRA layers."""
+    return {**masks(student), **{f"lora:{k}": v for k, v in lora_masks(student).items()}}
+
+
+def _resolve(student: nn.Module, name: str) -> str:
+    """The student's module for the teacher's block ``name``: the same name, or the one module whose
+    name ends with ``.name`` (a wrapped student, e.g. peft's ``base_model.model.`` prefix)."""
+    mods = dict(student.named_modules())
+    if name in mods:
+        return name
+    found = [k for k in mods if k.endswith("." + name)]
+    return found[0] if len(found) == 1 else name
 
 
 def _train_mode(student: nn.Module, dropout: bool) -> None:
