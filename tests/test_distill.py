@@ -157,6 +157,15 @@ def test_a_checkpoint_of_other_settings_or_damaged_is_refused_with_the_student_u
     assert not any(True for _ in sparse_tensors(student))
 
 
+def test_a_checkpoint_of_other_fixed_masks_is_refused(tmp_path):
+    _run(tmp_path / "f", steps=2)
+    student, teacher = pair(seed=5)  # another pruned model of the same shape: other masks
+    with pytest.raises(LoadError, match="other fixed masks than this student's"):
+        nmsparse.distill(student, teacher, data(3), steps=2, lr=1e-2, nm=(2, 4), select=SEL, dropout=True,
+                         out=tmp_path / "f", resume=True, progress=False)
+    assert not any(True for _ in sparse_tensors(student))
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     _run(tmp_path / "e", steps=2)
     student, teacher = pair()

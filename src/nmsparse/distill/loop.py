@@ -190,7 +190,8 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
     (``method`` ``"lora"``; their masks are checked unchanged) and is not finalized: merge it with
     :func:`nmsparse.lora.merge`.
 
-    Returns a :class:`DistillReport`; the student is finalized when ``finalize_student``. Every
+    Returns a :class:`DistillReport`; the student is left in eval mode, finalized when
+    ``finalize_student``. Every
     argument is checked before the student is touched; a checkpoint that does not fit raises
     :class:`~nmsparse.errors.LoadError` with the student unchanged.
     """
@@ -239,6 +240,11 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
         probe = copy.deepcopy(student)
         _, p_config, _, p_opt, _ = setup(probe)
         why = dstate.mismatch(saved, p_config, probe, p_opt)
+        if why is None and p_config["method"] in ("fixed", "lora"):
+            fresh = _all_masks(probe)
+            probe.load_state_dict(saved["model"])
+            if any(not torch.equal(fresh[k], v) for k, v in _all_masks(probe).items()):
+                why = "it holds other fixed masks than this student's (resume from the same starting student)"
         if why:
             hint = dstate.SETTINGS_HINT if why.startswith("was made") else dstate.HINT
             raise LoadError(out_dir / dstate.CHECKPOINT, why, hint, action="cannot resume from")
@@ -257,10 +263,6 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
         ckpt.set_rng_state(saved["rng"])
         report.records = list(saved["records"])
         report.steps = report.resumed_from = saved["step"]
-        if method_used in ("fixed", "lora") and any(not torch.equal(start_masks[k], v)
-                                                   for k, v in _all_masks(student).items()):
-            raise ValueError(f"the checkpoint in {out_dir} holds other fixed masks than this student's: resume "
-                             "from the same starting student")
     elif out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in (dstate.CHECKPOINT, "metrics.jsonl", "final.safetensors"):
@@ -338,8 +340,8 @@ evaluate the student: train mode is set again after it). ``out``/``resume``/``ch
         report.masks_unchanged = all(torch.equal(start_masks[k], now[k]) for k in start_masks)
         if not report.masks_unchanged:  # a bug, never the user's doing
             raise RuntimeError("a fixed mask changed during distillation")
+    student.eval()
     if finalize_student and method_used != "lora":
-        student.eval()
         finalize(student)
         for full, n, m, layout in [(f, p.n, p.m, p.layout) for f, _, _, p in layers]:
             mod_name, _, tname = full.rpartition(".")
