@@ -4,10 +4,11 @@ student closer to its teacher, exact resume from checkpoints, and one clear erro
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import nmsparse
@@ -249,3 +250,19 @@ def test_auto_output_loss_by_output_kind():
     assert L.resolve_kind("auto", "tensor", x) == "mse"
     with pytest.raises(ValueError, match="cannot find the output"):
         L.output_tensor({"foo": 1})
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 4), t=st.integers(1, 6), h=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_masked_losses_equal_the_losses_of_the_kept_tokens_only(b, t, h, seed):
+    g = torch.Generator().manual_seed(seed)
+    s, te = torch.randn(b, t, h, generator=g), torch.randn(b, t, h, generator=g)
+    am = (torch.rand(b, t, generator=g) < 0.6).long()
+    am[:, 0] = 1  # every row keeps a token
+    keep = am.bool()
+    assert torch.allclose(L.hidden_loss(s, te, am), (s - te)[keep].pow(2).sum() / te[keep].pow(2).sum(), atol=1e-6)
+    # padded positions do not matter: changing them leaves both losses as they were
+    s2 = s.clone()
+    s2[~keep] = 1e3
+    assert torch.allclose(L.hidden_loss(s2, te, am), L.hidden_loss(s, te, am))
+    assert torch.allclose(L.output_loss("cosine", s2, te, am), L.output_loss("cosine", s, te, am), atol=1e-6)
