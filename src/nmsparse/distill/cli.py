@@ -27,7 +27,7 @@ CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoMod
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="recover an N:M transformers model by distillation from its dense original",
-                       description=__doc__.split("\n\n")[0] + " " + " ".join(__doc__.split("\n\n")[2].split()),
+                       description=" ".join(" ".join(__doc__.split("\n\n")[i].split()) for i in (0, 2)).replace("``", ""),
                        formatter_class=HelpFormatter)
     p.add_argument("--student", required=True, help="save_pretrained folder of the pruned (or sparsified) model")
     p.add_argument("--teacher", required=True, help="save_pretrained folder of the dense model (and its tokenizer)")
