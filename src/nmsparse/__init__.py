@@ -4,6 +4,7 @@ N always means the number of weights **kept** in every group of M consecutive we
 layer's reduction dimension (2:4 keeps 2 of every 4).
 """
 
+from nmsparse.distill import DistillReport, distill
 from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
 from nmsparse.errors import LoadError, WriteError
 from nmsparse.kernels import NMLinear, NMLinearReport, to_nm_linear
@@ -38,6 +39,8 @@ __all__ = [
     "SADRecord",
     "SADTracker",
     "SparsityReport",
+    "distill",
+    "DistillReport",
     "diversity_log10",
     "InspectReport",
     "inspect",

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS = ["nmsparse.training.cli", "nmsparse.reproduce.cli", "nmsparse.prune.cli", "nmsparse.export.cli",
-            "nmsparse.inspect.cli"]
+            "nmsparse.inspect.cli", "nmsparse.distill.cli"]
 
 
 class _Parser(argparse.ArgumentParser):
