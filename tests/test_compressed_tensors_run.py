@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from nmsparse import semi_structured_plan, to_nm_linear, to_semi_structured  # noqa: E402
 from nmsparse.integrations.compressed_tensors import load  # noqa: E402
 from nmsparse.kernels import EmulatedOps  # noqa: E402
+from nmsparse.kernels.cpu_select import choose  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "compressed_tensors"
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
@@ -33,7 +34,10 @@ def _stranded(name):
 def test_cpu_kernel_reproduces_the_dense_model(name):
     model = _stranded(name)
     dense = copy.deepcopy(model)
-    report = to_nm_linear(model, 2, 4, min_weights=0)
+    # tune=False: the fixture's layers are tiny, so timing at conversion would (rightly) keep them dense
+    report = to_nm_linear(model, 2, 4, min_weights=0, tune=False)
+    if choose(4, model.lm_head.weight.dtype).path == "dense":
+        pytest.skip("no N:M kernel for this CPU: every layer stays dense")
     assert len(report.converted) == 14 and "lm_head" in {c.name for c in report.dense}
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, dense(IDS).logits)

@@ -369,8 +369,6 @@ def test_cli_onnx_option_errors(ckpt, tmp_path, capsys):
         (["--checkpoint", ckpt[0], "--format", "onnx", "--seq-len", "4"], "--seq-len applies to --hf-model text models"),
         (["--hf-model", tmp_path / "hf", "--format", "onnx", "--seq-len", "17"],
          r"--seq-len 17 exceeds the model's max_position_embeddings \(16\)"),
-        (["--hf-model", tmp_path / "hf", "--format", "onnx", "--seq-len", "1"],  # was torch.export's SymBool error
-         r"--seq-len 1 with a dynamic sequence axis: .*pass --seq-len 2 or more"),
     ]
     import re
 
@@ -383,9 +381,14 @@ def test_cli_onnx_option_errors(ckpt, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_a_dynamic_axis_the_exporter_fixed_is_an_error(tmp_path):
-    """LLaMA called with input_ids of batch 1 and no attention_mask: torch.export silently fixes the batch
-    to 1. That is an error naming the axis (even with check=False), not a file that takes batch 1 only."""
+def test_a_dynamic_axis_the_exporter_fixed_is_an_error(tmp_path, monkeypatch):
+    """LLaMA called with input_ids of batch 1 and no attention_mask: torch.export fixes an axis traced at size
+    1. export_onnx traces such axes at 2 (test_example_of_batch_1_still_gives_a_dynamic_batch); should an axis
+    be fixed all the same, that is an error naming the axis (even with check=False), not a file that takes
+    one size only. Here the widening is switched off to reach that check."""
+    from nmsparse.export import onnx_io
+
+    monkeypatch.setattr(onnx_io.GraphInputs, "widened", lambda self: list(self.tensors))
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -396,18 +399,21 @@ def test_a_dynamic_axis_the_exporter_fixed_is_an_error(tmp_path):
     assert os.listdir(tmp_path) == []  # with the attention_mask it exports: test_cli_hf_causal_lm_and_vision_models
 
 
-def test_one_token_example_with_a_dynamic_sequence_says_what_to_do(tmp_path):
-    """transformers' SDPA takes is_causal = (sequence > 1): traced at 1 token it is a SymBool and
-    torch.export fails; the error says to trace with 2 or more (or dynamic=False)."""
+def test_one_token_example_with_a_dynamic_sequence_serves_longer_ones(tmp_path):
+    """transformers' SDPA takes is_causal = (sequence > 1): traced at 1 token torch.export failed. The
+    sequence axis is traced at 2 tokens; the file is checked at the example's 1 token and serves 7."""
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.zeros(2, 1, dtype=torch.long)
-    with pytest.raises(RuntimeError, match=r"LlamaForCausalLM: TypeError: scaled_dot_product_attention\(\): "
-                       r"argument 'is_causal' must be bool, not SymBool; pass dynamic=False .* or trace with an "
-                       r"example of size 2 or more along the dynamic axis 'sequence'"):
-        export_onnx(model, (), tmp_path / "m.onnx", n=2, m=4, example_kwargs={"input_ids": ids})
-    assert os.listdir(tmp_path) == []
+    report = export_onnx(model, (), tmp_path / "m.onnx", n=2, m=4, example_kwargs={"input_ids": ids})
+    assert report.runs[0]["sizes"] == {"batch": 2, "sequence": 1}
+    longer = torch.randint(0, 32, (3, 7), generator=torch.Generator().manual_seed(1))
+    got = session(tmp_path / "m.onnx").run(None, {"input_ids": longer.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(input_ids=longer, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_cli_hf_causal_lm_and_vision_models(tmp_path, capsys):

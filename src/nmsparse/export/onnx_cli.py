@@ -54,10 +54,6 @@ def check_options(args: argparse.Namespace) -> None:
     _positive("--seq-len", args.seq_len, DEFAULT_SEQ_LEN)
     if args.seq_len is not None and not args.hf_model:
         raise ValueError("--seq-len applies to --hf-model text models only (a --checkpoint model takes images)")
-    if args.seq_len is not None and _positive("--seq-len", args.seq_len, DEFAULT_SEQ_LEN) == 1 and not args.static:
-        raise ValueError("--seq-len 1 with a dynamic sequence axis: transformers' attention traces a one-token "
-                         "path that torch.export cannot export; pass --seq-len 2 or more (the file still takes "
-                         "any length), or --static for a file of exactly 1 token")
 
 
 def _hf_example(model: nn.Module, batch: int, seq_len: int, seq_len_given: bool,
