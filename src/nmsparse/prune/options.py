@@ -166,8 +166,8 @@ def resolve(method: object, given: dict[str, Any]) -> MethodOptions:
 
 @dataclasses.dataclass(frozen=True)
 class BlockReconstruct:
-    """Block-wise reconstruction after a block's masks are chosen: Adam over the block's kept weights
-    and its biases (and norm parameters when ``norms``) jointly, masks fixed, on the mean squared
+    """Block-wise reconstruction after a block's masks are chosen: Adam over all the block's parameters
+    jointly (kept weights, biases, norms; pruned positions stay zero), on the mean squared
     error between the pruned block's output and the target on the cached calibration inputs.
 
     ``target="dense"``: the dense block's output on the same inputs (the pruned model's inputs to
@@ -184,7 +184,6 @@ class BlockReconstruct:
     eval_every: int = 10
     patience: int = 5
     target: str = "dense"
-    norms: bool = True
 
     def __post_init__(self) -> None:
         _positive("BlockReconstruct", "steps", self.steps, integer=True, allow_zero=True)
@@ -196,8 +195,6 @@ class BlockReconstruct:
             raise ValueError(f"BlockReconstruct: held_out must be a fraction in [0, 1), got {self.held_out!r}")
         if self.target not in ("dense", "teacher"):
             raise ValueError(f"BlockReconstruct: target must be 'dense' or 'teacher', got {self.target!r}")
-        if not isinstance(self.norms, bool):
-            raise ValueError(f"BlockReconstruct: norms must be True or False, got {self.norms!r}")
 
 
 def resolve_reconstruct(value: object) -> BlockReconstruct | None:
