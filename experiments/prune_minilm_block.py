@@ -140,8 +140,11 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=None, help="SparseGPT dampening")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.nm_pair = tuple(int(v) for v in args.nm.split(":"))
     if args.methods is None:
         args.methods = "wanda,sparsegpt" if args.what == "time" else ",".join(METHODS)
