@@ -287,7 +287,8 @@ def minilm_worker(args) -> dict:
 
 
 def _minilm_summary(results: list[dict]) -> str:
-    lines = ["| tool | runs | wall s median [min, max] | CPU s median [min, max] | peak RSS MiB | cosine | N:M groups ok |",
+    lines = ["| tool | runs | wall s median [min, max] | CPU s median [min, max] | peak RSS MiB | cosine "
+             "| N:M groups ok |",
              "|---|---|---|---|---|---|---|"]
     for tool in dict.fromkeys(r["tool"] for r in results):
         ok = [r for r in results if r["tool"] == tool and r["ok"]]

@@ -84,7 +84,8 @@ def run_time(args) -> dict:
     for method in args.methods.split(","):
         for sequential in (False, True):
             t = [r["prune_s"] for r in runs if r["method"] == method and r["sequential"] == sequential]
-            summary[f"{method} sequential={sequential}"] = {"median": statistics.median(t), "min": min(t), "max": max(t)}
+            summary[f"{method} sequential={sequential}"] = {"median": statistics.median(t), "min": min(t),
+                                                            "max": max(t)}
         a = [r["prune_s"] for r in runs if r["method"] == method and not r["sequential"]]
         b = [r["prune_s"] for r in runs if r["method"] == method and r["sequential"]]
         summary[f"{method} speed-up"] = statistics.median(x / y for x, y in zip(a, b))

@@ -315,7 +315,7 @@ def _check_replayable(model, runs, why, calib) -> None:
             why[r.path] = str(e)
     ok = [r for r in block_runs if r.path not in why]
     if not ok:
-        reasons = "; ".join(f"{k}: {v}" for k, v in why.items()) or "no nn.ModuleList of identical blocks holds a pruned layer"
+        reasons = "; ".join(f"{k}: {v}" for k, v in why.items()) or seq.NO_BLOCKS
         raise ValueError(f"reconstruct='block' needs repeated blocks that can be run one by one ({reasons}); "
                          "use reconstruct=None")
 
