@@ -135,7 +135,7 @@ def test_reconstruct_needs_blocks_and_leaves_the_model_untouched():
     model, batches, _ = build("cnn")
     before = _weights(model)
     with pytest.raises(ValueError, match=r"^reconstruct='block' needs repeated blocks that can be run one by one "
-                                         r"\(model: no nn\.ModuleList of identical blocks.*use reconstruct=None$"):
+                                         r"\(model: no nn\.ModuleList or nn\.Sequential of identical blocks.*use reconstruct=None$"):
         nmsparse.prune(model, 2, 4, method="sparsegpt", calib=batches, keep_dense=(), reconstruct="block")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

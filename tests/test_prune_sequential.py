@@ -116,6 +116,20 @@ def test_unreplayable_blocks_fall_back_with_the_reason(cls, why):
     assert why in rep.settings["sequential"]["whole_model"]["blocks"]
 
 
+@pytest.mark.parametrize("name,path", [("vit", "blocks"), ("resnet", None)])
+def test_training_models(name, path):
+    """nmsparse.training.models: the ViT's nn.Sequential of identical blocks runs block by block; the
+    ResNet's stages differ (and hold one block each: a run of one block per stage)."""
+    models = pytest.importorskip("nmsparse.training.models")
+    torch.manual_seed(0)
+    model = models.build_model(name, image_size=8, in_channels=1, num_classes=10).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(2)]
+    rep = _same_prune(model, batches, nmsparse.SparseGPT())
+    if path is not None:
+        assert list(rep.settings["sequential"]["blocks"]) == [path]
+
+
 def test_sequential_off_is_recorded():
     model, batches, _ = build("bert")
     rep = nmsparse.prune(model, 2, 4, method="wanda", calib=batches, sequential=False)

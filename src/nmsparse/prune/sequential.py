@@ -1,7 +1,7 @@
 """Sequential calibration: run the model block by block instead of once per pruned layer.
 
-A model's repeated blocks are an ``nn.ModuleList`` of modules of one type with the same parameter
-names and shapes (BERT's ``encoder.layer``, a ViT's or LLaMA's layers, ``nn.TransformerEncoder``'s
+A model's repeated blocks are an ``nn.ModuleList`` (or ``nn.Sequential``) of modules of one type with
+the same parameter names and shapes (BERT's ``encoder.layer``, a ViT's or LLaMA's layers, ``nn.TransformerEncoder``'s
 ``layers``). :func:`plan` splits the pruned layers, in forward order, into *runs*: the layers of one
 such list, contiguous in the forward order, and everything else ("loose" layers, pruned as before:
 one calibration pass through the whole model per layer group).
@@ -33,7 +33,7 @@ from torch import nn
 
 from nmsparse.prune import calibration
 
-NO_BLOCKS = "no nn.ModuleList of identical blocks (same type, same parameter shapes) holds a pruned layer"
+NO_BLOCKS = "no nn.ModuleList or nn.Sequential of identical blocks (same type, same parameter shapes) holds a pruned layer"
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
@@ -67,12 +67,12 @@ def _signature(mod: nn.Module) -> tuple:
 
 
 def block_lists(model: nn.Module, names: Iterable[str]) -> dict[str, nn.ModuleList]:
-    """The outermost ``nn.ModuleList``s of ``model`` whose modules share one type and one state-dict
-    signature and that hold at least one of ``names`` (module names), by module path."""
+    """The outermost ``nn.ModuleList``s / ``nn.Sequential``s of ``model`` whose modules share one type and
+    one state-dict signature and that hold at least one of ``names`` (module names), by module path."""
     names = list(names)
     found: dict[str, nn.ModuleList] = {}
     for path, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) == 0:
             continue
         if any(path.startswith(p + ".") for p in found):
             continue  # inside a block list already found (e.g. a block's experts)
