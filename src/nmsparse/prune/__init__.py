@@ -16,9 +16,9 @@ model's masks (every surviving weight is kept) and training updates only the kep
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
-import math
 import time
 import warnings
 from typing import Iterable
@@ -28,19 +28,29 @@ from torch import nn
 
 from nmsparse.layout import check_layout, target_is_nm
 from nmsparse.nmmasks import check_nm
-from nmsparse.prune import calibration
+from nmsparse.prune import calibration, options
+from nmsparse.prune import sequential as seq
 from nmsparse.prune.adaprune import adam_solve, exact_solve
 from nmsparse.prune.geometry import LayerGeometry, im2col
 from nmsparse.prune.magnitude import magnitude_score, select, transposable_fn
+from nmsparse.prune.options import (UNSET, AdaPrune, BlockReconstruct, Magnitude, MethodOptions, SparseGPT,
+                                    Wanda)
+from nmsparse.prune.reconstruct import refit_block
 from nmsparse.prune.sparsegpt import sparsegpt
 from nmsparse.prune.wanda import wanda_score
 from nmsparse.selection import KEEP_DENSE, Patterns, SparsityReport, plan
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "adaprune")
+METHODS = options.METHODS
 NEEDS_CALIB = ("wanda", "sparsegpt", "adaprune")
-SOLVERS = ("exact", "adam")
+SOLVERS = options.SOLVERS
 
 __all__ = [
+    "AdaPrune",
+    "BlockReconstruct",
+    "Magnitude",
+    "MethodOptions",
+    "SparseGPT",
+    "Wanda",
     "METHODS",
     "SOLVERS",
     "LayerResult",
@@ -124,66 +134,65 @@ class PruneReport(SparsityReport):
         return "\n".join(lines)
 
 
-def _check_choice(what: str, value: object, choices: tuple) -> str:
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def _check_positive(what: str, value: object, integer: bool = False, allow_zero: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int,) if integer else (int, float))
-    if ok:
-        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)  # type: ignore[arg-type]
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{what} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
 def prune(
     model: nn.Module,
     n: int,
     m: int,
     *,
-    method: str,
+    method: str | MethodOptions,
     calib: Iterable | None = None,
     transposable: bool = False,
     layout: str = "channels",
     include: Patterns = None,
     exclude: Patterns = None,
     keep_dense: Iterable[str] = KEEP_DENSE,
-    solver: str = "exact",
-    damp: float = 0.01,
+    solver: str = UNSET,
+    damp: float = UNSET,
     keep_zeros: bool = True,
-    iterations: int = 1000,
-    batch_size: int = 50,
-    lr: float = 1e-3,
-    bias_lr: float = 1e-2,
-    blocksize: int = 128,
+    iterations: int = UNSET,
+    batch_size: int = UNSET,
+    lr: float = UNSET,
+    bias_lr: float = UNSET,
+    blocksize: int = UNSET,
     transposable_method: str | None = None,
     seed: int = 0,
     progress: bool | str = False,
     shared: str = "dense",
     permute: bool = False,
+    sequential: bool = True,
+    reconstruct: str | BlockReconstruct | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
 
-    ``method``: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"adaprune"`` (see module doc).
+    ``method``: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"adaprune"`` (see module doc) with
+    their default options, or an options object: :class:`~nmsparse.prune.options.Magnitude`,
+    ``Wanda()``, ``SparseGPT(damp=, blocksize=)``, ``AdaPrune(solver=, damp=, iterations=,
+    batch_size=, lr=, bias_lr=)``. The per-method keywords ``solver``, ``damp``, ``iterations``,
+    ``batch_size``, ``lr``, ``bias_lr`` and ``blocksize`` still work with a method name; one the method
+    does not take, or one given together with an options object, is a ValueError.
     ``calib``: an iterable of input batches, or of ``(inputs, targets)``; inputs are a tensor or a
     mapping of keyword arguments (a tokenizer's output). Wanda, SparseGPT and AdaPrune need it;
     magnitude uses it, when given, only to report reconstruction errors. ``transposable``: masks
     that are N:M along both the input and the output axis (M x M tiles). Layer selection
     (``layout``, ``include``, ``exclude``, ``keep_dense``) is that of :func:`nmsparse.sparsify`.
 
-    Options: ``solver`` (AdaPrune: ``"exact"`` or ``"adam"``), ``damp`` (ridge / Hessian dampening,
-    relative to the mean of diag(X^T X); SparseGPT and the exact solver), ``iterations``,
-    ``batch_size`` (calibration samples per Adam step), ``lr`` / ``bias_lr`` (Adam), ``blocksize``
-    (SparseGPT), ``keep_zeros`` (weights that are already zero stay zero: an unstructured-sparse
+    Other options: ``keep_zeros`` (weights that are already zero stay zero: an unstructured-sparse
     model's zeros are never kept over its non-zeros nor revived), ``transposable_method`` (passed to
-    ``nmsparse.transposable.transposable_mask``), ``seed`` (Adam's mini-batch order), ``progress``
-    (over layers: a :mod:`nmsparse.progress` mode; ``True`` = ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar on
-    a terminal and one closing line otherwise), ``shared`` (a weight several modules hold, such as tied embeddings:
-    ``"dense"`` keeps it dense, ``"sparsify"`` prunes it, by its first supported user's inputs, for
-    every module that uses it; see :mod:`nmsparse.selection`).
+    ``nmsparse.transposable.transposable_mask``), ``seed`` (Adam's mini-batch order, permutations),
+    ``progress`` (over layers: a :mod:`nmsparse.progress` mode; ``True`` = ``$NMSPARSE_PROGRESS`` or auto,
+    a tqdm bar on a terminal and one closing line otherwise), ``shared`` (a weight several modules hold,
+    such as tied embeddings: ``"dense"`` keeps it dense, ``"sparsify"`` prunes it, by its first
+    supported user's inputs, for every module that uses it; see :mod:`nmsparse.selection`).
+
+    ``sequential`` (default True): the layers of a model's repeated blocks (an ``nn.ModuleList`` of
+    identical blocks) are calibrated block by block from each block's cached inputs (see
+    :mod:`nmsparse.prune.sequential`): one pass through the model instead of one per layer, the same
+    pruned weights. Models without such blocks, or whose blocks cannot be replayed one by one, take
+    whole-model passes (``report.settings["sequential"]`` says which and why).
+    ``reconstruct``: ``None``/``"layer"`` (each layer on its own, the default) or ``"block"`` /
+    :class:`~nmsparse.prune.options.BlockReconstruct`: after each block's masks are chosen, its
+    parameters are refit jointly to the dense block's output (:mod:`nmsparse.prune.reconstruct`);
+    needs ``calib`` and repeated blocks.
 
     Supported tensors: ``weight`` of Linear, Conv1d/2d/3d and ``transformers``' ``Conv1D``, and
     ``nn.MultiheadAttention.in_proj_weight`` (its query/key/value projections are calibrated on the
@@ -198,26 +207,27 @@ def prune(
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
     n, m = check_nm(n, m)
-    _check_choice("method", method, METHODS)
-    _check_choice("solver", solver, SOLVERS)
+    opt_obj = options.resolve(method, dict(solver=solver, damp=damp, iterations=iterations, batch_size=batch_size,
+                                           lr=lr, bias_lr=bias_lr, blocksize=blocksize))
+    method = opt_obj.name
+    recon = options.resolve_reconstruct(reconstruct)
     check_layout(layout)
-    _check_positive("damp", damp, allow_zero=True)
-    _check_positive("iterations", iterations, integer=True, allow_zero=True)
-    _check_positive("batch_size", batch_size, integer=True)
-    _check_positive("lr", lr)
-    _check_positive("bias_lr", bias_lr)
-    _check_positive("blocksize", blocksize, integer=True)
     if not isinstance(transposable, bool):
         raise ValueError(f"transposable must be True or False, got {transposable!r}")
+    if not isinstance(sequential, bool):
+        raise ValueError(f"sequential must be True or False, got {sequential!r}")
+    if recon is not None and not sequential:
+        raise ValueError("reconstruct='block' works block by block: it needs sequential=True")
     if transposable:
         transposable_fn()  # fail now, before touching the model, if it is unavailable
     entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
                    shared=shared, transposable=transposable)
     modules = dict(model.named_modules())
     calib = calibration.prepare(calib)
-    if method in NEEDS_CALIB and calib is None:
+    if (opt_obj.needs_calib or recon is not None) and calib is None:
+        what = f"method={method!r}" if recon is None else "reconstruct='block'"
         raise ValueError(
-            f"method={method!r} needs calibration data: pass calib=, an iterable of input batches or of "
+            f"{what} needs calibration data: pass calib=, an iterable of input batches or of "
             "(inputs, targets) pairs (e.g. a DataLoader over ~100 training samples); "
             "method='magnitude' needs none"
         )
@@ -225,10 +235,9 @@ def prune(
 
     if prune_hook.check(permute, transposable, calib):
         again = functools.partial(
-            prune, n=n, m=m, method=method, calib=calib, layout=layout, include=include, exclude=exclude,
-            keep_dense=keep_dense, solver=solver, damp=damp, keep_zeros=keep_zeros, iterations=iterations,
-            batch_size=batch_size, lr=lr, bias_lr=bias_lr, blocksize=blocksize,
-            transposable_method=transposable_method, seed=seed, progress=progress, shared=shared)
+            prune, n=n, m=m, method=opt_obj, calib=calib, layout=layout, include=include, exclude=exclude,
+            keep_dense=keep_dense, keep_zeros=keep_zeros, transposable_method=transposable_method, seed=seed,
+            progress=progress, shared=shared, sequential=sequential, reconstruct=recon)
         return prune_hook.prune_permuted(again, model, n, m, method=method, calib=calib, layout=layout,
                                          include=include, exclude=exclude, keep_dense=keep_dense, seed=seed)
     sparse = {e.name: e for e in entries if e.sparse}
@@ -237,18 +246,16 @@ def prune(
     settings = dict(method=method, layout=layout, transposable=transposable, keep_zeros=keep_zeros)
     if shared != "dense":
         settings["shared"] = shared
-    if method == "adaprune":
-        settings["solver"] = solver
-        if solver == "adam":
-            settings.update(iterations=iterations, batch_size=batch_size, lr=lr, bias_lr=bias_lr)
-    if method in ("sparsegpt",) or (method == "adaprune" and solver == "exact"):
-        settings["damp"] = damp
-    if method == "sparsegpt":
-        settings["blocksize"] = blocksize
+    settings.update(opt_obj.settings())
+    if recon is not None:
+        settings["reconstruct"] = {"kind": "block", **dataclasses.asdict(recon), "blocks": {}}
 
-    opts = dict(method=method, solver=solver, damp=damp, keep_zeros=keep_zeros, iterations=iterations,
-                lr=lr, bias_lr=bias_lr, blocksize=blocksize, transposable=transposable,
+    opts = dict(method=method, solver=getattr(opt_obj, "solver", None), damp=getattr(opt_obj, "damp", None),
+                keep_zeros=keep_zeros, iterations=getattr(opt_obj, "iterations", None),
+                lr=getattr(opt_obj, "lr", None), bias_lr=getattr(opt_obj, "bias_lr", None),
+                blocksize=getattr(opt_obj, "blocksize", None), transposable=transposable,
                 transposable_method=transposable_method, seed=seed)
+    bin_size = opt_obj.batch_size if (method == "adaprune" and opt_obj.solver == "adam") else None
     t_start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -257,50 +264,138 @@ def prune(
         if calib is not None and sparse:
             groups = calibration.forward_order(model, {k: modules[k] for k in sparse}, calib)
             reached = {k for g in groups for k in g}
-            groups += [[k] for k in sparse if k not in reached]
         else:
-            reached = set()
-            groups = [[k] for k in sparse]
+            reached, groups = set(), []
+        unreached = [[k] for k in sparse if k not in reached]
+        if sequential and groups:
+            runs, why = seq.plan(model, groups)
+        else:
+            runs, why = [seq.Run(None, [groups])], {}
+        if recon is not None:
+            _check_replayable(model, runs, why, calib)
         bar = _progress(len(sparse), progress, f"prune {n}:{m} {method}")
-        bin_size = batch_size if (method == "adaprune" and solver == "adam") else None
-        for group in groups:
-            t0 = time.perf_counter()
-            collectors = None
-            if calib is not None and group[0] in reached:
-                collectors = _collect_group(model, group, modules, sparse, layout, bin_size, calib)
-            t_calib = (time.perf_counter() - t0) / len(group)
-            for k in group:
-                t1 = time.perf_counter()
-                grams = collectors[k].grams if collectors else None
-                note = ""
-                if grams is None and method in NEEDS_CALIB:
-                    note = "not reached by the calibration forward pass: pruned by magnitude"
-                    warnings.warn(f"layer {k}: {note}", stacklevel=2)
-                res = _prune_layer(modules[k], sparse[k].tensor_name, n, m, layout, grams, opts)
-                res.param, res.note = sparse[k].param, note
-                res.time_s = t_calib + time.perf_counter() - t1
-                results[sparse[k].param] = res
-                bar.update(1)
+        state = _State(model, modules, sparse, layout, bin_size, calib, n, m, opts, results, bar)
+        used: dict[str, int] = {}
+        for run in runs:
+            if run.path is None:
+                for group in run.groups[0]:
+                    state.whole_model(group)
+                continue
+            try:
+                items, recipe = seq.capture(model, run, calib)
+            except seq.FlowError as e:
+                why[run.path] = str(e)
+                for block_groups in run.groups:
+                    for group in block_groups:
+                        state.whole_model(group)
+                continue
+            used[run.path] = used.get(run.path, 0) + len(run.groups)
+            _run_blocks(state, run, items, recipe, recon, settings, seed)
+        for group in unreached:
+            state.whole_model(group, reached=False)
         bar.close()
     finally:
         model.train(was_training)
+    if calib is not None and sparse:
+        settings["sequential"] = {"blocks": used, "whole_model": why} if sequential else False
     report = PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
     report.permutation = None
     return report
 
 
-def _collect_group(model, group, modules, sparse, layout, bin_size, calib) -> dict:
-    """The group's collectors after one calibration pass per batch; layers reading the very same input
-    share one (one Gram matrix), unless the data flow changes between batches (then none share)."""
+def _check_replayable(model, runs, why, calib) -> None:
+    """reconstruct='block' needs block runs that replay: checked on the first calibration batch
+    before anything is pruned, so that a model it cannot handle is refused untouched."""
+    block_runs = [r for r in runs if r.path is not None]
+    first = [next(iter(calib))]
+    for r in block_runs:
+        try:
+            seq.capture(model, r, first)
+        except seq.FlowError as e:
+            why[r.path] = str(e)
+    ok = [r for r in block_runs if r.path not in why]
+    if not ok:
+        reasons = "; ".join(f"{k}: {v}" for k, v in why.items()) or seq.NO_BLOCKS
+        raise ValueError(f"reconstruct='block' needs repeated blocks that can be run one by one ({reasons}); "
+                         "use reconstruct=None")
+
+
+class _State:
+    """What the pruning loop shares: the model, its layers, the options and the results so far."""
+
+    def __init__(self, model, modules, sparse, layout, bin_size, calib, n, m, opts, results, bar) -> None:
+        self.model, self.modules, self.sparse, self.layout = model, modules, sparse, layout
+        self.bin_size, self.calib, self.n, self.m, self.opts = bin_size, calib, n, m, opts
+        self.results, self.bar = results, bar
+
+    def whole_model(self, group: list[str], reached: bool = True) -> None:
+        """Calibrate ``group`` by whole-model passes (one per batch), then prune it."""
+        t0 = time.perf_counter()
+        collectors = None
+        if self.calib is not None and reached:
+            collectors = _collect_group(self.model, {k: (self.modules[k], self.sparse[k].tensor_name) for k in group},
+                                        self.layout, self.bin_size, self.calib)
+        self.prune_group(group, collectors, (time.perf_counter() - t0) / len(group))
+
+    def prune_group(self, group: list[str], collectors: dict | None, t_calib: float) -> None:
+        for k in group:
+            t1 = time.perf_counter()
+            grams = collectors[k].grams if collectors else None
+            note = ""
+            if grams is None and self.opts["method"] in NEEDS_CALIB:
+                note = "not reached by the calibration forward pass: pruned by magnitude"
+                warnings.warn(f"layer {k}: {note}", stacklevel=3)
+            res = _prune_layer(self.modules[k], self.sparse[k].tensor_name, self.n, self.m, self.layout, grams,
+                               self.opts)
+            res.param, res.note = self.sparse[k].param, note
+            res.time_s = t_calib + time.perf_counter() - t1
+            self.results[self.sparse[k].param] = res
+            self.bar.update(1)
+
+
+def _run_blocks(state: _State, run, items: list[dict], recipe, recon, settings: dict, seed: int) -> None:
+    """Prune a run's blocks one by one from their cached inputs ``items`` (see
+    :mod:`nmsparse.prune.sequential`), refitting each block when ``recon`` is given."""
+    firsts = items
+    teacher = items if recon is not None and recon.target == "teacher" else None
+    for i, block_groups in enumerate(run.groups):
+        j = run.first + i
+        block = run.blocks[j]
+        prefix = f"{run.path}.{j}."
+        runner = seq.BlockRunner(block)
+        dense = copy.deepcopy(block) if recon is not None else None
+        for group in block_groups:
+            t0 = time.perf_counter()
+            local = {"block." + k[len(prefix):]: (state.modules[k], state.sparse[k].tensor_name) for k in group}
+            collectors = _collect_group(runner, local, state.layout, state.bin_size, items)
+            collectors = {prefix + r[len("block."):]: c for r, c in collectors.items()}
+            state.prune_group(group, collectors, (time.perf_counter() - t0) / len(group))
+        if recon is not None and block_groups:
+            targets = seq.outputs(dense, teacher if teacher is not None else items)
+            masks = {k[len(prefix):] + "." + state.sparse[k].tensor_name:
+                     getattr(state.modules[k], state.sparse[k].tensor_name).detach() != 0
+                     for g in block_groups for k in g}
+            info = refit_block(block, items, targets, masks, recon, seed=seed + j)
+            settings["reconstruct"]["blocks"][f"{run.path}.{j}"] = info
+        if i + 1 < len(run.groups):
+            if teacher is not None:
+                teacher = seq.advance(dense, teacher, firsts, recipe)
+            items = seq.advance(block, items, firsts, recipe)
+
+
+def _collect_group(model, layers: dict, layout, bin_size, calib) -> dict:
+    """Collectors of ``layers`` (name in ``model`` -> (module, tensor name)) after one calibration pass
+    per batch; layers reading the very same input share one (one Gram matrix), unless the data flow
+    changes between batches (then none share)."""
     device = calibration._device(model)
 
     def fresh():
-        return {k: calibration.LayerCollector(LayerGeometry(modules[k], layout, sparse[k].tensor_name),
-                                              device, bin_size) for k in group}
+        return {k: calibration.LayerCollector(LayerGeometry(mod, layout, t), device, bin_size)
+                for k, (mod, t) in layers.items()}
 
     collectors = fresh()
     try:
-        calibration.collect(model, collectors, calib, share=len(group) > 1)
+        calibration.collect(model, collectors, calib, share=len(layers) > 1)
     except calibration.ShareMismatch:
         collectors = fresh()
         calibration.collect(model, collectors, calib)
@@ -366,9 +461,11 @@ def _prune_layer(module: nn.Module, name: str, n: int, m: int, layout: str, gram
         kept_num += float((absw * keep).sum())
         kept_den += float(absw.sum())
         if H is not None:
-            den += _quad(W_aug, H)
-            num_before += _quad(W_aug - masked, H)
-            num_after += _quad(W_aug - final, H)
+            Hq = H.float()  # the report's errors: float32 is precise enough and several times faster
+            den += _quad(W_aug.float(), Hq)
+            nb = _quad((W_aug - masked).float(), Hq)
+            num_before += nb
+            num_after += nb if method in ("magnitude", "wanda") else _quad((W_aug - final).float(), Hq)
         new_w.append(final[:, :d])
         new_b.append(None if B is None else final[:, d])
     weight = geom.assemble(new_w)

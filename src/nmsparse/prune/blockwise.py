@@ -34,6 +34,7 @@ from torch import nn
 from nmsparse.errors import WriteError
 from nmsparse.progress import Progress
 from nmsparse.prune import PruneReport, calibration, prune
+from nmsparse.prune.options import PER_METHOD, resolve
 from nmsparse.prune.spill import HiddenSpill, SpilledItems
 from nmsparse.prune.streaming import BlockStream, block_output
 from nmsparse.selection import KEEP_DENSE, Patterns, literal_pattern, plan
@@ -74,7 +75,7 @@ def prune_pretrained(
     n: int,
     m: int,
     *,
-    method: str,
+    method: Any,
     calib: Iterable,
     model_class: Any = None,
     include: Patterns = None,
@@ -108,6 +109,7 @@ def prune_pretrained(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder: choose a new output folder")
+    method = resolve(method, {k: options.pop(k) for k in PER_METHOD if k in options})
     calib = calibration.prepare(calib)
     if calib is None:
         raise ValueError("block-wise pruning needs calibration data: batches of token ids or tokenizer outputs")
@@ -149,7 +151,7 @@ def prune_pretrained(
         memory["rss_after_shell_freed_bytes"] = rss_bytes()
         items = SpilledItems(spill, lambda kw, j: {"block_kwargs": kw, **(
             {"attention_mask": masks[j]} if masks[j] is not None else {})})
-        bar = Progress(stream.num_blocks, f"prune {n}:{m} {method} block by block", mode=progress, unit="block",
+        bar = Progress(stream.num_blocks, f"prune {n}:{m} {method.name} block by block", mode=progress, unit="block",
                        leave=True)
         for i in range(stream.num_blocks):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -195,7 +197,7 @@ def prune_pretrained(
             shown = out / where.relative_to(tmp) if tmp in where.parents else out
             raise WriteError(shown, write_error(shown, e).cause, getattr(e, "errno", None)) from e
         raise
-    settings = dict(method=method, blockwise=True, source=str(path), blocks=blocks_info, memory=memory,
+    settings = dict(**method.settings(), blockwise=True, source=str(path), blocks=blocks_info, memory=memory,
                     pruned_blocks=last, calib_batches=len(masks),
                     peak_rss_bytes=peak_rss_bytes(), checkpoint_bytes=stream.reader.nbytes(),
                     **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--nm", default="2:4", help="N:M, N weights kept per group of M")
     p.add_argument("--method", default="adaprune", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--solver", default="exact", help=f"AdaPrune solver: {', '.join(SOLVERS)}")
+    p.add_argument("--solver", default=None, help=f"AdaPrune solver: {', '.join(SOLVERS)} (default exact)")
     p.add_argument("--transposable", action="store_true", help="transposable N:M masks (N:M along both axes)")
     p.add_argument("--mask-method", default=None, help="transposable mask solver (optimal or approx)")
     p.add_argument("--permute", action="store_true",
@@ -65,9 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", default=None, help="module-name pattern to prune (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="module-name pattern to keep dense (repeatable)")
     p.add_argument("--calib-samples", type=int, default=100, help="calibration images from the training set")
-    p.add_argument("--iterations", type=int, default=1000, help="Adam iterations per layer (--solver adam)")
-    p.add_argument("--adam-batch", type=int, default=50, help="calibration samples per Adam step")
-    p.add_argument("--damp", type=float, default=0.01, help="ridge / Hessian dampening, relative to mean diag(X^T X)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="Adam iterations per layer (--solver adam; default 1000)")
+    p.add_argument("--adam-batch", type=int, default=None, help="calibration samples per Adam step (default 50)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="ridge / Hessian dampening, relative to mean diag(X^T X) (sparsegpt, adaprune exact; "
+                        "default 0.01)")
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="re-estimate batch-norm statistics after pruning (on the calibration images, or --bn-samples)")
     p.add_argument("--bn-samples", type=int, default=None,
@@ -165,6 +169,34 @@ def _keep_dense(text: str) -> tuple[str, ...]:
     return () if text.strip().lower() in ("none", "") else tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def method_options(args: argparse.Namespace) -> dict:
+    """The per-method flags the user gave (``--solver``, ``--damp``, ``--iterations``, ``--adam-batch``),
+    as :func:`nmsparse.prune` keywords; a flag the method does not take is prune's error."""
+    given = dict(solver=args.solver, damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+FLAG_OF = {"solver": "--solver", "damp": "--damp", "iterations": "--iterations", "batch_size": "--adam-batch"}
+
+
+def _method_flag_error(args: argparse.Namespace) -> str | None:
+    """prune's error for a per-method flag the method does not take, worded with the flag's name."""
+    from nmsparse.prune.options import resolve
+
+    given = method_options(args)
+    try:
+        resolve(args.method, given)
+    except ValueError as e:
+        msg = str(e)
+        for k, v in given.items():
+            if msg.startswith(f"{k}={v!r} does not apply"):
+                return f"{FLAG_OF[k]} {v} does not apply to --method {args.method}" + msg.split(")", 1)[0].split(
+                    f"method={args.method!r}", 1)[1] + ")"
+        msg = msg.replace("solver='adam'", "--solver adam").replace("solver='exact'", "--solver exact")
+        return re.sub(r"\b(iterations|batch_size|damp)\b(?= |,)", lambda mt: FLAG_OF[mt.group(1)], msg)
+    return None
+
+
 def _main(args: argparse.Namespace) -> int:
     from nmsparse.checksum import cli_notes
     from nmsparse.errors import WriteError
@@ -189,8 +221,11 @@ def _run(args: argparse.Namespace) -> int:
         return _error(f"--nm {args.nm}: need 0 < N < M (N weights kept per group of M), e.g. 2:4")
     if args.method not in METHODS:
         return _error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
-    if args.solver not in SOLVERS:
+    if args.solver is not None and args.solver not in SOLVERS:
         return _error(f"unknown --solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
+    bad = _method_flag_error(args)
+    if bad:
+        return _error(bad)
     for name in ("calib_samples", "iterations", "adam_batch", "batch_size", "bn_samples"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "iterations" else 1):
@@ -265,9 +300,9 @@ def _run(args: argparse.Namespace) -> int:
 
     keep_dense = _keep_dense(args.keep_dense)
     kwargs = dict(method=args.method, calib=calib, transposable=args.transposable, layout=layout,
-                  include=args.include, exclude=args.exclude, keep_dense=keep_dense, solver=args.solver,
-                  damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
-                  transposable_method=args.mask_method, seed=args.seed, progress=mode, permute=args.permute)
+                  include=args.include, exclude=args.exclude, keep_dense=keep_dense,
+                  transposable_method=args.mask_method, seed=args.seed, progress=mode, permute=args.permute,
+                  **method_options(args))
     t0 = time.perf_counter()
     try:
         report = nmsparse.prune(model, n, m, **kwargs)

@@ -152,11 +152,10 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
     if args.eval_perplexity:
         eval_ids = _tokens(tok, args.eval_perplexity,
                            limit=args.eval_windows * args.seqlen if args.eval_windows else None)
-    from nmsparse.prune.cli import _keep_dense
+    from nmsparse.prune.cli import _keep_dense, method_options
 
     kwargs = dict(method=args.method, calib=calib, include=args.include, exclude=args.exclude,
-                  keep_dense=_keep_dense(args.keep_dense), transposable=args.transposable, solver=args.solver,
-                  damp=args.damp, iterations=args.iterations, batch_size=args.adam_batch,
+                  keep_dense=_keep_dense(args.keep_dense), transposable=args.transposable, **method_options(args),
                   transposable_method=args.mask_method, seed=args.seed, dtype=dtype, progress=mode,
                   blocks=args.blocks, on_block=_block_logger(args.block_log))
     out_existed = out.exists()

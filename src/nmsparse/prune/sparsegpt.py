@@ -12,7 +12,8 @@ nothing about them. The bias is not changed.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,7 +46,8 @@ def sparsegpt(
         H.diagonal().add_(H.diagonal().mean() * 0.1 + 1e-8)
         L = torch.linalg.cholesky(H)
     del H  # the (D, D) float64 temporaries are freed as soon as the next one exists (D = 5632: 242 MiB each)
-    Hinv = torch.cholesky_inverse(L)
+    with _one_thread(True):  # LAPACK potri: ~50x slower on two threads than on one (2-core machine, torch 2.13)
+        Hinv = torch.cholesky_inverse(L)
     del L
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
     bs = max(m, (blocksize // m) * m)
@@ -61,24 +63,50 @@ def sparsegpt(
         Hinv1 = Hinv[i1:i2, i1:i2]
         hdiag = Hinv1.diagonal()
         mask1 = prune_t[i1:i2]
-        for i in range(i2 - i1):
-            if i % m == 0:
-                score = (W1[i:i + m] ** 2 / hdiag[i:i + m].unsqueeze(1) ** 2).t()
-                if forced_t is not None:
-                    f = forced_t[i1 + i:i1 + i + m]
-                    score = score.masked_fill(f.t(), 0.0)
-                    mask1[i:i + m] = ~select(score).t() | f
-                else:
-                    mask1[i:i + m] = ~select(score).t()
-            col = W1[i]
-            q = col.masked_fill(mask1[i], 0.0)
-            Q1[i] = q
-            err = (col - q) / Hinv1[i, i]
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
-            Err1[i] = err
+        with _one_thread(W1.numel() <= SMALL_BLOCK):
+            _columns(W1, Q1, Err1, Hinv1, hdiag, mask1, forced_t, i1, i2, m, select)
         Wt[i1:i2] = Q1
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
     W = Wt.t()
     prune = prune_t.t()
     keep = ~prune
     return W * keep, keep
+
+
+# Column blocks of at most this many elements (blocksize x out) are updated on one thread.
+SMALL_BLOCK = 1 << 18
+
+
+@contextlib.contextmanager
+def _one_thread(small: bool) -> Iterator[None]:
+    """Run the column loop's small operations (a rank-1 update of at most blocksize x out) on one thread
+    when ``small``: the intra-op thread pool's start-up costs more than the work (10-100x on a busy
+    2-core machine). Element-wise operations: the same bits on any number of threads."""
+    old = torch.get_num_threads()
+    if old == 1 or not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _columns(W1, Q1, Err1, Hinv1, hdiag, mask1, forced_t, i1, i2, m, select) -> None:
+    """The column-by-column part of one block of columns (in place on W1, Q1, Err1, mask1)."""
+    for i in range(i2 - i1):
+        if i % m == 0:
+            score = (W1[i:i + m] ** 2 / hdiag[i:i + m].unsqueeze(1) ** 2).t()
+            if forced_t is not None:
+                f = forced_t[i1 + i:i1 + i + m]
+                score = score.masked_fill(f.t(), 0.0)
+                mask1[i:i + m] = ~select(score).t() | f
+            else:
+                mask1[i:i + m] = ~select(score).t()
+        col = W1[i]
+        q = col.masked_fill(mask1[i], 0.0)
+        Q1[i] = q
+        err = (col - q) / Hinv1[i, i]
+        W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+        Err1[i] = err
