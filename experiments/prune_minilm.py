@@ -178,7 +178,7 @@ def main() -> None:
         for spec in args.methods.split(","):
             method, _, solver = spec.partition("-")
             model = copy.deepcopy(dense)
-            kw = dict(solver=solver or "exact", iterations=args.iterations)
+            kw = dict(solver=solver or "exact", iterations=args.iterations) if method == "adaprune" else {}
             t0 = time.perf_counter()
             report = nmsparse.prune(model, n, m, method=method, calib=calib, include="encoder.*", keep_dense=(),
                                     transposable=args.transposable, progress=False, **kw)
