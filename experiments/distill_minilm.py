@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--nm", default="2:4")
     ap.add_argument("--prune", default="sparsegpt", help="one-shot method that chooses the masks")
     ap.add_argument("--calib", type=int, default=128, help="calibration texts for the one-shot pruning")
+    ap.add_argument("--reconstruct-lr", type=float, default=None,
+                    help="one-shot pruning with block reconstruction at this learning rate (default: none)")
     ap.add_argument("--eval", type=int, default=1000, help="evaluation sentences")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
@@ -114,8 +116,9 @@ def main() -> None:
         student.load_state_dict(load_file(cache))
         t_prune = float(json.loads(cache.with_suffix(".json").read_text())["prune_s"])
     else:
+        recon = nmsparse.BlockReconstruct(lr=args.reconstruct_lr) if args.reconstruct_lr else None
         nmsparse.prune(student, n, m, method=args.prune, calib=batches(tok, calib_s, 32, args.max_length),
-                       include="encoder.*", keep_dense=(), progress=False)
+                       include="encoder.*", keep_dense=(), progress=False, reconstruct=recon)
         t_prune = time.perf_counter() - t0
         if cache is not None:
             from safetensors.torch import save_file
