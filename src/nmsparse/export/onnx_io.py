@@ -44,17 +44,7 @@ class GraphInputs:
 
     def call(self, tensors: list[torch.Tensor] | None = None) -> tuple[tuple, dict]:
         """``(args, kwargs)`` for ``model(*args, **kwargs)``, with ``tensors`` in place of the example's."""
-        it = iter(self.tensors if tensors is None else tensors)
-        new = {}
-        for k, v in self.arguments.items():
-            kind = self.signature.parameters[k].kind
-            if kind is inspect.Parameter.VAR_POSITIONAL:
-                new[k] = tuple(next(it) for _ in v)
-            elif kind is inspect.Parameter.VAR_KEYWORD:
-                new[k] = {kk: next(it) for kk in v}
-            else:
-                new[k] = next(it)
-        bound = inspect.BoundArguments(self.signature, new)
+        bound = inspect.BoundArguments(self.signature, self._per_argument(self.tensors if tensors is None else tensors))
         return tuple(bound.args), dict(bound.kwargs)
 
     def dynamic_shapes(self) -> dict | None:
@@ -62,16 +52,21 @@ class GraphInputs:
         if not any(self.axes):
             return None
         dims = {name: torch.export.Dim(name) for ax in self.axes for name in ax.values()}
-        specs = iter([{a: dims[n] for a, n in ax.items()} or None for ax in self.axes])
+        return self._per_argument([{a: dims[n] for a, n in ax.items()} or None for ax in self.axes])
+
+    def _per_argument(self, items: list) -> dict:
+        """``items`` (one per example tensor, in order) laid out as the forward arguments hold the
+        tensors: a tuple for ``*args``, a dict for ``**kwargs``, else one item per parameter."""
+        it = iter(items)
         out = {}
         for k, v in self.arguments.items():
             kind = self.signature.parameters[k].kind
             if kind is inspect.Parameter.VAR_POSITIONAL:
-                out[k] = tuple(next(specs) for _ in v)
+                out[k] = tuple(next(it) for _ in v)
             elif kind is inspect.Parameter.VAR_KEYWORD:
-                out[k] = {kk: next(specs) for kk in v}
+                out[k] = {kk: next(it) for kk in v}
             else:
-                out[k] = next(specs)
+                out[k] = next(it)
         return out
 
     def widened(self) -> list[torch.Tensor]:
