@@ -17,7 +17,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nmsparse import transposable as T
+from nmsparse.masking import transposable as T
 
 READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
 

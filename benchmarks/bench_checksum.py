@@ -1,11 +1,11 @@
-"""Throughput of nmsparse.checksum against memory bandwidth (issue 19: verify at close to memory speed).
+"""Throughput of nmsparse.plumbing.checksum against memory bandwidth (issue 19: verify at close to memory speed).
 
     PYTHONPATH=src python benchmarks/bench_checksum.py [--mb 512] [--rounds 5]
 
 Per round, interleaved: ``sign`` (SHA-256 of every tensor, on several threads), ``tensor_digest`` of
 one tensor on one thread, a plain copy of the same bytes (``torch.cat`` into a preallocated buffer:
 read + write, the memory-speed yardstick), and loading the file from the page cache with
-``safe_open``/``get_tensor`` (what the reader does) against ``nmsparse.io.read_safetensors`` (the same load plus the
+``safe_open``/``get_tensor`` (what the reader does) against ``nmsparse.plumbing.io.read_safetensors`` (the same load plus the
 checksum; safetensors maps the file, so the first alone reads no bytes). Prints median [min, max] MB/s of the tensor bytes.
 """
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nmsparse import checksum
+from nmsparse.plumbing import checksum
 
 
 def main() -> None:
@@ -37,8 +37,8 @@ def main() -> None:
 
     from safetensors import safe_open
 
-    from nmsparse.io import read_safetensors
-    from nmsparse.writing import save_safetensors
+    from nmsparse.plumbing.io import read_safetensors
+    from nmsparse.plumbing.writing import save_safetensors
 
     path = os.path.join(tempfile.mkdtemp(), "bench.safetensors")
     save_safetensors(path, tensors)

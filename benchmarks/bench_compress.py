@@ -54,7 +54,7 @@ def warm_ops(w, c):
     """abs into a preallocated tensor and the two CPU kernels into preallocated outputs (written once
     first, so no page faults are timed)."""
     from nmsparse.export import _kernels
-    from nmsparse.nmmasks import _BITS
+    from nmsparse.masking.nm import _BITS
 
     int_dtype, abs_bits, _ = _BITS[w.dtype]
     n, m, b = c.n, c.m, c.bits

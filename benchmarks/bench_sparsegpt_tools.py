@@ -132,9 +132,9 @@ def _prune_nmsparse_layer(model, calib, args) -> str:
 
 
 def _prune_nmsparse_stream(model, calib, args) -> str:
-    """Block-wise from a save_pretrained folder (nmsparse.prune.blockwise); the folder is written before the
+    """Block-wise from a save_pretrained folder (nmsparse.pruning.blockwise); the folder is written before the
     clock starts, and the pruned weights are read back into ``model`` after it stops."""
-    from nmsparse.prune.blockwise import prune_pretrained
+    from nmsparse.pruning.blockwise import prune_pretrained
 
     src = tempfile.mkdtemp(prefix="bench_sgpt_src_")
     model.save_pretrained(src)
@@ -144,7 +144,7 @@ def _prune_nmsparse_stream(model, calib, args) -> str:
     rep = prune_pretrained(src, out, 2, 4, method="sparsegpt", calib=batches, include="model.layers.*",
                            keep_dense=(), damp=args.damp, blocksize=args.blocksize)
     timing = (time.perf_counter() - t0, time.process_time() - c0)
-    from nmsparse.prune.streaming import CheckpointReader
+    from nmsparse.calibration.streaming import CheckpointReader
 
     CheckpointReader(out).copy_into(dict(model.state_dict()))
     import shutil

@@ -19,7 +19,7 @@ import time
 import torch
 
 from nmsparse import is_nm, is_transposable_nm, nm_mask, transposable_mask
-from nmsparse.transposable import transposable_stats
+from nmsparse.masking.transposable import transposable_stats
 
 
 def best_of(fn, repeat):

@@ -124,24 +124,24 @@ def bench_masks(dev: str, size: int, timer: Timer) -> dict:
     fns = {
         "abs": lambda: w.abs(),
         "nm_mask 2:4": lambda: nmsparse.nm_mask(w, 2, 4),
-        "transposable 2:4 optimal": lambda: nmsparse.transposable_mask(w, 2, 4, "optimal"),
-        "transposable 2:4 approx": lambda: nmsparse.transposable_mask(w, 2, 4, "approx"),
+        "transposable 2:4 optimal": lambda: nmsparse.masking.transposable_mask(w, 2, 4, "optimal"),
+        "transposable 2:4 approx": lambda: nmsparse.masking.transposable_mask(w, 2, 4, "approx"),
     }
     notes = {}
 
     def approx_gathering():  # the repair as it was: gather the short tiles each round (host reads)
-        from nmsparse import transposable as T
+        from nmsparse.masking import transposable as T
 
         old, T._FIXED_ROUNDS_MAX = T._FIXED_ROUNDS_MAX, -1
         try:
-            return nmsparse.transposable_mask(w, 2, 4, "approx")
+            return nmsparse.masking.transposable_mask(w, 2, 4, "approx")
         finally:
             T._FIXED_ROUNDS_MAX = old
 
     fns["transposable 2:4 approx, gathering repair (host reads; experiment)"] = approx_gathering
     if dev == "cuda":  # would a fused (compiled) kernel of the same torch path reach the 2x goal?
         try:
-            from nmsparse.nmmasks import _rank_mask_torch, magnitude_keys
+            from nmsparse.masking.nm import _rank_mask_torch, magnitude_keys
 
             fused = torch.compile(lambda t: _rank_mask_torch(magnitude_keys(t).view(-1, 4), 2, 4).view(t.shape))
             if not torch.equal(fused(w), nmsparse.nm_mask(w, 2, 4)):

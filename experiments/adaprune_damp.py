@@ -15,7 +15,7 @@ import copy
 import torch
 
 import nmsparse
-from nmsparse.prune.cli import balanced_indices, evaluate, read_checkpoint
+from nmsparse.cli.prune import balanced_indices, evaluate, read_checkpoint
 from nmsparse.training.data import load_dataset
 from nmsparse.training.models import build_model
 

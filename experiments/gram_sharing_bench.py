@@ -1,6 +1,6 @@
 """CPU time of one calibration pass with and without Gram sharing, on block 0 of the 1.1B LLaMA.
 
-Runs ``nmsparse.prune.calibration.collect`` for the groups of layers that read one input tensor (q/k/v;
+Runs ``nmsparse.calibration.collect.collect`` for the groups of layers that read one input tensor (q/k/v;
 gate/up) of block 0 of the model written by ``prune_llama_1b.py make``, on the same calibration hidden
 states (random token ids; the time does not depend on them), once with ``share=True`` (one Gram matrix per
 group) and once without (one per layer), alternating, ``--reps`` times; checks the Gram matrices are
@@ -36,10 +36,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    from nmsparse.prune import calibration
-    from nmsparse.prune.blockwise import _Runner
-    from nmsparse.prune.geometry import LayerGeometry
-    from nmsparse.prune.streaming import BlockStream
+    from nmsparse.calibration import collect as calibration
+    from nmsparse.pruning.blockwise import _Runner
+    from nmsparse.calibration.geometry import LayerGeometry
+    from nmsparse.calibration.streaming import BlockStream
 
     stream = BlockStream(args.folder, AutoModelForCausalLM)
     vocab = stream.config.vocab_size

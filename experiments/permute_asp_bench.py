@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from nmsparse.permute import kept, search_permutation
-from nmsparse.prune.cli import read_checkpoint
+from nmsparse.cli.prune import read_checkpoint
 from nmsparse.training.checkpoint import atomic_write
 from nmsparse.training.models import build_model
 

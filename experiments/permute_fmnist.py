@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import nmsparse
-from nmsparse.prune.cli import balanced_indices, evaluate, read_checkpoint, support_mask
+from nmsparse.cli.prune import balanced_indices, evaluate, read_checkpoint, support_mask
 from nmsparse.training.data import load_dataset
 from nmsparse.training.models import build_model
 from nmsparse.training.checkpoint import atomic_write

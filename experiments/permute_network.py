@@ -31,7 +31,7 @@ import torch
 
 import nmsparse
 from nmsparse.permute.network import NetworkObjective
-from nmsparse.prune.cli import balanced_indices
+from nmsparse.cli.prune import balanced_indices
 from nmsparse.training.checkpoint import atomic_write
 from permute_fmnist import finetune, load_dense, paired, predict
 

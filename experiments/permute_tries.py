@@ -23,7 +23,7 @@ import time
 import torch
 
 import nmsparse
-from nmsparse.prune.cli import balanced_indices
+from nmsparse.cli.prune import balanced_indices
 from nmsparse.training.checkpoint import atomic_write
 from permute_fmnist import load_dense
 

@@ -4,7 +4,7 @@ Part 1: from the dense checkpoint, 2:4 and 4:8 (plain and transposable) by magni
 and AdaPrune (exact and Adam solvers), with 10 and 100 calibration images (balanced over classes,
 from the training set), each without fine-tuning and after ``--finetune-epochs`` of fixed-mask
 fine-tuning (frozen support; the dense run's optimizer, weight decay and momentum at a tenth of its peak
-learning rate, cosine to zero, no warm-up: ``nmsparse.prune.recipe.finetune_recipe``). "one-shot + BN"
+learning rate, cosine to zero, no warm-up: ``nmsparse.training.recipe.finetune_recipe``). "one-shot + BN"
 re-estimates the batch-norm statistics on the calibration images after pruning (no weight changes;
 models without batch norm skip it); fine-tuning starts from that.
 Part 2: the dense net first pruned to 50% / 75% unstructured (per-layer magnitude, then the same
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import nmsparse
-from nmsparse.prune import recalibrate_batchnorm
-from nmsparse.prune.cli import balanced_indices, evaluate, read_checkpoint, support_mask
-from nmsparse.prune.recipe import finetune_recipe
+from nmsparse.pruning import recalibrate_batchnorm
+from nmsparse.cli.prune import balanced_indices, evaluate, read_checkpoint, support_mask
+from nmsparse.training.recipe import finetune_recipe
 from nmsparse.training.data import load_dataset
 from nmsparse.training.models import build_model
 
@@ -42,7 +42,7 @@ METHODS = [("magnitude", "exact"), ("wanda", "exact"), ("sparsegpt", "exact"), (
 
 def finetune(model, names, n, m, data, epochs, recipe, batch=128, seed=0):
     """Fixed-mask fine-tuning of the layers ``names`` (support frozen), in place; returns the model.
-    ``recipe``: :func:`nmsparse.prune.recipe.finetune_recipe`'s dict."""
+    ``recipe``: :func:`nmsparse.training.recipe.finetune_recipe`'s dict."""
     if epochs <= 0:
         return model
     nmsparse.sparsify(model, n, m, method="fixed", include=names, keep_dense=(), mask_fn=support_mask)

@@ -1,5 +1,5 @@
-"""Block-wise pruning of transformers models streamed from disk (nmsparse.prune.blockwise), perplexity
-(nmsparse.prune.perplexity), and the memory they need. Tiny random LLaMA models built from configs."""
+"""Block-wise pruning of transformers models streamed from disk (nmsparse.pruning.blockwise), perplexity
+(nmsparse.pruning.perplexity), and the memory they need. Tiny random LLaMA models built from configs."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from nmsparse.prune.blockwise import OUTSIDE, prune_pretrained  # noqa: E402
-from nmsparse.prune.perplexity import perplexity, windows  # noqa: E402
-from nmsparse.prune.streaming import find_blocks  # noqa: E402
+from nmsparse.pruning.blockwise import OUTSIDE, prune_pretrained  # noqa: E402
+from nmsparse.pruning.perplexity import perplexity, windows  # noqa: E402
+from nmsparse.calibration.streaming import find_blocks  # noqa: E402
 
 
 def tiny_llama(tie: bool = False, layers: int = 3, seed: int = 0):
@@ -180,7 +180,7 @@ def test_stream_never_holds_the_whole_model(tmp_path):
     del model
     code = textwrap.dedent(f"""
         import json, resource, torch, transformers
-        from nmsparse.prune.blockwise import prune_pretrained
+        from nmsparse.pruning.blockwise import prune_pretrained
         calib = [torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         rep = prune_pretrained({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, 2, 4, method="sparsegpt",

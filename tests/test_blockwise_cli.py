@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import nmsparse  # noqa: E402
-from nmsparse.cli import main  # noqa: E402
+from nmsparse.cli.dispatch import main  # noqa: E402
 
 WORDS = ("the a of to and in is it that for on with as was at by be this from or an are not have but "
          "file return value list string number error open read write close name data type call run").split()

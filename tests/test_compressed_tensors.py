@@ -384,7 +384,7 @@ def test_overwrite_removes_stale_shards(tmp_path):
 
 
 def test_export_cli_compressed_tensors(tmp_path, capsys):
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     model = _tiny()
     model.save_pretrained(tmp_path / "hf")
@@ -422,7 +422,7 @@ def test_export_cli_compressed_tensors(tmp_path, capsys):
 def test_export_cli_reads_a_compressed_tensors_folder(tmp_path, capsys):
     """--hf-model naming a stranded sparse-24-bitmask folder: decompressed by nmsparse (transformers'
     from_pretrained asked for a compressed-tensors release that no longer reads the format)."""
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     assert main(["export", "--hf-model", str(FIX / "llama_fp8_tensor"), "--format", "dense", "--dtype", "bf16",
                  "--out", str(tmp_path / "d")]) == 0
@@ -508,7 +508,7 @@ def test_decompress_kernel_matches_a_boolean_index_reference(dtype, rows, cols):
 
 def test_our_files_carry_a_checksum_that_load_and_inspect_verify(tmp_path):
     from nmsparse import inspect
-    from nmsparse.checksum import KEY
+    from nmsparse.plumbing.checksum import KEY
 
     save(_tiny(), tmp_path / "out")
     path = tmp_path / "out" / "model.safetensors"

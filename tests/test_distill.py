@@ -1,4 +1,4 @@
-"""nmsparse.distill: fixed masks provably unchanged, SR-STE masks N:M throughout, a finalized N:M
+"""nmsparse.distillation: fixed masks provably unchanged, SR-STE masks N:M throughout, a finalized N:M
 student closer to its teacher, exact resume from checkpoints, and one clear error per bad input."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmsparse
-from nmsparse.distill import find_blocks
-from nmsparse.distill import losses as L
-from nmsparse.errors import LoadError
-from nmsparse.layout import layer_is_nm
-from nmsparse.sparsify import sparse_tensors
+from nmsparse.distillation import find_blocks
+from nmsparse.distillation import losses as L
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.masking.layout import layer_is_nm
+from nmsparse.surgery.sparse_model import sparse_tensors
 
 
 class Net(nn.Module):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse.cli import main
-from nmsparse.layout import layer_is_nm
+from nmsparse.cli.dispatch import main
+from nmsparse.masking.layout import layer_is_nm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

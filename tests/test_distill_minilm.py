@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse.layout import layer_is_nm
+from nmsparse.masking.layout import layer_is_nm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nmsparse import diversity_log10, mask_diversity, transposable_count
-from nmsparse.diversity import comparison_table
+from nmsparse.masking.diversity import comparison_table
 
 
 def brute_force_count(n: int, m: int) -> int:

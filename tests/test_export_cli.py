@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nmsparse
-from nmsparse import checksum
-from nmsparse.cli import main
+from nmsparse.plumbing import checksum
+from nmsparse.cli.dispatch import main
 from nmsparse.export import load_compressed
 from nmsparse.training.models import build_model
 

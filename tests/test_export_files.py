@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import nmsparse
-from nmsparse.errors import LoadError
-from nmsparse import checksum
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing import checksum
 from nmsparse.export import FormatError, detect_nm, group_axis, load_compressed, read_header, save_compressed
 from nmsparse.training.models import build_model
 
@@ -354,7 +354,7 @@ def test_corrupt_and_truncated_files(saved, tmp_path):
 def test_format_error_is_a_load_error(saved, tmp_path):
     """``except LoadError`` catches a bad compressed file and a bad checkpoint alike; FormatError keeps
     its own message (no "cannot load" prefix) and stays a ValueError for older callers."""
-    from nmsparse.io import read_safetensors
+    from nmsparse.plumbing.io import read_safetensors
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(saved.read_bytes()[:100])

@@ -3,7 +3,7 @@ with one line naming the user's path (never a hidden temporary name) and the cau
 with code 2 without a traceback, nothing earlier is lost and no temporary file stays behind.
 
 Two ways to make a disk fail: ``full_disk`` (monkeypatched, works everywhere: every byte nmsparse
-writes through :mod:`nmsparse.writing` counts against a budget, past it ``ENOSPC``) and a real small
+writes through :mod:`nmsparse.plumbing.writing` counts against a budget, past it ``ENOSPC``) and a real small
 tmpfs, mounted read-write or read-only (root only; skipped where mounting is not allowed).
 """
 
@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse import checksum, writing
-from nmsparse.cli import main
-from nmsparse.errors import WriteError
+from nmsparse.plumbing import checksum
+from nmsparse.plumbing import writing
+from nmsparse.cli.dispatch import main
+from nmsparse.plumbing.errors import WriteError
 from nmsparse.export import load_compressed, save_compressed
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.config import TrainConfig
@@ -32,7 +33,7 @@ SMALL = dict(data="digits", model="mlp", batch_size=64, lr=0.05, train_subset=12
 
 
 def full_disk(monkeypatch, budget: int, code: int = errno.ENOSPC) -> None:
-    """From now on, writes through nmsparse.writing fail with ``code`` once ``budget`` bytes are spent."""
+    """From now on, writes through nmsparse.plumbing.writing fail with ``code`` once ``budget`` bytes are spent."""
     left = [budget]
     real = writing._Stream.write
 

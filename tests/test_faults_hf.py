@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from nmsparse import checksum
-from nmsparse.errors import LoadError, WriteError
+from nmsparse.plumbing import checksum
+from nmsparse.plumbing.errors import LoadError, WriteError
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,7 +30,7 @@ def llama(tmp_path_factory):
 
 
 def _prune(src, out):
-    from nmsparse.prune.blockwise import prune_pretrained
+    from nmsparse.pruning.blockwise import prune_pretrained
 
     calib = [torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))]
     return prune_pretrained(src, out, 2, 4, method="magnitude", calib=calib, progress="off")
@@ -39,7 +39,7 @@ def _prune(src, out):
 def test_blockwise_shards_are_checksummed_and_verified(llama, tmp_path):
     from safetensors import safe_open
 
-    from nmsparse.prune.streaming import CheckpointReader
+    from nmsparse.calibration.streaming import CheckpointReader
 
     out = tmp_path / "out"
     _prune(llama, out)
@@ -73,7 +73,7 @@ def test_onnx_export_on_a_full_disk(tmp_path, monkeypatch, capsys):
     """--format onnx: whatever the exporter raises, a failed write is the user's path and the cause."""
     from test_integrity import _final
 
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     def export_onnx(model, example_inputs, path, **kw):
         raise RuntimeError("the exporter failed") from OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -92,7 +92,7 @@ def test_onnx_export_on_a_full_disk(tmp_path, monkeypatch, capsys):
 def test_export_hf_model_verifies_nmsparse_shards(llama, tmp_path, capsys):
     """export --hf-model of a folder that prune --hf-model wrote: its shards' checksums are verified
     (transformers' loader would read a damaged shard without complaint)."""
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     out = tmp_path / "pruned"
     _prune(llama, out)

@@ -2,7 +2,7 @@
 files are removed by the next write into the same folder, and no temporary folder is ever left
 beside ``--out`` (``nmsparse export`` stages inside it).
 
-Each case runs the command in a child process whose writes through :mod:`nmsparse.writing` stop for
+Each case runs the command in a child process whose writes through :mod:`nmsparse.plumbing.writing` stop for
 good after a few KB of a large file; the test waits for the child's temporary file to appear, kills
 it with SIGKILL, checks the litter is there (so the test can fail), then runs the command again.
 """
@@ -20,17 +20,17 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse import writing
+from nmsparse.plumbing import writing
 from nmsparse.export import load_compressed, save_compressed
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.models import build_model
 
 SRC = str(Path(nmsparse.__file__).resolve().parents[1])
 
-# The child: nmsparse.writing's writes hang after 4 KB of any file larger than that; then CMD runs.
+# The child: nmsparse.plumbing.writing's writes hang after 4 KB of any file larger than that; then CMD runs.
 CHILD = """
 import sys, time
-from nmsparse import writing
+from nmsparse.plumbing import writing
 real = writing._Stream.write
 def write(self, b):
     self.done = getattr(self, "done", 0) + memoryview(b).nbytes
@@ -97,10 +97,10 @@ def test_train_killed_in_a_checkpoint_write(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--data", "digits", "--model", "mlp", "--epochs", "2", "--batch-size", "64",
             "--train-subset", "128", "--test-subset", "50", "--threads", "1", "--no-progress", "--out", str(out)]
-    killed_during_write(tmp_path, f"from nmsparse.cli import main; main({argv!r})")
+    killed_during_write(tmp_path, f"from nmsparse.cli.dispatch import main; main({argv!r})")
     left = hidden(out)
     assert any(n.startswith(".checkpoint.pt.") and n.endswith(".tmp") for n in left), left
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     assert main(argv + ["--resume"]) == 0
     assert hidden(out) == [] and ckpt.load(out / "checkpoint.pt")["epoch"] == 2
@@ -108,7 +108,7 @@ def test_train_killed_in_a_checkpoint_write(tmp_path):
 
 @pytest.mark.slow
 def test_export_killed_leaves_nothing_beside_out(tmp_path):
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
     from nmsparse.training.config import TrainConfig
     from nmsparse.training.loop import train
 
@@ -118,7 +118,7 @@ def test_export_killed_leaves_nothing_beside_out(tmp_path):
     out = tmp_path / "exported"
     argv = ["export", "--checkpoint", str(run / "final.safetensors"), "--format", "dense", "--out", str(out)]
     for _ in range(2):
-        killed_during_write(tmp_path, f"from nmsparse.cli import main; main({argv!r})")
+        killed_during_write(tmp_path, f"from nmsparse.cli.dispatch import main; main({argv!r})")
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("writing-")) == ["exported", "run"]
     assert len(hidden(out)) == 1  # the second killed export's staging folder, inside --out (it removed the first's)
     assert main(argv) == 0

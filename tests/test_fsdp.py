@@ -432,7 +432,7 @@ def test_cli_fsdp_torchrun_resume(two_ranks, tmp_path):
 
 
 def test_cli_errors(two_ranks, tmp_path, capsys):
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     dump, _ = two_ranks
     base = ["train", "--data", "digits", "--model", "mlp", "--train-subset", "64", "--no-progress"]

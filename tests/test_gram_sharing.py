@@ -1,4 +1,4 @@
-"""Layers that read the very same input tensor share one Gram matrix (nmsparse.prune.calibration.collect,
+"""Layers that read the very same input tensor share one Gram matrix (nmsparse.calibration.collect.collect,
 share=True): found from the data flow, computed once, and giving bit for bit the results of one Gram per
 layer, in whole-model and block-wise pruning."""
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.prune import calibration
-from nmsparse.prune.geometry import LayerGeometry
+from nmsparse.calibration import collect as calibration
+from nmsparse.calibration.geometry import LayerGeometry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -118,7 +118,7 @@ def test_flow_that_changes_between_batches_falls_back_to_one_gram_per_layer(coun
 
 def test_blockwise_llama_shares_qkv_and_gate_up(tmp_path, count_adds, monkeypatch):
     transformers = pytest.importorskip("transformers")
-    from nmsparse.prune.blockwise import prune_pretrained
+    from nmsparse.pruning.blockwise import prune_pretrained
 
     cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

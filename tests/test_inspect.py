@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 import nmsparse
 from nmsparse import is_nm, nm_mask, transposable_mask
-from nmsparse.cli import main
-from nmsparse.errors import LoadError
-from nmsparse.inspect import finest_pattern, inspect
+from nmsparse.cli.dispatch import main
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.inspection import finest_pattern, inspect
 
 FIX = Path(__file__).parent / "fixtures" / "compressed_tensors"
 

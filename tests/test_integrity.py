@@ -1,4 +1,4 @@
-"""nmsparse.checksum (issue 19, D1) and the one-line messages of D7-D13 (non-ONNX).
+"""nmsparse.plumbing.checksum (issue 19, D1) and the one-line messages of D7-D13 (non-ONNX).
 
 The checksum: what :func:`sign` records, that :func:`verify` names the first bad tensor, the metadata,
 a damaged record, tensors added, dropped or renamed; files written before checksums load with a note;
@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nmsparse
-from nmsparse import checksum
-from nmsparse.cli import main
-from nmsparse.errors import LoadError
+from nmsparse.plumbing import checksum
+from nmsparse.cli.dispatch import main
+from nmsparse.plumbing.errors import LoadError
 from nmsparse.export import FormatError, load_compressed, read_header, save_compressed
-from nmsparse.io import read_safetensors
+from nmsparse.plumbing.io import read_safetensors
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.models import build_model
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse import checksum
-from nmsparse.errors import LoadError
+from nmsparse.plumbing import checksum
+from nmsparse.plumbing.errors import LoadError
 from nmsparse.export import load_compressed, save_compressed
-from nmsparse.io import read_safetensors
+from nmsparse.plumbing.io import read_safetensors
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.loop import train

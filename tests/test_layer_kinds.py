@@ -13,9 +13,9 @@ from torch import nn
 
 import nmsparse
 from nmsparse import finalize, masks, prune, sparsify
-from nmsparse.layout import as_matrix, reduction_dim, target_is_nm, target_mask
-from nmsparse.prune.calibration import LayerCollector
-from nmsparse.prune.geometry import LayerGeometry
+from nmsparse.masking.layout import as_matrix, reduction_dim, target_is_nm, target_mask
+from nmsparse.calibration.collect import LayerCollector
+from nmsparse.calibration.geometry import LayerGeometry
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -202,7 +202,7 @@ def test_mha_with_separate_projections_is_reported_dense():
 def test_mha_out_proj_is_calibrated_on_the_attention_output(batch_first):
     """MHA never calls its out_proj Linear: its calibration input is recovered by the attention run
     with an identity out_proj; checked against inverting the (invertible) projection."""
-    from nmsparse.prune import calibration
+    from nmsparse.calibration import collect as calibration
 
     torch.manual_seed(0)
     model = Attn(batch_first=batch_first).eval()

@@ -1,5 +1,5 @@
 """Every load path fails with one clear LoadError (one line naming the file, the problem and what to
-do) and changes nothing: nmsparse.io's readers, checkpoint.load, `nmsparse train --resume`,
+do) and changes nothing: nmsparse.plumbing.io's readers, checkpoint.load, `nmsparse train --resume`,
 `nmsparse prune --checkpoint` and `nmsparse reproduce` (its grid.json, a run's config.json and the
 checkpoint it would resume). Cases: missing, a directory, empty, truncated, garbage, another format,
 Python objects in a pickle, a safetensors header that lies, another model, other N:M settings."""
@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nmsparse import checksum
-from nmsparse.cli import main
-from nmsparse.errors import LoadError
-from nmsparse.io import check_state_dict, read_json, read_safetensors, read_torch, state_dict_mismatch
+from nmsparse.plumbing import checksum
+from nmsparse.cli.dispatch import main
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing.io import check_state_dict, read_json, read_safetensors, read_torch, state_dict_mismatch
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.loop import train
@@ -69,7 +69,7 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-# --- nmsparse.io -----------------------------------------------------------------------------
+# --- nmsparse.plumbing.io -----------------------------------------------------------------------------
 
 def _damaged_torch_files(good: bytes) -> dict[str, tuple[bytes, str]]:
     flipped = bytearray(good)
@@ -502,7 +502,7 @@ def test_load_errors_survive_pickling():
     """multiprocessing hands exceptions between processes by pickling them: message and fields kept."""
     import pickle
 
-    from nmsparse.errors import LoadError
+    from nmsparse.plumbing.errors import LoadError
     from nmsparse.export.files import FormatError
 
     for err in (LoadError("run/x.pt", "is truncated", "train again", action="cannot resume from"),

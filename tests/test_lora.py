@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.layout import layer_is_nm
+from nmsparse.masking.layout import layer_is_nm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmsparse import is_nm, nm_mask
-from nmsparse import nmmasks
+from nmsparse.masking import nm as nmmasks
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.layout import target_is_nm
+from nmsparse.masking.layout import target_is_nm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.layout import SUPPORTED
+from nmsparse.masking.layout import SUPPORTED
 from nmsparse.training.models import MODELS, ResNet, build_model, model_names
 
 

@@ -1,4 +1,4 @@
-"""nmsparse._numba_pool: numba's OpenMP pool starts with a passive wait policy, leaves torch alone."""
+"""nmsparse.plumbing.numba_pool: numba's OpenMP pool starts with a passive wait policy, leaves torch alone."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmsparse
-from nmsparse import checksum
-from nmsparse.cli import main
+from nmsparse.plumbing import checksum
+from nmsparse.cli.dispatch import main
 from nmsparse.export import export_onnx
 from nmsparse.training.models import build_model
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import nmsparse
 from nmsparse import permute as P
-from nmsparse.nmmasks import nm_mask
+from nmsparse.masking.nm import nm_mask
 from nmsparse.training.models import build_model
 
 
@@ -393,7 +393,7 @@ def _checkpoint(tmp_path):
     torch.manual_seed(0)
     model = _outliers(build_model("mlp", image_size=8))
     path = tmp_path / "final.safetensors"
-    from nmsparse.checksum import sign
+    from nmsparse.plumbing.checksum import sign
 
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata=sign(tensors, {"config": json.dumps({"model": "mlp", "data": "digits"})}))
@@ -401,7 +401,7 @@ def _checkpoint(tmp_path):
 
 
 def test_cli_permute(tmp_path, capsys):
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
 
     ckpt = _checkpoint(tmp_path)
     rc = main(["prune", "--checkpoint", str(ckpt), "--nm", "2:4", "--method", "magnitude", "--permute",

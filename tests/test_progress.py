@@ -1,5 +1,5 @@
 """Progress output: a tqdm bar on a terminal, a bounded number of whole lines (no carriage returns)
-in a log, nothing when off; one helper (nmsparse.progress) behind train, prune and reproduce, with
+in a log, nothing when off; one helper (nmsparse.plumbing.progress) behind train, prune and reproduce, with
 --progress / --no-progress and $NMSPARSE_PROGRESS."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmsparse import progress as P
-from nmsparse.cli import build_parser, main
+from nmsparse.plumbing import progress as P
+from nmsparse.cli.dispatch import build_parser, main
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.loop import train
 
@@ -79,7 +79,7 @@ def test_bar_mode_is_tqdm(monkeypatch):
 
 
 def test_every_progress_display_uses_the_helper():
-    """No module but nmsparse.progress draws tqdm bars itself."""
+    """No module but nmsparse.plumbing.progress draws tqdm bars itself."""
     users = [p for p in (SRC / "nmsparse").rglob("*.py") if p.name != "progress.py"
              and ("import tqdm" in p.read_text() or "from tqdm" in p.read_text())]
     assert users == []
@@ -146,7 +146,7 @@ def _checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = build_model("mlp", image_size=8, in_channels=1, num_classes=10)
     path = tmp_path / "final.safetensors"
-    from nmsparse.checksum import sign  # as 'nmsparse train' writes it
+    from nmsparse.plumbing.checksum import sign  # as 'nmsparse train' writes it
 
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata=sign(tensors, {"config": '{"model": "mlp", "data": "digits"}'}))
@@ -170,7 +170,7 @@ def test_prune_cli_progress(tmp_path, capsys, monkeypatch, flags, expect):
 
 
 def test_reproduce_passes_the_mode_and_its_runs_write_lines(tmp_path, capsys, monkeypatch):
-    from nmsparse.reproduce import cli as RC
+    from nmsparse.cli import reproduce as RC
     from nmsparse.reproduce import grid as G
     from nmsparse.reproduce.runner import run_grid
 

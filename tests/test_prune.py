@@ -1,4 +1,4 @@
-"""nmsparse.prune: one-shot N:M conversion of trained models (magnitude, Wanda, SparseGPT, AdaPrune)."""
+"""nmsparse.pruning: one-shot N:M conversion of trained models (magnitude, Wanda, SparseGPT, AdaPrune)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.layout import layer_is_nm
-from nmsparse.prune import adam_solve, exact_solve, im2col, prune
-from nmsparse.prune import calibration
-from nmsparse.prune.geometry import LayerGeometry
+from nmsparse.masking.layout import layer_is_nm
+from nmsparse.pruning import adam_solve, exact_solve, im2col, prune
+from nmsparse.calibration import collect as calibration
+from nmsparse.calibration.geometry import LayerGeometry
 
-HAS_TRANSPOSABLE = importlib.util.find_spec("nmsparse.transposable") is not None
+HAS_TRANSPOSABLE = importlib.util.find_spec("nmsparse.masking.transposable") is not None
 CASES = [("magnitude", "exact"), ("wanda", "exact"), ("sparsegpt", "exact"), ("adaprune", "exact"),
          ("adaprune", "adam")]
 
@@ -68,11 +68,11 @@ def test_every_method_gives_valid_nm(method, solver, nm, layout):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not HAS_TRANSPOSABLE, reason="nmsparse.transposable not available")
+@pytest.mark.skipif(not HAS_TRANSPOSABLE, reason="nmsparse.masking.transposable not available")
 @pytest.mark.parametrize("method,solver", CASES)
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
 def test_transposable(method, solver, nm):
-    from nmsparse.transposable import layer_is_transposable_nm
+    from nmsparse.masking.transposable import layer_is_transposable_nm
 
     n, m = nm
     torch.manual_seed(0)
@@ -384,7 +384,7 @@ def test_finetune_recipe_keeps_the_pruned_support():
 
 
 def test_recalibrate_batchnorm():
-    from nmsparse.prune import recalibrate_batchnorm
+    from nmsparse.pruning import recalibrate_batchnorm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nmsparse.checksum import sign
-from nmsparse.cli import main
-from nmsparse.layout import layer_is_nm
-from nmsparse.prune.cli import balanced_indices
+from nmsparse.plumbing.checksum import sign
+from nmsparse.cli.dispatch import main
+from nmsparse.masking.layout import layer_is_nm
+from nmsparse.cli.prune import balanced_indices
 
 training = pytest.importorskip("nmsparse.training.models")
 
@@ -113,7 +113,7 @@ def test_prune_cli_finetune_flags_need_finetune_epochs(tmp_path, capsys):
 
 
 def test_prune_cli_bn_samples(tmp_path, capsys):
-    from nmsparse.prune import recalibrate_batchnorm
+    from nmsparse.pruning import recalibrate_batchnorm
     from nmsparse.training.data import load_dataset
 
     ckpt = _checkpoint(tmp_path, "resnet")

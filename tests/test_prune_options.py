@@ -14,7 +14,7 @@ from torch import nn
 
 import nmsparse
 from nmsparse import AdaPrune, BlockReconstruct, Magnitude, SparseGPT, Wanda
-from nmsparse.layout import layer_is_nm
+from nmsparse.masking.layout import layer_is_nm
 from tests.test_model_zoo import build
 
 
@@ -206,7 +206,7 @@ def test_block_reconstruction_teacher_target(one_thread):
 
 def test_cli_flag_that_does_not_apply_is_one_line(tmp_path, capsys):
     pytest.importorskip("nmsparse.training.models")
-    from nmsparse.cli import main
+    from nmsparse.cli.dispatch import main
     from tests.test_prune_cli import _checkpoint
 
     ckpt = _checkpoint(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nmsparse.prune.recipe import FALLBACK_LR, finetune_recipe
+from nmsparse.training.recipe import FALLBACK_LR, finetune_recipe
 
 ADAMW_RUN = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "momentum": 0.9}
 SGD_RUN = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.8}

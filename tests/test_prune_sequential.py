@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.prune import sequential as seq
+from nmsparse.calibration import sequential as seq
 from tests.test_model_zoo import CASES, build, call
 
 METHODS = [nmsparse.Magnitude(), nmsparse.Wanda(), nmsparse.SparseGPT(), nmsparse.AdaPrune(),

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import nmsparse.reproduce.runner as R
-from nmsparse.cli import main as cli_main
+from nmsparse.cli.dispatch import main as cli_main
 from nmsparse.reproduce import grid as G
 from nmsparse.reproduce.report import write_report
 from nmsparse.reproduce.results import mean_std

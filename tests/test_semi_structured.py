@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import nmsparse
-import nmsparse.transposable as T
+import nmsparse.masking.transposable as T
 from nmsparse import finalize, nm_mask, sparsify, transposable_mask
 from nmsparse.kernels import (CudaOps, EmulatedOps, cutlass_supported, force_emulation, ops_for, semi_structured_linear,
                               shape_problem)
-from nmsparse.semi import semi_structured_plan, to_semi_structured
+from nmsparse.kernels.semi_convert import semi_structured_plan, to_semi_structured
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])

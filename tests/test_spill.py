@@ -1,4 +1,4 @@
-"""Calibration hidden states on disk (nmsparse.prune.spill), pruning only the first blocks
+"""Calibration hidden states on disk (nmsparse.calibration.spill), pruning only the first blocks
 (prune_pretrained(blocks=K)), and the memory block-wise pruning needs when the calibration hidden
 states are larger than the model."""
 
@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import nmsparse
-from nmsparse.prune.spill import HiddenSpill, SpilledItems
+from nmsparse.calibration.spill import HiddenSpill, SpilledItems
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from nmsparse.prune.blockwise import prune_pretrained  # noqa: E402
+from nmsparse.pruning.blockwise import prune_pretrained  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -98,7 +98,7 @@ def test_peak_memory_does_not_hold_the_calibration_hidden_states(tmp_path):
     total = batches * windows * seq * hidden * 4
     code = textwrap.dedent(f"""
         import json, resource, torch
-        from nmsparse.prune.blockwise import prune_pretrained
+        from nmsparse.pruning.blockwise import prune_pretrained
         g = torch.Generator().manual_seed(0)
         calib = [torch.randint(0, 120, ({windows}, {seq}), generator=g) for _ in range({batches})]
         src = {str(tmp_path / 'src')!r}

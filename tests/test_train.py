@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import nmsparse
-from nmsparse.cli import main
+from nmsparse.cli.dispatch import main
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.config import TrainConfig, parse_nm, sparsify_supports_transposable
 from nmsparse.training.loop import Trainer, train, warmup_cosine

@@ -12,9 +12,9 @@ import torch
 from scipy.optimize import linprog
 
 import nmsparse
-import nmsparse.transposable as T
+import nmsparse.masking.transposable as T
 from nmsparse import is_nm, is_transposable_nm, nm_mask, transposable_layer_mask, transposable_mask
-from nmsparse.layout import matrices_of
+from nmsparse.masking.layout import matrices_of
 
 CUDA = torch.cuda.is_available()
 
@@ -470,7 +470,7 @@ def test_failed_certificate_falls_back_to_the_exact_solver(monkeypatch, n, m):
 def test_kernel_leaves_torch_thread_count_alone(run_with_one_numba_thread):
     code = (
         "import torch, nmsparse; torch.set_num_threads(2); "
-        "nmsparse.transposable_mask(torch.randn(64, 64), 2, 4); print(torch.get_num_threads())"
+        "nmsparse.masking.transposable_mask(torch.randn(64, 64), 2, 4); print(torch.get_num_threads())"
     )
     assert run_with_one_numba_thread(code).strip() == "2"
 

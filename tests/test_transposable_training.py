@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nmsparse import finalize, is_nm, masks, sparse_layers, sparsify, transposable_layer_mask
-from nmsparse.layout import matrices_of
+from nmsparse.masking.layout import matrices_of
 
 
 class Net(nn.Module):

@@ -2,30 +2,39 @@
 
 N always means the number of weights **kept** in every group of M consecutive weights along a
 layer's reduction dimension (2:4 keeps 2 of every 4).
+
+This module only re-exports the public API (and keeps the module paths of releases before the layered
+layout importable for one release, with a ``DeprecationWarning``: :mod:`nmsparse._compat`). The code
+lives in one subpackage per layer, bottom up: ``plumbing`` -> ``masking`` -> ``surgery``,
+``calibration``, ``permute``, ``pruning``, ``lora`` -> ``kernels``, ``export``, ``integrations`` ->
+``training``, ``distillation``, ``reproduce``, ``inspection``, ``cli`` (see CONTRIBUTING.md).
 """
 
-from nmsparse.distill import DistillReport, distill
-from nmsparse.diversity import diversity_log10, mask_diversity, transposable_count
-from nmsparse.errors import LoadError, WriteError
-from nmsparse.kernels import NMLinear, NMLinearReport, to_nm_linear
-from nmsparse.layout import layer_is_nm, layer_mask
-from nmsparse.nmmasks import is_nm, nm_mask
-from nmsparse.permute import PermuteReport, permute_channels
-from nmsparse.prune import AdaPrune, BlockReconstruct, Magnitude, PruneReport, SparseGPT, Wanda, prune
-from nmsparse.sad import SADRecord, SADTracker, sad
-from nmsparse.selection import LayerEntry, SparsityReport, plan
-from nmsparse.semi import semi_structured_plan, to_semi_structured
-from nmsparse.sparsify import finalize, magnitude_masks, masks, sparse_layers, sparse_tensors, sparsify
-from nmsparse.transposable import (
+from nmsparse import _compat
+from nmsparse.plumbing.errors import LoadError, WriteError
+from nmsparse.plumbing.version import __version__
+from nmsparse.masking.diversity import diversity_log10, mask_diversity, transposable_count
+from nmsparse.masking.divergence import sad
+from nmsparse.masking.layout import layer_is_nm, layer_mask
+from nmsparse.masking.nm import is_nm, nm_mask
+from nmsparse.masking.pattern import NMPattern
+from nmsparse.masking.transposable import (
     is_transposable_nm,
     layer_is_transposable_nm,
     transposable_layer_mask,
     transposable_mask,
 )
+from nmsparse.surgery.sad_tracker import SADRecord, SADTracker
+from nmsparse.surgery.selection import LayerEntry, SparsityReport, plan
+from nmsparse.surgery.sparse_model import finalize, magnitude_masks, masks, sparse_layers, sparse_tensors, sparsify
+from nmsparse.permute import PermuteReport, permute_channels
+from nmsparse.pruning import AdaPrune, BlockReconstruct, Magnitude, PruneReport, SparseGPT, Wanda, prune
+from nmsparse.kernels import NMLinear, NMLinearReport, semi_structured_plan, to_nm_linear, to_semi_structured
 from nmsparse.export import NMCompressed, compress, decompress, load_compressed, save_compressed
-from nmsparse.inspect import InspectReport, inspect  # noqa: E402 - rebinds nmsparse.inspect to the function
+from nmsparse.distillation import DistillReport, distill
+from nmsparse.inspection import InspectReport, inspect
 
-__version__ = "0.1.0"
+_compat.install(__name__)
 
 __all__ = [
     "AdaPrune",
@@ -58,6 +67,7 @@ __all__ = [
     "magnitude_masks",
     "mask_diversity",
     "NMLinear",
+    "NMPattern",
     "NMLinearReport",
     "masks",
     "nm_mask",

@@ -1,3 +1,3 @@
-from nmsparse.cli import main
+from nmsparse.cli.dispatch import main
 
 raise SystemExit(main())

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 import torch
 
-from nmsparse import _numba_pool
+from nmsparse.plumbing import numba_pool as _numba_pool
 
 _CHUNK = 1 << 12  # groups per parallel work item; a multiple of 8
 

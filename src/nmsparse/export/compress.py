@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from nmsparse.nmmasks import _BITS, check_nm
+from nmsparse.masking.nm import _BITS, check_nm
 
 try:  # numba is a hard dependency; the guard keeps the torch path usable where it cannot load.
     from nmsparse.export import _kernels

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmsparse import checksum
-from nmsparse.errors import LoadError
+from nmsparse.plumbing import checksum
+from nmsparse.plumbing.errors import LoadError
 from nmsparse.export.compress import DTYPE_NAMES, NMCompressed, compress, decompress, index_nbytes, values_shape
 from nmsparse.export.report import ExportReport, TensorEntry
-from nmsparse.layout import check_layout, reduction_dim, target_kind
-from nmsparse.nmmasks import check_nm
-from nmsparse.writing import save_safetensors
+from nmsparse.masking.layout import check_layout, reduction_dim, target_kind
+from nmsparse.masking.nm import check_nm
+from nmsparse.plumbing.writing import save_safetensors
 
 FORMAT = "nmsparse-nm"
 FORMAT_VERSION = 1
@@ -33,7 +33,7 @@ DETECT_M = (2, 4, 8, 16)
 class FormatError(LoadError):
     """A compressed file that is unreadable, inconsistent, or does not fit the model.
 
-    A :class:`nmsparse.errors.LoadError` (hence a ``ValueError``), so ``except LoadError`` catches every
+    A :class:`nmsparse.plumbing.errors.LoadError` (hence a ``ValueError``), so ``except LoadError`` catches every
     file nmsparse cannot load. ``str(error)`` is ``message`` as raised (it names the file); ``path`` is
     the file and ``problem`` the message without the file name in front."""
 
@@ -177,7 +177,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, n: int | None = N
         if entry.stored_as == "dense":
             tensors[key] = t.cpu().contiguous().clone()
         entries.append(entry)
-    from nmsparse import __version__
+    from nmsparse.plumbing.version import __version__
 
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "nmsparse_version": __version__,
             "n": str(n), "m": str(m), "layout": layout, "compressed": json.dumps(listed),
@@ -199,7 +199,7 @@ def dense_report(model: nn.Module, path: str | os.PathLike, n: int, m: int, layo
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
     """Write ``tensors`` with ``meta`` and its checksum to ``path`` whole or not at all (a failed write
-    raises :class:`~nmsparse.errors.WriteError` naming ``path``)."""
+    raises :class:`~nmsparse.plumbing.errors.WriteError` naming ``path``)."""
     save_safetensors(path, tensors, meta)
 
 
@@ -277,8 +277,8 @@ def _parse_meta(meta: dict, path) -> dict:
 def load_compressed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a file written by :func:`save_compressed` into ``model`` (same architecture, dtypes).
 
-    The file's checksum (:mod:`nmsparse.checksum`) is verified tensor by tensor as it is read (a file
-    written without one loads with an :class:`~nmsparse.checksum.UnverifiedFileWarning`). Every name,
+    The file's checksum (:mod:`nmsparse.plumbing.checksum`) is verified tensor by tensor as it is read (a file
+    written without one loads with an :class:`~nmsparse.plumbing.checksum.UnverifiedFileWarning`). Every name,
     shape, dtype, the metadata and every stored position are checked, and every compressed weight
     is decompressed, *before* the model is touched: any mismatch or corruption
     raises :class:`FormatError` (a ``ValueError``) naming the tensor and what differs, and ``model``

@@ -46,9 +46,9 @@ from nmsparse.export import onnx_io
 from nmsparse.export.onnx_check import InitializerCheck, check_initializers
 from nmsparse.export.onnx_report import OnnxReport, graph_signature
 from nmsparse.export.onnx_run import compare
-from nmsparse.layout import check_layout
-from nmsparse.nmmasks import check_nm
-from nmsparse.sparsify import sparse_layers
+from nmsparse.masking.layout import check_layout
+from nmsparse.masking.nm import check_nm
+from nmsparse.surgery.sparse_model import sparse_layers
 
 __all__ = ["InitializerCheck", "OnnxReport", "check_initializers", "export_onnx"]
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmsparse.layout import SUPPORTED_LAYERS, check_layout, layer_is_nm, reduction_size
-from nmsparse.nmmasks import check_nm
+from nmsparse.masking.layout import SUPPORTED_LAYERS, check_layout, layer_is_nm, reduction_size
+from nmsparse.masking.nm import check_nm
 
 _PASS_THROUGH = ("Transpose", "Identity", "Cast")  # shape-preserving (Transpose: permuting) on the way to a matmul
 

@@ -28,12 +28,12 @@ from typing import Any
 
 from torch import nn
 
-from nmsparse.layout import _transposed, layer_mask
-from nmsparse.prune.streaming import CheckpointReader, build_model
-from nmsparse.selection import SparsityReport, literal_pattern, tied_aliases
-from nmsparse.sparsify import sparse_layers
-from nmsparse.sparsify import sparsify as _sparsify
-from nmsparse.transposable import transposable_layer_mask
+from nmsparse.masking.layout import _transposed, layer_mask
+from nmsparse.calibration.streaming import CheckpointReader, build_model
+from nmsparse.surgery.selection import SparsityReport, literal_pattern, tied_aliases
+from nmsparse.surgery.sparse_model import sparse_layers
+from nmsparse.surgery.sparse_model import sparsify as _sparsify
+from nmsparse.masking.transposable import transposable_layer_mask
 
 CONFIG_KEY = "nmsparse"
 SETTINGS_VERSION = 1

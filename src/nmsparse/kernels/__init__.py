@@ -8,7 +8,10 @@ N is the number of weights **kept** in every group of M consecutive weights alon
   :mod:`~nmsparse.kernels.tune` (crossovers timed at conversion), :mod:`~nmsparse.kernels.nm_op`
   (custom ops for ``torch.compile`` / ``torch.export``).
 * NVIDIA 2:4 semi-structured kernels for training and inference (CUDA; a CPU emulation for tests):
-  :mod:`nmsparse.kernels.semi_structured`, :mod:`nmsparse.kernels.semi_structured_autograd`.
+  :mod:`nmsparse.kernels.semi_structured`, :mod:`nmsparse.kernels.semi_structured_autograd`; training on
+  them (:mod:`~nmsparse.kernels.semi_training`, registered as ``sparsify(..., backend="semi-structured")``
+  when this package is imported) and inference (:mod:`~nmsparse.kernels.semi_convert`:
+  :func:`to_semi_structured`).
 """
 
 from nmsparse.kernels.convert import ConvertedLayer, NMLinearReport, to_nm_linear
@@ -23,7 +26,9 @@ from nmsparse.kernels.semi_structured import (
     shape_problem,
 )
 from nmsparse.kernels.semi_structured_autograd import compute_dtype, semi_structured_linear
+from nmsparse.kernels.semi_convert import semi_structured_plan, to_semi_structured
+from nmsparse.kernels.semi_training import SemiStructuredBackend  # registers backend="semi-structured"
 
 __all__ = ["ConvertedLayer", "CudaOps", "EmulatedOps", "NMLinear", "NMLinearReport", "SemiStructuredOps",
            "compute_dtype", "cutlass_supported", "force_emulation", "ops_for", "semi_structured_linear",
-           "shape_problem", "to_nm_linear"]
+           "SemiStructuredBackend", "semi_structured_plan", "shape_problem", "to_nm_linear", "to_semi_structured"]

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from nmsparse.kernels import cpu_nm, cpu_select, tune as tuning
 from nmsparse.kernels.nm_linear import NMLinear, unsupported_reason
-from nmsparse.nmmasks import check_nm
+from nmsparse.masking.nm import check_nm
 
 AUTO_MAX_DENSITY = 0.75  # auto-detection converts n:m only when n/m <= this (else packing saves little)
 # Without timing (tune=False), layers with fewer weights stay dense by default: such a weight (16 MiB in

@@ -44,7 +44,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nmsparse import _numba_pool
+from nmsparse.plumbing import numba_pool as _numba_pool
 from nmsparse.kernels import cpu_nm_avx2, cpu_select, pack_kernel
 
 CHUNK = 16  # columns per mask word

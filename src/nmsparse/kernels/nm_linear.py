@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmsparse.kernels import cpu_nm, cpu_select, nm_op
-from nmsparse.nmmasks import check_nm
+from nmsparse.masking.nm import check_nm
 
 
 class NMLinear(nn.Module):

@@ -4,13 +4,13 @@ Of a Linear layer's three training matmuls, two can run on 2:4 sparse kernels:
 
 * forward ``y = x @ (E*W)^T``: the compressed ``E*W`` (2:4 along ``in``) is the sparse operand;
 * input gradient ``dx = dy @ (E*W)``: the compressed ``(E*W)^T`` is the sparse operand, which is 2:4
-  along its rows (``out``) only when the mask is transposable (see :mod:`nmsparse.transposable`);
+  along its rows (``out``) only when the mask is transposable (see :mod:`nmsparse.masking.transposable`);
   otherwise this matmul is dense;
 * the weight gradient ``dy^T @ x`` has no 2:4 operand and stays dense.
 
 ``E*W`` and its transpose are compressed again on every call (the values change every step; the
 mask changes when the layer's parametrization refreshes it). The weight gradient then follows the
-layer's method exactly as the masked-dense path (:mod:`nmsparse.parametrization`): ``"ste"``
+layer's method exactly as the masked-dense path (:mod:`nmsparse.surgery.parametrization`): ``"ste"``
 ``dW = d(E*W)``; ``"srste"`` ``dW = d(E*W) + decay * (~E) * W``; ``"fixed"`` ``dW = E * d(E*W)``.
 
 Mixed precision. The kernels exist for float16 and bfloat16 only. The compute dtype is the autocast
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nmsparse.kernels.semi_structured import SUPPORTED_DTYPES, ops_for
-from nmsparse.parametrization import METHODS, sparse_weight
+from nmsparse.surgery.parametrization import METHODS, sparse_weight
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from nmsparse.layout import layer_is_nm
-from nmsparse.nmmasks import check_nm
+from nmsparse.masking.layout import layer_is_nm
+from nmsparse.masking.nm import check_nm
 
 # LoRA initialisations that rewrite the base weight (W - B A ...): they would make it dense
 _REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "mica", "eva", "orthogonal")

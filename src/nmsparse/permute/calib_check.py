@@ -25,8 +25,8 @@ def input_grams(model: nn.Module, mods: list[nn.Module], calib: Iterable) -> dic
     """Float64 input Gram matrix ``(F, F)`` of each module of ``mods`` over the calibration batches
     (``F``: in features; for a convolution in_channels x kernel positions, channel-major, the order of
     ``weight.reshape(out, -1)``). Raises ValueError on an empty ``calib``."""
-    from nmsparse.prune.calibration import _inputs
-    from nmsparse.prune.geometry import im2col
+    from nmsparse.calibration.collect import _inputs
+    from nmsparse.calibration.geometry import im2col
 
     grams: dict[nn.Module, torch.Tensor] = {}
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from nmsparse.nmmasks import check_nm
+from nmsparse.masking.nm import check_nm
 from nmsparse.permute.apply import apply_space
 from nmsparse.permute.calib_check import input_grams, input_norms, output_error, run as _run
 from nmsparse.permute.graph import CONV, Analysis, TraceError
@@ -18,7 +18,7 @@ from nmsparse.permute.network import NetworkObjective, _tensors, accept_greedy, 
 from nmsparse.permute.report import PermuteLayer, PermuteReport, SpaceResult
 from nmsparse.permute.search import SEARCHES, kept, search_permutation
 from nmsparse.permute.tracing import analyse
-from nmsparse.selection import KEEP_DENSE, Patterns, plan
+from nmsparse.surgery.selection import KEEP_DENSE, Patterns, plan
 
 SCORES = ("magnitude", "wanda")
 ACCEPTS = ("auto", "score", "error", "network")

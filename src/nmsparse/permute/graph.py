@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nmsparse.selection import tied_aliases
+from nmsparse.surgery.selection import tied_aliases
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

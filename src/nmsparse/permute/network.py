@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from nmsparse.layout import layer_mask
+from nmsparse.masking.layout import layer_mask
 from nmsparse.permute.calib_check import run
 
 
@@ -68,7 +68,7 @@ class NetworkObjective:
     every calibration batch)."""
 
     def __init__(self, model: nn.Module, calib: Iterable):
-        from nmsparse.prune.calibration import _inputs  # a calibration item's inputs, as prune reads them
+        from nmsparse.calibration.collect import _inputs  # a calibration item's inputs, as prune reads them
 
         self.model = model
         self.batches = [_inputs(b) for b in calib]

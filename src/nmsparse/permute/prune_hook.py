@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 from torch import nn
 
 from nmsparse.permute.channels import permute_channels
-from nmsparse.prune.calibration import _inputs
+from nmsparse.calibration.collect import _inputs
 from nmsparse.permute.network import NetworkObjective
 from nmsparse.permute.report import PermuteReport
 

@@ -31,8 +31,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from nmsparse import _numba_pool
-from nmsparse.nmmasks import check_nm
+from nmsparse.plumbing import numba_pool as _numba_pool
+from nmsparse.masking.nm import check_nm
 from nmsparse.permute import kernels
 
 EXACT_MAX_CHANNELS = 20

@@ -197,10 +197,10 @@ def experiment_keys(experiment: str, nms: Iterable[str] = NMS) -> list[str]:
 
 def transposable_missing() -> str | None:
     """``None`` if :func:`nmsparse.sparsify` supports transposable masks, else why not."""
-    import nmsparse
+    from nmsparse.surgery.sparse_model import sparsify
 
-    params = inspect.signature(nmsparse.sparsify).parameters
+    params = inspect.signature(sparsify).parameters
     missing = [p for p in ("transposable", "mask_method") if p not in params]
     if missing:
-        return f"nmsparse.sparsify has no {' / '.join(missing)} argument yet (transposable masks, issue 3)"
+        return f"nmsparse.surgery.sparse_model has no {' / '.join(missing)} argument yet (transposable masks, issue 3)"
     return None

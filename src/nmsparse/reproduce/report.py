@@ -315,7 +315,7 @@ class _Report:
 def write_report(out: str | os.PathLike, report_dir: str | os.PathLike | None = None) -> Path:
     """Write ``report.md`` and its PNG plots into ``report_dir`` (default ``out``) from the grid in
     ``out``; also ``results.json`` (the per-epoch metrics of every finished run). Returns the path of
-    report.md. Raises ValueError if ``out`` holds no grid, :class:`~nmsparse.errors.LoadError` if its
+    report.md. Raises ValueError if ``out`` holds no grid, :class:`~nmsparse.plumbing.errors.LoadError` if its
     grid.json is damaged (nothing written either way)."""
     out = Path(out)
     grid = read_grid(out)

@@ -22,9 +22,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from nmsparse.errors import LoadError
-from nmsparse.errors import WriteError
-from nmsparse.io import read_json
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing.errors import WriteError
+from nmsparse.plumbing.io import read_json
 from nmsparse.reproduce.grid import Cell, Scale, transposable_missing
 from nmsparse.training.checkpoint import atomic_write
 
@@ -36,7 +36,7 @@ RUN_HINT = "delete the run's folder to train it again from the start"
 
 def read_grid(out: str | os.PathLike, hint: str = GRID_HINT) -> dict | None:
     """The manifest ``<out>/grid.json`` as a dict, ``None`` if there is none; a damaged one raises
-    :class:`~nmsparse.errors.LoadError` (with ``hint``)."""
+    :class:`~nmsparse.plumbing.errors.LoadError` (with ``hint``)."""
     path = Path(out) / "grid.json"
     if not path.exists() and not path.is_symlink():
         return None
@@ -182,7 +182,7 @@ def check_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, make_config:
     """Everything :func:`run_cell` would refuse, checked without writing: invalid settings, a run
     folder with other settings, and (with ``check_resume``, e.g.
     :func:`nmsparse.training.resume.read_resume_state`) a checkpoint to resume that is damaged or does
-    not fit. Raises ValueError (:class:`~nmsparse.errors.LoadError` for a file)."""
+    not fit. Raises ValueError (:class:`~nmsparse.plumbing.errors.LoadError` for a file)."""
     if cell.transposable and transposable_missing():
         return
     fields = cell_config(cell, scale, out)
@@ -202,7 +202,7 @@ def run_cell(cell: Cell, scale: Scale, out: str | os.PathLike, *, train_fn: Trai
              make_config: Callable[[dict], object], progress: bool | str = False) -> CellOutcome:
     """Run (or resume, or skip) one cell. Training errors are caught, kept in ``error.txt`` and
     reported as ``"failed"``; invalid settings raise ValueError, and a file that cannot be loaded
-    :class:`~nmsparse.errors.LoadError`, before anything is written."""
+    :class:`~nmsparse.plumbing.errors.LoadError`, before anything is written."""
     d = run_dir(out, cell)
     if cell.transposable and (why := transposable_missing()):
         return CellOutcome(cell, "not run", reason=why)
@@ -261,7 +261,7 @@ def run_grid(cells: list[Cell], scale: Scale, out: str | os.PathLike, *, experim
     ``check_resume(config)`` (default: :func:`nmsparse.training.resume.read_resume_state` with the
     default trainer) vets each checkpoint this invocation would resume.
     Raises ValueError (nothing written) if ``out`` holds a grid with other settings or a cell's
-    settings are invalid, and :class:`~nmsparse.errors.LoadError` (nothing written) if ``grid.json``,
+    settings are invalid, and :class:`~nmsparse.plumbing.errors.LoadError` (nothing written) if ``grid.json``,
     a run's ``config.json`` or a checkpoint to resume is damaged or does not fit.
     """
     if train_fn is None or make_config is None:

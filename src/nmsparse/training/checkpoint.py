@@ -2,10 +2,10 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
 ``torch.save`` to a temporary file in the same folder, flushed to disk, then moved over the old one
-with ``os.replace`` (atomic on POSIX; :func:`nmsparse.writing.atomic_write`), so a run killed
+with ``os.replace`` (atomic on POSIX; :func:`nmsparse.plumbing.writing.atomic_write`), so a run killed
 mid-write leaves the previous checkpoint intact, and a full disk or a read-only folder raises one
-:class:`nmsparse.errors.WriteError` naming ``checkpoint.pt``. :func:`load` uses ``torch.load(weights_only=True)`` and raises
-:class:`nmsparse.errors.LoadError` (one line naming the file and the problem) for a file it cannot use.
+:class:`nmsparse.plumbing.errors.WriteError` naming ``checkpoint.pt``. :func:`load` uses ``torch.load(weights_only=True)`` and raises
+:class:`nmsparse.plumbing.errors.LoadError` (one line naming the file and the problem) for a file it cannot use.
 
 Contents (``FORMAT = 1``): ``format``, ``epoch`` (epochs completed), ``config`` (dict), ``model``
 (state dict, masks and mask-step counters included), ``optimizer``, ``scheduler``, ``rng``
@@ -14,7 +14,7 @@ and previous masks) and ``records`` (the per-epoch metrics so far), and ``checks
 tensor's dtype, shape and bytes, every other value's ``repr``), which :func:`load` verifies, so bytes
 damaged inside a tensor (which ``torch.load`` reads without complaint) are found. A checkpoint without
 ``checksum`` (written before it existed) still loads, with an
-:class:`nmsparse.checksum.UnverifiedFileWarning`.
+:class:`nmsparse.plumbing.checksum.UnverifiedFileWarning`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from nmsparse.checksum import warn_unverified
-from nmsparse.errors import LoadError
-from nmsparse.io import read_torch
-from nmsparse.writing import atomic_write  # noqa: F401 - here for the writers that import it from this module
+from nmsparse.plumbing.checksum import warn_unverified
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing.io import read_torch
+from nmsparse.plumbing.writing import atomic_write  # noqa: F401 - here for the writers that import it from this module
 
 FORMAT = 1
 
@@ -108,7 +108,7 @@ _ENTRIES = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "sch
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no pickled code runs) and check its structure.
 
-    Raises :class:`nmsparse.errors.LoadError` (a ``ValueError``) naming ``path`` when the file is
+    Raises :class:`nmsparse.plumbing.errors.LoadError` (a ``ValueError``) naming ``path`` when the file is
     missing, a directory, empty, truncated, corrupted (also: contents that do not match the recorded
     :func:`checksum`), not a ``torch.save`` file, or not an nmsparse training checkpoint of this
     format (an entry missing or of the wrong type). Whether it fits a

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nmsparse.layout import LAYOUTS
-from nmsparse.parametrization import METHODS
+from nmsparse.masking.layout import LAYOUTS
+from nmsparse.surgery.parametrization import METHODS
 
 OPTIMIZERS = ("sgd", "adamw")
 MASK_METHODS = ("approx", "optimal")
@@ -37,7 +37,7 @@ def parse_nm(text: str) -> tuple[int, int] | None:
 
 def sparsify_supports_transposable() -> bool:
     """True when this nmsparse's ``sparsify`` takes ``transposable=`` and ``mask_method=``."""
-    from nmsparse import sparsify
+    from nmsparse.surgery.sparse_model import sparsify
 
     params = inspect.signature(sparsify).parameters
     return "transposable" in params and "mask_method" in params

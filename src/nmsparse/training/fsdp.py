@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nmsparse.layout import layer_mask
-from nmsparse.selection import plan
-from nmsparse.sparsify import sharded, sparse_layers, sparse_tensors
+from nmsparse.masking.layout import layer_mask
+from nmsparse.surgery.selection import plan
+from nmsparse.surgery.sparse_model import sharded, sparse_layers, sparse_tensors
 
 
 def _require_dist() -> None:
@@ -58,7 +58,7 @@ def _require_dist() -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     """True when ``fully_shard`` was applied to ``model`` or a submodule, or some parameter is a DTensor
-    (tensor parallel); see :func:`nmsparse.sparsify.sharded`."""
+    (tensor parallel); see :func:`nmsparse.surgery.sparse_model.sharded`."""
     return sharded(model)
 
 

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from nmsparse.layout import _kind
-from nmsparse.parametrization import NMParametrization, SharedNM
+from nmsparse.masking.layout import _kind
+from nmsparse.surgery.parametrization import NMParametrization, SharedNM
 
 aten = torch.ops.aten
 

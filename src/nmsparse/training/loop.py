@@ -33,15 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-import nmsparse
-from nmsparse.errors import LoadError
-from nmsparse.progress import Progress, resolve
+from nmsparse.surgery import sparse_model as S
+from nmsparse.surgery.sad_tracker import SADTracker
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing.progress import Progress, resolve
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
 from nmsparse.training.data import Dataset, load_dataset
 from nmsparse.training.models import build_model
-from nmsparse.writing import save_safetensors
+from nmsparse.plumbing.writing import save_safetensors
 from nmsparse.training.resume import (  # noqa: F401 - RESUME_FREE_FIELDS, read_resume_state: public here too
     CHECKPOINT, RESUME_FREE_FIELDS, RESUME_HINT, read_resume_state, state_mismatch,
 )
@@ -54,7 +55,7 @@ def _refreshed_nm_buffers(model: nn.Module) -> list[str]:
     ``"fixed"``). DDP need not broadcast them on every pass (1 byte per weight): they are equal on
     every rank by construction (see :mod:`nmsparse.training.distributed`), and each refresh replaces
     them with new tensors, which DDP's list of buffers (made at wrap time) would not see anyway."""
-    ids = {id(b) for _, _, _, p in nmsparse.sparse_tensors(model) if p.method != "fixed"
+    ids = {id(b) for _, _, _, p in S.sparse_tensors(model) if p.method != "fixed"
            for b in p.buffers()}
     return [name for name, b in model.named_buffers() if id(b) in ids]
 
@@ -97,7 +98,7 @@ def build_sparse_model(config: TrainConfig, data: Dataset) -> tuple[nn.Module, A
         kwargs.update(transposable=True, mask_method=config.mask_method)
     with warnings.catch_warnings():  # "made no layer sparse" becomes the one error below
         warnings.filterwarnings("ignore", message="sparsify made no layer sparse")
-        report = nmsparse.sparsify(model, *pair, **kwargs)
+        report = S.sparsify(model, *pair, **kwargs)
     if not report.sparse:
         why = "; ".join(f"{e.param}: {e.reason}" for e in report.dense[:3])
         raise ValueError(f"--nm {config.nm} makes no layer of model {config.model!r} on {config.data!r} N:M ({why}); "
@@ -199,14 +200,14 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(warm, total))
 
         if self.report is not None:
-            self.tracker = nmsparse.SADTracker(self.model)
+            self.tracker = SADTracker(self.model)
         else:
             n, m = cfg.sad_pair
             model = self.model
-            magnitude_masks = nmsparse.magnitude_masks
+            magnitude_masks = S.magnitude_masks
             if cfg.fsdp:
                 from nmsparse.training.fsdp import magnitude_masks
-            self.tracker = nmsparse.SADTracker(lambda: magnitude_masks(model, n, m, layout=cfg.layout))
+            self.tracker = SADTracker(lambda: magnitude_masks(model, n, m, layout=cfg.layout))
 
         self.records: list[dict] = []
         self.epoch = 0
@@ -290,7 +291,7 @@ class Trainer:
             if self.config.fsdp:
                 tensors = {k: v.detach().contiguous().clone() for k, v in gathered.items()}
             else:  # nmsparse.finalize is safe on a deep copy: the training model is left untouched
-                final = nmsparse.finalize(copy.deepcopy(self.model)).to("cpu")
+                final = S.finalize(copy.deepcopy(self.model)).to("cpu")
                 tensors = {k: v.detach().contiguous().clone() for k, v in final.state_dict().items()}
             meta = {"config": json.dumps(self.config.to_dict()), "epochs": str(self.epoch)}
             save_safetensors(path, tensors, meta)  # with the checksum every nmsparse reader verifies
@@ -361,7 +362,7 @@ class Trainer:
                     sync_buffers(self.model)
                 test = self.evaluate()
                 self.epoch += 1
-                D.check_same(self.ctx, [t.float() for t in nmsparse.masks(self.model).values()], "masks")
+                D.check_same(self.ctx, [t.float() for t in S.masks(self.model).values()], "masks")
                 sad = self.tracker.measure().to_dict()
                 record = {"epoch": self.epoch, "loss": train["loss"], "train_acc": train["train_acc"],
                           "test_loss": test["test_loss"], "test_acc": test["test_acc"], "lr": train["lr"],
@@ -399,9 +400,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool | str = T
     With ``resume=True`` a run with a ``checkpoint.pt`` in ``config.out`` continues after its last
     completed epoch (same settings required; a finished run only rewrites ``final.safetensors``);
     without a checkpoint it starts fresh; a checkpoint that is damaged, made with other settings or
-    does not fit the model raises :class:`nmsparse.errors.LoadError` (a ValueError) before anything
+    does not fit the model raises :class:`nmsparse.plumbing.errors.LoadError` (a ValueError) before anything
     is changed. With ``resume=False`` an earlier run in ``config.out`` is replaced. ``progress``:
-    a :mod:`nmsparse.progress` mode (``True``: ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar per epoch on
+    a :mod:`nmsparse.plumbing.progress` mode (``True``: ``$NMSPARSE_PROGRESS`` or auto, a tqdm bar per epoch on
     a terminal, plain lines otherwise; ``False``: none); ``log`` gets one summary line per epoch
     (``None``: silent); ``on_epoch_end(record)`` is called after each epoch's checkpoint;
     ``model_fn(config, data) -> (model, report)`` replaces the model builder (e.g. to fine-tune a

@@ -1,7 +1,7 @@
 """Resuming a run: the checkpoint is read, its settings compared and its state checked against the
 freshly built model before anything is restored, so a checkpoint that is damaged, made with other
 settings (another N:M, method, layout, transposable setting, model...) or does not fit raises one
-:class:`nmsparse.errors.LoadError` naming the file, with nothing changed.
+:class:`nmsparse.plumbing.errors.LoadError` naming the file, with nothing changed.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-import nmsparse
-from nmsparse.errors import LoadError
-from nmsparse.io import state_dict_mismatch
+from nmsparse.masking.layout import layer_is_nm
+from nmsparse.masking.transposable import layer_is_transposable_nm
+from nmsparse.surgery.sad_tracker import SADTracker
+from nmsparse.surgery.sparse_model import sparse_layers
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing.io import state_dict_mismatch
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training.config import TrainConfig
 
@@ -28,7 +31,7 @@ SETTINGS_HINT = "resume with the checkpoint's settings, start afresh with --over
 
 def read_resume_state(config: TrainConfig, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
     """The checkpoint that ``train(config, resume=True)`` would continue, or ``None`` if
-    ``config.out`` holds none. Raises :class:`~nmsparse.errors.LoadError` (nothing changed) when it is
+    ``config.out`` holds none. Raises :class:`~nmsparse.plumbing.errors.LoadError` (nothing changed) when it is
     unreadable or damaged (see :func:`nmsparse.training.checkpoint.load`) or was made with other
     settings than ``config`` (fields outside ``RESUME_FREE_FIELDS``, e.g. another N:M, method,
     layout, transposable setting or model)."""
@@ -54,7 +57,7 @@ def read_resume_state(config: TrainConfig, map_location: str | torch.device = "c
 
 
 def state_mismatch(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                   tracker: nmsparse.SADTracker, config: TrainConfig) -> str | None:
+                   tracker: SADTracker, config: TrainConfig) -> str | None:
     """Why checkpoint ``state`` (from :func:`read_resume_state`) cannot be restored into a run of
     ``config`` with these freshly built ``model``, ``optimizer`` and SAD ``tracker``, or ``None``.
 
@@ -68,11 +71,11 @@ def state_mismatch(state: dict[str, Any], model: nn.Module, optimizer: torch.opt
     why = state_dict_mismatch(model.state_dict(), state["model"])
     if why:
         return f"its model state does not fit model {cfg.model!r} with these settings: {why}"
-    for name, _, p in nmsparse.sparse_layers(model):
+    for name, _, p in sparse_layers(model):
         mask = state["model"][f"{name}.parametrizations.weight.0.mask" if name else "parametrizations.weight.0.mask"]
         ok = mask.dtype == torch.bool and (
-            nmsparse.layer_is_transposable_nm(mask, p.n, p.m, p.layout) if p.transposable
-            else nmsparse.layer_is_nm(mask, p.n, p.m, p.layout))
+            layer_is_transposable_nm(mask, p.n, p.m, p.layout) if p.transposable
+            else layer_is_nm(mask, p.n, p.m, p.layout))
         if not ok:
             kind = "transposable " if p.transposable else ""
             return f"the mask of layer {name!r} is not a {kind}{p.n}:{p.m} mask in layout {p.layout!r}"
@@ -82,7 +85,7 @@ def state_mismatch(state: dict[str, Any], model: nn.Module, optimizer: torch.opt
     return _rest_mismatch(state, tracker, cfg)
 
 
-def _rest_mismatch(state: dict[str, Any], tracker: nmsparse.SADTracker, cfg: TrainConfig) -> str | None:
+def _rest_mismatch(state: dict[str, Any], tracker: SADTracker, cfg: TrainConfig) -> str | None:
     """The checks of :func:`state_mismatch` beyond model and optimizer."""
     expected = tracker.initial
     for key in ("initial", "previous"):

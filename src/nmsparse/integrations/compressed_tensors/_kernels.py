@@ -12,7 +12,7 @@ import numba
 import numpy as np
 import torch
 
-from nmsparse import _numba_pool
+from nmsparse.plumbing import numba_pool as _numba_pool
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False)

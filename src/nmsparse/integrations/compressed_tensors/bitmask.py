@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from nmsparse.integrations.compressed_tensors._kernels import decompress24_cpu
-from nmsparse.nmmasks import nm_mask
+from nmsparse.masking.nm import nm_mask
 
 SUFFIXES = ("compressed", "bitmask", "shape")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,7 +5,7 @@ A folder holds either ``model.safetensors`` or a ``model.safetensors.index.json`
 names the shard of every tensor. A missing or unreadable shard, an index that names a file that is not
 there or a tensor that its shard lacks, and a truncated or corrupted file all raise
 :class:`~nmsparse.export.FormatError` naming the file (and the tensor). A file that carries nmsparse's
-checksum (:mod:`nmsparse.checksum`: every file :func:`~nmsparse.integrations.compressed_tensors.save`
+checksum (:mod:`nmsparse.plumbing.checksum`: every file :func:`~nmsparse.integrations.compressed_tensors.save`
 writes) has its metadata and tensor names checked with the header and every tensor checked as it is read;
 files written by other programs (compressed-tensors itself) carry none and are read as they are.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from nmsparse import checksum
-from nmsparse.errors import LoadError
+from nmsparse.plumbing import checksum
+from nmsparse.plumbing.errors import LoadError
 from nmsparse.export.files import FormatError
-from nmsparse.io import _safetensors_problem
+from nmsparse.plumbing.io import _safetensors_problem
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 

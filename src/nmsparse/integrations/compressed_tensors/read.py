@@ -22,8 +22,8 @@ from nmsparse.export.files import FormatError
 from nmsparse.integrations.compressed_tensors import bitmask
 from nmsparse.integrations.compressed_tensors.folder import Entry, fail, read_tensor, weight_map
 from nmsparse.integrations.compressed_tensors.scheme import Scheme, parse
-from nmsparse.nmmasks import is_nm
-from nmsparse.prune.streaming import build_model
+from nmsparse.masking.nm import is_nm
+from nmsparse.calibration.streaming import build_model
 
 QPARAMS = ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
 _FLOAT_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nmsparse.errors import WriteError
+from nmsparse.plumbing.errors import WriteError
 from nmsparse.integrations.compressed_tensors import bitmask
 from nmsparse.integrations.compressed_tensors.folder import INDEX, SINGLE
 from nmsparse.integrations.compressed_tensors.scheme import sparsity_entry
-from nmsparse.writing import save_safetensors, staging_dir, write_error
+from nmsparse.plumbing.writing import save_safetensors, staging_dir, write_error
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -166,7 +166,7 @@ def _tensors(model: nn.Module, compressed: set[str], report: SaveReport) -> dict
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], tmp: Path, max_bytes: int) -> list[str]:
-    from nmsparse import __version__
+    from nmsparse.plumbing.version import __version__
 
     meta = {"format": "pt", "nmsparse_version": __version__}
     shards: list[dict[str, torch.Tensor]] = [{}]
