@@ -45,6 +45,20 @@ MOVED = {
 }
 
 
+def _new_name(old: str) -> str | None:
+    """The new path of ``old`` (below the package): listed, or below a listed package (``prune.x`` ->
+    ``pruning.x``); None for a path that did not move."""
+    if old in MOVED:
+        return MOVED[old]
+    head, _, tail = old.rpartition(".")
+    while head:
+        if head in MOVED:
+            return f"{MOVED[head]}.{tail}"
+        head, _, rest = head.rpartition(".")
+        tail = f"{rest}.{tail}"
+    return None
+
+
 class _AliasLoader(importlib.abc.Loader):
     def __init__(self, new: str) -> None:
         self.new = new
@@ -66,7 +80,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if not fullname.startswith(self.prefix):
             return None
-        new = MOVED.get(fullname[len(self.prefix):])
+        new = _new_name(fullname[len(self.prefix):])
         if new is None:
             return None
         new = self.prefix + new
@@ -85,5 +99,7 @@ class _Facade(types.ModuleType):
 def install(package: str) -> None:
     """Serve the old paths of ``package`` (called once, at the end of the facade's import)."""
     if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
-        sys.meta_path.append(_AliasFinder(package))
+        # first: below an old package path (nmsparse.prune), the path finder would otherwise load a
+        # second copy of a module from the new package's folder
+        sys.meta_path.insert(0, _AliasFinder(package))
     sys.modules[package].__class__ = _Facade
