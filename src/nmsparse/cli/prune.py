@@ -25,7 +25,8 @@ from nmsparse.cli.help import HelpFormatter
 from nmsparse.plumbing.io import state_dict_mismatch
 from nmsparse.masking.layout import LAYOUTS
 from nmsparse.cli import prune_hf as hf_cli
-from nmsparse.cli.prune_flags import keep_dense_list, method_flag_error, method_options, write_text
+from nmsparse.cli.prune_flags import keep_dense_list, method_flag_error, method_options
+from nmsparse.plumbing.writing import write_text
 from nmsparse.training.recipe import finetune_recipe
 
 FINETUNE_FLAGS = ("finetune_optimizer", "finetune_lr", "finetune_weight_decay", "finetune_momentum")

@@ -1,11 +1,10 @@
 """Flags shared by ``nmsparse prune`` and its ``--hf`` path (:mod:`nmsparse.cli.prune_hf`): the dense
-layers list, the per-method options and their errors worded with the flags' names, writing a text file."""
+layers list, the per-method options and their errors worded with the flags' names."""
 
 from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 
 def keep_dense_list(text: str) -> tuple[str, ...]:
@@ -39,10 +38,3 @@ def method_flag_error(args: argparse.Namespace) -> str | None:
         msg = msg.replace("solver='adam'", "--solver adam").replace("solver='exact'", "--solver exact")
         return re.sub(r"\b(iterations|batch_size|damp)\b(?= |,)", lambda mt: FLAG_OF[mt.group(1)], msg)
     return None
-
-
-def write_text(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all (:class:`~nmsparse.plumbing.errors.WriteError` naming it)."""
-    from nmsparse.plumbing.writing import atomic_write
-
-    atomic_write(path, lambda f: f.write(text.encode()))

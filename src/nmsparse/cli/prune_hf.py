@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
         os.replace(target, out)
     summary["peak_rss_bytes"] = report.settings["peak_rss_bytes"]
     full = {"summary": summary, "report": report.to_dict()}
-    from nmsparse.cli.prune_flags import write_text  # whole or not at all; WriteError naming the file
+    from nmsparse.plumbing.writing import write_text  # whole or not at all; WriteError naming the file
 
     write_text(out / "prune_report.json", json.dumps(full, indent=2, default=str) + "\n")
     write_text(out / "prune_report.txt", report.table() + "\n" + json.dumps(summary, indent=2) + "\n")

@@ -163,6 +163,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise
 
 
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) into ``path`` whole or not at all (:func:`atomic_write`; ``WriteError`` naming it)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
 def os_cause(e: BaseException) -> OSError | None:
     """``e`` if an ``OSError``, else the ``OSError`` it was raised while handling (torch.save's zip
     writer replaces a failed write by a RuntimeError from its ``__exit__``), else ``None``."""

@@ -37,6 +37,7 @@ from nmsparse.surgery import sparse_model as S
 from nmsparse.surgery.sad_tracker import SADTracker
 from nmsparse.plumbing.errors import LoadError
 from nmsparse.plumbing.progress import Progress, resolve
+from nmsparse.plumbing.writing import write_text
 from nmsparse.training import checkpoint as ckpt
 from nmsparse.training import distributed as D
 from nmsparse.training.config import TrainConfig
@@ -125,10 +126,6 @@ def configure_threads(threads: int | None) -> None:
     except Exception:  # pragma: no cover - numba missing or its threading layer refusing
         pass
     torch.set_num_threads(threads if threads is not None else before)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    ckpt.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Trainer:
@@ -222,7 +219,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create the output folder {str(self.out)!r}: {e.strerror or e}") from e
-            _write_text_atomic(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             for stale in ("metrics.jsonl", CHECKPOINT, "final.safetensors"):
                 (self.out / stale).unlink(missing_ok=True)
             shutil.rmtree(self.out / "checkpoint.dcp", ignore_errors=True)
@@ -278,7 +275,7 @@ class Trainer:
         if dcp is not None:
             fsdp.remove_old_run_checkpoints(self.out, keep=dcp)
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        _write_text_atomic(self.out / "metrics.jsonl", lines)
+        write_text(self.out / "metrics.jsonl", lines)
 
     def save_final(self) -> Path:
         """Write ``final.safetensors``: the finalized weights of a copy of the model."""
