@@ -378,7 +378,7 @@ def test_is_transposable_nm():
 
 @pytest.fixture
 def torch_path(monkeypatch):
-    monkeypatch.setattr(T, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", True)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 8), (6, 8), (8, 16), (3, 16)])
@@ -391,7 +391,7 @@ def test_torch_path_equals_kernel(n, m, method, monkeypatch):
     w[3, 5] = float("nan")
     w[3 * m, 7] = float("inf")
     kernel = T._masks(w.unsqueeze(0), n, m, method)
-    monkeypatch.setattr(T, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", True)
     path = T._masks(w.unsqueeze(0), n, m, method)
     assert torch.equal(kernel[0], path[0])
     assert kernel[1:] == path[1:]
@@ -451,14 +451,14 @@ def test_failed_certificate_falls_back_to_the_exact_solver(monkeypatch, n, m):
     every tile the greedy left short is the optimal solver's, every other tile the greedy's."""
     torch.manual_seed(8)
     w = torch.randn(64, 64)
-    monkeypatch.setattr(T, "_FORCE_TORCH", True)
-    monkeypatch.setattr(T, "_repair_torch", lambda a, x, n, m, rounds=None: torch.zeros(a.shape[0], dtype=torch.bool))
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T.torch_path, "_repair_torch", lambda a, x, n, m, rounds=None: torch.zeros(a.shape[0], dtype=torch.bool))
     mask, short, exact = T._masks(w.unsqueeze(0), n, m, "approx")
     assert short == exact > 0
     raw = T._greedy_torch(T._tiles_of(w.unsqueeze(0), m), n, m)  # the greedy before any repair
     short_tiles = raw.flatten(1).sum(1) < n * m
     assert int(short_tiles.sum()) == short
-    monkeypatch.setattr(T, "_FORCE_TORCH", False)
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", False)
     opt, approx = transposable_mask(w, n, m), transposable_mask(w, n, m, "approx")
     for x, o, g, s in zip(tiles_of(mask[0].numpy(), m), tiles_of(opt.numpy(), m), raw.numpy(), short_tiles):
         assert (x == o).all() if s else (x == g).all()
