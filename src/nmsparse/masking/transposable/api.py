@@ -52,6 +52,14 @@ def _check_matrix(w: object, m: int, what: str, batched: bool = False) -> torch.
     return w
 
 
+def _check_float(w: torch.Tensor, what: str) -> None:
+    if w.dtype not in _BITS:
+        raise ValueError(
+            f"{what} needs a floating-point tensor (float16, bfloat16, float32, float64), "
+            f"got dtype {w.dtype}; convert it first, e.g. w.float()"
+        )
+
+
 def _masks(w: torch.Tensor, n: int, m: int, method: str) -> tuple[torch.Tensor, int, int]:
     """Masks of a (B, R, C) float tensor: (mask, tiles the greedy left short, tiles solved exactly
     after a failed repair); the two counts are 0 for ``"optimal"``."""
@@ -64,14 +72,6 @@ def _masks(w: torch.Tensor, n: int, m: int, method: str) -> tuple[torch.Tensor, 
     if cuda and not greedy and (n, m) == (2, 4):
         return _optimal_24(w.detach()), 0, 0
     return _torch_masks(w.detach(), n, m, greedy)
-
-
-def _check_float(w: torch.Tensor, what: str) -> None:
-    if w.dtype not in _BITS:
-        raise ValueError(
-            f"{what} needs a floating-point tensor (float16, bfloat16, float32, float64), "
-            f"got dtype {w.dtype}; convert it first, e.g. w.float()"
-        )
 
 
 def transposable_mask(
@@ -89,6 +89,8 @@ def transposable_mask(
     ``w`` may have any float dtype and live on any device; both sizes must be multiples of ``m``.
     Returns a ``torch.bool`` tensor of ``w``'s shape on ``w``'s device. Raises ``ValueError`` for a
     non-2-D or non-float input, sizes that are not multiples of ``m``, a bad ``n``/``m`` or method.
+    ``n`` may be an :class:`~nmsparse.masking.pattern.NMPattern` with ``m`` left out, here and in every
+    function of this module.
     """
     n, m = check_nm(n, m)
     check_method(method)

@@ -76,7 +76,7 @@ if numba is not None:
 
     @_jit
     def _solve_tile(a, x, P, n, m, cp, d, lab, done, pc, best):  # pragma: no cover - compiled
-        """Exact max-|w| transposable n:m mask of tile a into x (see the module doc)."""
+        """Exact max-|w| transposable n:m mask of tile a into x (see the package doc)."""
         _row_topn(a, x, P, n, m)
         for j in range(m):
             cnt = 0
