@@ -100,7 +100,7 @@ def no_host_sync(host_tensors=(), found: list | None = None):
 def cuda_routes(monkeypatch):
     """Make CPU tensors take the mask routes of CUDA tensors."""
     monkeypatch.setattr(nmmasks, "_KERNEL_MIN_NUMEL", 1 << 62)  # the torch path, not numba
-    monkeypatch.setattr(T, "_AS_CUDA", True)
+    monkeypatch.setattr(T.api, "_AS_CUDA", True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_masks_on_cuda_routes_do_not_sync(cuda_routes, monkeypatch):
         opt_layer = nmsparse.masking.transposable_layer_mask(torch.randn(16, 8, 3, 3), 2, 4, "optimal")
     assert nmsparse.is_nm(plain, 2, 4) and nmsparse.layer_is_nm(conv, 2, 4)
     assert nmsparse.is_transposable_nm(opt, 2, 4) and nmsparse.layer_is_transposable_nm(opt_layer, 2, 4)
-    monkeypatch.setattr(T, "_AS_CUDA", False)
+    monkeypatch.setattr(T.api, "_AS_CUDA", False)
     assert torch.equal(plain, nmsparse.nm_mask(w, 2, 4))  # numba or not: the same mask
     a = w.abs().double().nan_to_num(posinf=1e300, nan=1e300)
     assert (a * opt).sum() == (a * nmsparse.masking.transposable_mask(w, 2, 4, "optimal")).sum()
@@ -392,5 +392,5 @@ def test_approx_transposable_24_reads_the_host_once(cuda_routes, monkeypatch):
     with no_host_sync(found=found):
         mask = nmsparse.masking.transposable_mask(w, 2, 4, "approx")
     assert found == ["Tensor.tolist copies to host memory (waits for the GPU)"]  # the two counts, together
-    monkeypatch.setattr(T, "_AS_CUDA", False)
+    monkeypatch.setattr(T.api, "_AS_CUDA", False)
     assert torch.equal(mask, nmsparse.masking.transposable_mask(w, 2, 4, "approx"))  # the numba kernel's mask

@@ -15,6 +15,7 @@ import nmsparse
 import nmsparse.masking.transposable as T
 from nmsparse import is_nm, is_transposable_nm, nm_mask, transposable_layer_mask, transposable_mask
 from nmsparse.masking.layout import matrices_of
+from nmsparse.masking.pattern import NMPattern
 
 CUDA = torch.cuda.is_available()
 
@@ -378,7 +379,7 @@ def test_is_transposable_nm():
 
 @pytest.fixture
 def torch_path(monkeypatch):
-    monkeypatch.setattr(T, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", True)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 8), (6, 8), (8, 16), (3, 16)])
@@ -391,7 +392,7 @@ def test_torch_path_equals_kernel(n, m, method, monkeypatch):
     w[3, 5] = float("nan")
     w[3 * m, 7] = float("inf")
     kernel = T._masks(w.unsqueeze(0), n, m, method)
-    monkeypatch.setattr(T, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", True)
     path = T._masks(w.unsqueeze(0), n, m, method)
     assert torch.equal(kernel[0], path[0])
     assert kernel[1:] == path[1:]
@@ -414,6 +415,51 @@ def test_cuda_matches_cpu(dtype, method):
             assert (gpu.cpu() != cpu).float().mean() < 0.01
         else:
             assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.fixture
+def patterns_made(monkeypatch):
+    """The NMPattern values constructed while the test runs (one entry per construction)."""
+    made = []
+    post = NMPattern.__post_init__
+
+    def counting(self):
+        made.append((self.n, self.m))
+        post(self)
+
+    monkeypatch.setattr(NMPattern, "__post_init__", counting)
+    return made
+
+
+def test_a_pattern_is_taken_as_n_and_n_m_are_checked_once(patterns_made):
+    """Every public function takes ``n, m`` or a pattern as ``n``, gives the same answer, and makes
+    exactly one pattern from integers (none from a pattern) however deep the call goes."""
+    torch.manual_seed(9)
+    w, conv = torch.randn(16, 32), torch.randn(16, 8, 3, 3)
+    mask, conv_mask = transposable_mask(w, 2, 4, "approx"), transposable_layer_mask(conv, 2, 4)
+    calls = {
+        "transposable_mask": lambda *nm: transposable_mask(w, *nm, method="approx"),
+        "transposable_stats": lambda *nm: T.transposable_stats(w, *nm)["mask"],
+        "transposable_layer_mask": lambda *nm: transposable_layer_mask(conv, *nm),
+        "is_transposable_nm": lambda *nm: (is_transposable_nm(mask, *nm), is_transposable_nm(w, *nm)),
+        "layer_is_transposable_nm": lambda *nm: (nmsparse.layer_is_transposable_nm(conv_mask, *nm),
+                                                 nmsparse.layer_is_transposable_nm(conv, *nm)),
+    }
+    p = NMPattern(2, 4)
+    for name, f in calls.items():
+        patterns_made.clear()
+        from_ints = f(2, 4)
+        per_call = 2 if name.startswith(("is_", "layer_is")) else 1
+        assert patterns_made == [(2, 4)] * per_call, name
+        patterns_made.clear()
+        from_pattern, with_m = f(p), f(p, 4)
+        assert patterns_made == [], name
+        for got in (from_pattern, with_m):
+            assert (torch.equal(got, from_ints) if isinstance(got, torch.Tensor) else got == from_ints), name
+    assert calls["is_transposable_nm"](2, 4) == (True, False)
+    assert calls["layer_is_transposable_nm"](2, 4) == (True, False)
+    with pytest.raises(ValueError, match="pass one or the other"):
+        transposable_mask(w, p, 8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,14 +497,14 @@ def test_failed_certificate_falls_back_to_the_exact_solver(monkeypatch, n, m):
     every tile the greedy left short is the optimal solver's, every other tile the greedy's."""
     torch.manual_seed(8)
     w = torch.randn(64, 64)
-    monkeypatch.setattr(T, "_FORCE_TORCH", True)
-    monkeypatch.setattr(T, "_repair_torch", lambda a, x, n, m, rounds=None: torch.zeros(a.shape[0], dtype=torch.bool))
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", True)
+    monkeypatch.setattr(T.torch_path, "_repair_torch", lambda a, x, n, m, rounds=None: torch.zeros(a.shape[0], dtype=torch.bool))
     mask, short, exact = T._masks(w.unsqueeze(0), n, m, "approx")
     assert short == exact > 0
     raw = T._greedy_torch(T._tiles_of(w.unsqueeze(0), m), n, m)  # the greedy before any repair
     short_tiles = raw.flatten(1).sum(1) < n * m
     assert int(short_tiles.sum()) == short
-    monkeypatch.setattr(T, "_FORCE_TORCH", False)
+    monkeypatch.setattr(T.api, "_FORCE_TORCH", False)
     opt, approx = transposable_mask(w, n, m), transposable_mask(w, n, m, "approx")
     for x, o, g, s in zip(tiles_of(mask[0].numpy(), m), tiles_of(opt.numpy(), m), raw.numpy(), short_tiles):
         assert (x == o).all() if s else (x == g).all()
