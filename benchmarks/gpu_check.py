@@ -124,17 +124,17 @@ def bench_masks(dev: str, size: int, timer: Timer) -> dict:
     fns = {
         "abs": lambda: w.abs(),
         "nm_mask 2:4": lambda: nmsparse.nm_mask(w, 2, 4),
-        "transposable 2:4 optimal": lambda: nmsparse.masking.transposable_mask(w, 2, 4, "optimal"),
-        "transposable 2:4 approx": lambda: nmsparse.masking.transposable_mask(w, 2, 4, "approx"),
+        "transposable 2:4 optimal": lambda: nmsparse.transposable_mask(w, 2, 4, "optimal"),
+        "transposable 2:4 approx": lambda: nmsparse.transposable_mask(w, 2, 4, "approx"),
     }
     notes = {}
 
     def approx_gathering():  # the repair as it was: gather the short tiles each round (host reads)
-        from nmsparse.masking import transposable as T
+        from nmsparse.masking.transposable import torch_path as T
 
         old, T._FIXED_ROUNDS_MAX = T._FIXED_ROUNDS_MAX, -1
         try:
-            return nmsparse.masking.transposable_mask(w, 2, 4, "approx")
+            return nmsparse.transposable_mask(w, 2, 4, "approx")
         finally:
             T._FIXED_ROUNDS_MAX = old
 

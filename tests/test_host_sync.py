@@ -147,14 +147,14 @@ def test_masks_on_cuda_routes_do_not_sync(cuda_routes, monkeypatch):
     with no_host_sync():
         plain = nmsparse.nm_mask(w, 2, 4)
         conv = nmsparse.layer_mask(torch.randn(16, 8, 3, 3), 2, 4)
-        opt = nmsparse.masking.transposable_mask(w, 2, 4, "optimal")
-        opt_layer = nmsparse.masking.transposable_layer_mask(torch.randn(16, 8, 3, 3), 2, 4, "optimal")
+        opt = nmsparse.transposable_mask(w, 2, 4, "optimal")
+        opt_layer = nmsparse.transposable_layer_mask(torch.randn(16, 8, 3, 3), 2, 4, "optimal")
     assert nmsparse.is_nm(plain, 2, 4) and nmsparse.layer_is_nm(conv, 2, 4)
     assert nmsparse.is_transposable_nm(opt, 2, 4) and nmsparse.layer_is_transposable_nm(opt_layer, 2, 4)
     monkeypatch.setattr(T.api, "_AS_CUDA", False)
     assert torch.equal(plain, nmsparse.nm_mask(w, 2, 4))  # numba or not: the same mask
     a = w.abs().double().nan_to_num(posinf=1e300, nan=1e300)
-    assert (a * opt).sum() == (a * nmsparse.masking.transposable_mask(w, 2, 4, "optimal")).sum()
+    assert (a * opt).sum() == (a * nmsparse.transposable_mask(w, 2, 4, "optimal")).sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def test_approx_transposable_24_reads_the_host_once(cuda_routes, monkeypatch):
     w = torch.randn(128, 256)
     found = []
     with no_host_sync(found=found):
-        mask = nmsparse.masking.transposable_mask(w, 2, 4, "approx")
+        mask = nmsparse.transposable_mask(w, 2, 4, "approx")
     assert found == ["Tensor.tolist copies to host memory (waits for the GPU)"]  # the two counts, together
     monkeypatch.setattr(T.api, "_AS_CUDA", False)
-    assert torch.equal(mask, nmsparse.masking.transposable_mask(w, 2, 4, "approx"))  # the numba kernel's mask
+    assert torch.equal(mask, nmsparse.transposable_mask(w, 2, 4, "approx"))  # the numba kernel's mask

@@ -516,7 +516,7 @@ def test_failed_certificate_falls_back_to_the_exact_solver(monkeypatch, n, m):
 def test_kernel_leaves_torch_thread_count_alone(run_with_one_numba_thread):
     code = (
         "import torch, nmsparse; torch.set_num_threads(2); "
-        "nmsparse.masking.transposable_mask(torch.randn(64, 64), 2, 4); print(torch.get_num_threads())"
+        "nmsparse.transposable_mask(torch.randn(64, 64), 2, 4); print(torch.get_num_threads())"
     )
     assert run_with_one_numba_thread(code).strip() == "2"
 
