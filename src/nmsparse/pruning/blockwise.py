@@ -34,7 +34,8 @@ from torch import nn
 from nmsparse.plumbing.errors import WriteError
 from nmsparse.plumbing.progress import Progress
 from nmsparse.calibration import collect as calibration
-from nmsparse.pruning import PruneReport, prune
+from nmsparse.pruning.api import prune
+from nmsparse.pruning.report import PruneReport
 from nmsparse.pruning.options import PER_METHOD, resolve
 from nmsparse.calibration.spill import HiddenSpill, SpilledItems
 from nmsparse.calibration.streaming import BlockStream, block_output
