@@ -15,6 +15,7 @@ from nmsparse.calibration import collect as calibration
 from nmsparse.calibration import sequential as seq
 from nmsparse.masking.layout import check_layout
 from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
 from nmsparse.pruning import options
 from nmsparse.pruning.loop import State, check_replayable, run_blocks
 from nmsparse.pruning.magnitude import transposable_fn
@@ -25,8 +26,8 @@ from nmsparse.surgery.selection import KEEP_DENSE, Patterns, SparsityReport, pla
 
 def prune(
     model: nn.Module,
-    n: int,
-    m: int,
+    n: int | NMPattern,
+    m: int | None = None,
     *,
     method: str | MethodOptions,
     calib: Iterable | None = None,
@@ -52,6 +53,8 @@ def prune(
     reconstruct: str | BlockReconstruct | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
+
+    ``n``, ``m``: integers, or an :class:`~nmsparse.masking.pattern.NMPattern` as ``n`` (``m`` left out).
 
     ``method``: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"adaprune"`` (see module doc) with
     their default options, or an options object: :class:`~nmsparse.pruning.options.Magnitude`,
@@ -95,7 +98,8 @@ def prune(
 
     The model is left in the training mode it had, with plain weights holding zeros where pruned.
     """
-    n, m = check_nm(n, m)
+    pattern = check_nm(n, m)
+    n, m = pattern
     opt_obj = options.resolve(method, dict(solver=solver, damp=damp, iterations=iterations, batch_size=batch_size,
                                            lr=lr, bias_lr=bias_lr, blocksize=blocksize))
     method = opt_obj.name
@@ -109,7 +113,7 @@ def prune(
         raise ValueError("reconstruct='block' works block by block: it needs sequential=True")
     if transposable:
         transposable_fn()  # fail now, before touching the model, if it is unavailable
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
+    entries = plan(model, pattern, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
                    shared=shared, transposable=transposable)
     modules = dict(model.named_modules())
     calib = calibration.prepare(calib)
@@ -124,10 +128,10 @@ def prune(
 
     if prune_hook.check(permute, transposable, calib):
         again = functools.partial(
-            prune, n=n, m=m, method=opt_obj, calib=calib, layout=layout, include=include, exclude=exclude,
+            prune, n=pattern, method=opt_obj, calib=calib, layout=layout, include=include, exclude=exclude,
             keep_dense=keep_dense, keep_zeros=keep_zeros, transposable_method=transposable_method, seed=seed,
             progress=progress, shared=shared, sequential=sequential, reconstruct=recon)
-        return prune_hook.prune_permuted(again, model, n, m, method=method, calib=calib, layout=layout,
+        return prune_hook.prune_permuted(again, model, pattern, method=method, calib=calib, layout=layout,
                                          include=include, exclude=exclude, keep_dense=keep_dense, seed=seed)
     sparse = {e.name: e for e in entries if e.sparse}
     if not sparse:
@@ -163,7 +167,7 @@ def prune(
         if recon is not None:
             check_replayable(model, runs, why, calib)
         bar = _progress(len(sparse), progress, f"prune {n}:{m} {method}")
-        state = State(model, modules, sparse, layout, bin_size, calib, n, m, opts, results, bar)
+        state = State(model, modules, sparse, layout, bin_size, calib, pattern, opts, results, bar)
         used: dict[str, int] = {}
         for run in runs:
             if run.path is None:

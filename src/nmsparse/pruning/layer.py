@@ -7,6 +7,7 @@ from torch import nn
 
 from nmsparse.calibration.geometry import LayerGeometry
 from nmsparse.masking.layout import target_is_nm
+from nmsparse.masking.pattern import NMPattern
 from nmsparse.pruning.adaprune import adam_solve, exact_solve
 from nmsparse.pruning.magnitude import magnitude_score, select
 from nmsparse.pruning.report import LayerResult
@@ -19,14 +20,15 @@ def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def prune_layer(module: nn.Module, name: str, n: int, m: int, layout: str, grams, opts: dict) -> LayerResult:
-    """Prune ``module``'s tensor ``name`` in place to N:M (``n`` kept per group of ``m``, trusted) by
+def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, grams, opts: dict) -> LayerResult:
+    """Prune ``module``'s tensor ``name`` in place to N:M (``pattern``, already checked) by
     ``opts["method"]`` from its calibration Gram matrices ``grams`` (one per weight group; None without
     calibration: then by magnitude), refitting the bias where the method does. Returns the layer's
     :class:`LayerResult` with ``param`` and ``time_s`` left for the caller to fill in."""
+    n, m = pattern
     geom = LayerGeometry(module, layout, name)
     method = opts["method"] if grams is not None or opts["method"] == "magnitude" else "magnitude"
-    sel = lambda s: select(s, n, m, transposable=opts["transposable"],  # noqa: E731
+    sel = lambda s: select(s, pattern, transposable=opts["transposable"],  # noqa: E731
                            transposable_method=opts["transposable_method"])
     new_w, new_b = [], []
     kept_num = kept_den = 0.0
@@ -84,7 +86,7 @@ def prune_layer(module: nn.Module, name: str, n: int, m: int, layout: str, grams
     if geom.has_bias:
         bias = getattr(module, geom.bias_name)
         bias.copy_(torch.cat(new_b).to(device=bias.device, dtype=bias.dtype))
-    if not target_is_nm(param, module, name, n, m, layout):  # pragma: no cover - a bug if it happens
+    if not target_is_nm(param, module, name, pattern, layout=layout):  # pragma: no cover - a bug if it happens
         raise AssertionError(f"internal error: pruned {type(module).__name__} weight is not {n}:{m}")
     has_h = grams is not None
     return LayerResult(

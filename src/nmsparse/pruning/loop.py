@@ -37,9 +37,9 @@ def check_replayable(model, runs, why, calib) -> None:
 class State:
     """What the pruning loop shares: the model, its layers, the options and the results so far."""
 
-    def __init__(self, model, modules, sparse, layout, bin_size, calib, n, m, opts, results, bar) -> None:
+    def __init__(self, model, modules, sparse, layout, bin_size, calib, pattern, opts, results, bar) -> None:
         self.model, self.modules, self.sparse, self.layout = model, modules, sparse, layout
-        self.bin_size, self.calib, self.n, self.m, self.opts = bin_size, calib, n, m, opts
+        self.bin_size, self.calib, self.pattern, self.opts = bin_size, calib, pattern, opts
         self.results, self.bar = results, bar
 
     def whole_model(self, group: list[str], reached: bool = True) -> None:
@@ -59,7 +59,7 @@ class State:
             if grams is None and self.opts["method"] in NEEDS_CALIB:
                 note = "not reached by the calibration forward pass: pruned by magnitude"
                 warnings.warn(f"layer {k}: {note}", stacklevel=3)
-            res = prune_layer(self.modules[k], self.sparse[k].tensor_name, self.n, self.m, self.layout, grams,
+            res = prune_layer(self.modules[k], self.sparse[k].tensor_name, self.pattern, self.layout, grams,
                                self.opts)
             res.param, res.note = self.sparse[k].param, note
             res.time_s = t_calib + time.perf_counter() - t1
