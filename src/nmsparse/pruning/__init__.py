@@ -17,7 +17,8 @@ Modules: :mod:`~nmsparse.pruning.api` (:func:`prune`, its argument checks), :mod
 (calibrating and pruning the layers group by group, whole-model or block by block),
 :mod:`~nmsparse.pruning.layer` (one layer, by method), :mod:`~nmsparse.pruning.report` (what ``prune``
 returns), :mod:`~nmsparse.pruning.batchnorm` (:func:`recalibrate_batchnorm`), :mod:`~nmsparse.pruning.options`
-(each method's options), and one module per method's algorithm.
+(each method's options), one module per method's algorithm, and :mod:`~nmsparse.pruning.blockwise` (a
+``transformers`` folder pruned block by block from disk).
 """
 
 from __future__ import annotations
