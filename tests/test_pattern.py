@@ -195,9 +195,11 @@ def test_magnitude_masks_make_one_pattern(made):
     assert masks and made == [(2, 4)]
 
 
-def test_prune_transposable_makes_one_pattern(made):
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_prune_transposable_makes_one_pattern(made, method):
     model = _tiny()
-    rep = nmsparse.prune(model, 2, 4, method="magnitude", transposable=True, keep_dense=())
+    calib = [torch.randn(32, 16, generator=torch.Generator().manual_seed(3))] if method != "magnitude" else None
+    rep = nmsparse.prune(model, 2, 4, method=method, calib=calib, transposable=True, keep_dense=())
     assert rep.sparse and made == [(2, 4)]
 
 
