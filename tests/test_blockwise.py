@@ -194,3 +194,20 @@ def test_stream_never_holds_the_whole_model(tmp_path):
     grown = got["peak"] - got["base"]
     assert size > 140e6
     assert grown < 0.4 * size, f"peak grew by {grown / 1e6:.0f} MB while the model is {size / 1e6:.0f} MB"
+
+
+def test_blockwise_makes_one_pattern(saved, tmp_path, monkeypatch):
+    """n, m are checked once for the whole run (issue 22), not once per block or layer."""
+    from nmsparse.masking.pattern import NMPattern
+
+    made = []
+    original = NMPattern.__post_init__
+
+    def counting(self):
+        original(self)
+        made.append((self.n, self.m))
+
+    monkeypatch.setattr(NMPattern, "__post_init__", counting)
+    _, d = saved
+    report = prune_pretrained(d, tmp_path / "out", 2, 4, method="sparsegpt", calib=calib_batches(2))
+    assert report.sparse and made == [(2, 4)]

@@ -185,9 +185,10 @@ def _run(args: argparse.Namespace) -> int:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         return _error(f"--nm must look like 2:4 (N:M with whole numbers, N weights kept per group of M), got {args.nm!r}")
     try:
-        n, m = check_nm(int(parts[0]), int(parts[1]))
+        pattern = check_nm(int(parts[0]), int(parts[1]))
     except ValueError:
         return _error(f"--nm {args.nm}: need 0 < N < M (N weights kept per group of M), e.g. 2:4")
+    n, m = pattern
     if args.method not in METHODS:
         return _error(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.solver is not None and args.solver not in SOLVERS:
@@ -207,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     if given and not args.finetune_epochs:
         return _error(f"{', '.join(given)} set the fine-tuning; pass --finetune-epochs K too")
     if args.hf_model:
-        return hf_cli.run(args, n, m)
+        return hf_cli.run(args, pattern)
     if getattr(args, "blocks", None) is not None:
         return _error("--blocks is for --hf-model folders (block-wise pruning) only")
     if args.checkpoint is None:
@@ -274,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
                   **method_options(args))
     t0 = time.perf_counter()
     try:
-        report = prune(model, n, m, **kwargs)
+        report = prune(model, pattern, **kwargs)
     except (ValueError, ImportError) as e:
         return _error(str(e))
     bn_images = 0

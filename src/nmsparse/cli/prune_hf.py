@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from nmsparse.masking.pattern import NMPattern
 from nmsparse.plumbing import progress
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,9 +90,10 @@ def _block_logger(path: str | None):
     return log
 
 
-def run(args: argparse.Namespace, n: int, m: int) -> int:
+def run(args: argparse.Namespace, pattern: NMPattern) -> int:
     """The ``--hf-model`` path of ``nmsparse prune`` (arguments already checked by the caller:
-    ``--nm``, ``--method``, ``--solver`` and the positive integers)."""
+    ``--nm`` (``pattern``), ``--method``, ``--solver`` and the positive integers)."""
+    n, m = pattern
     given = [f"--{k.replace('_', '-')}" for k in IMAGE_ONLY if getattr(args, k, None) not in (None, False)]
     if args.finetune_epochs:
         given.append("--finetune-epochs")
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace, n: int, m: int) -> int:
         if eval_ids is not None:
             summary["dense_perplexity"] = perplexity(src, eval_ids, seqlen=args.seqlen, dtype=dtype)
         t0 = time.perf_counter()
-        report = prune_pretrained(src, target, n, m, **kwargs)
+        report = prune_pretrained(src, target, pattern, **kwargs)
         summary["prune_s"] = time.perf_counter() - t0
         if eval_ids is not None:
             summary["pruned_perplexity"] = perplexity(target, eval_ids, seqlen=args.seqlen, dtype=dtype)

@@ -24,11 +24,12 @@ import numbers
 from typing import Sequence
 
 from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
 
 STRUCTURES = ("unstructured", "nm", "transposable")
 
 
-def transposable_count(n: int, m: int) -> int:
+def transposable_count(n: int | NMPattern, m: int | None = None) -> int:
     """Number of ``m x m`` 0/1 matrices with every row and every column summing to ``n``.
 
     Dynamic programming over the rows. The columns are interchangeable, so the state after ``r`` rows
@@ -39,8 +40,11 @@ def transposable_count(n: int, m: int) -> int:
     halves meet in the middle: a state ``c`` after ``a`` rows completes with the states ``reversed(c)``
     after ``m - a`` rows, so the count is ``sum f_a(c) * f_{m-a}(reversed(c)) / N(c)``, with ``N(c)`` the
     number of column labellings of ``c``. About 3 s for 8:16, milliseconds up to m = 10.
-    ``0 <= n <= m`` is accepted (``n = 0`` and ``n = m`` give 1). Values are cached.
+    ``0 <= n <= m`` is accepted (``n = 0`` and ``n = m`` give 1), or an :class:`NMPattern` as ``n``.
+    Values are cached.
     """
+    if isinstance(n, NMPattern) and m is None:
+        n, m = n
     for name, v in (("n", n), ("m", m)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise ValueError(f"{name} must be an integer, got {v!r}")
@@ -105,7 +109,7 @@ def _shape(shape: object) -> tuple[int, ...]:
 def mask_diversity(
     structure: str,
     shape: Sequence[int],
-    n: int | None = None,
+    n: int | NMPattern | None = None,
     m: int | None = None,
     density: float | None = None,
 ) -> int:
@@ -115,8 +119,11 @@ def mask_diversity(
     ``density = n/m``; ``density * numel`` must be a whole number), ``"nm"`` (``n`` kept per group of
     ``m`` along the last dimension, which ``m`` must divide) or ``"transposable"`` (``n`` kept in every row
     and column of each aligned ``m x m`` tile of the last two dimensions, which ``m`` must divide).
-    See the module doc for the formulas. Raises ``ValueError`` for anything inconsistent.
+    ``n`` may be an :class:`NMPattern` (``m`` left out). See the module doc for the formulas. Raises
+    ``ValueError`` for anything inconsistent.
     """
+    if isinstance(n, NMPattern) and m is None:
+        m = n.m
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     dims = _shape(shape)

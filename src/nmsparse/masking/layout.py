@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from nmsparse.masking.nm import check_nm, is_nm, nm_mask
+from nmsparse.masking.pattern import NMPattern
 
 LAYOUTS = ("channels", "flat")
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose ``weight`` is (out, in, ...)
@@ -56,14 +57,16 @@ def reduction_size(weight: torch.Tensor, layout: str) -> int:
     return grouped(weight, layout).shape[1]
 
 
-def layer_mask(weight: torch.Tensor, n: int, m: int, layout: str = "channels") -> torch.Tensor:
-    """N:M keep-mask (N kept per M) of a Linear/Conv weight in ``layout``; same shape as ``weight``."""
-    return nm_mask(grouped(weight, layout), n, m, dim=1).view(weight.shape)
+def layer_mask(weight: torch.Tensor, n: int | NMPattern, m: int | None = None, layout: str = "channels") -> torch.Tensor:
+    """N:M keep-mask (N kept per M; ``n`` may be an :class:`NMPattern`) of a Linear/Conv weight in
+    ``layout``; same shape as ``weight``."""
+    return nm_mask(grouped(weight, layout), check_nm(n, m), dim=1).view(weight.shape)
 
 
-def layer_is_nm(weight: torch.Tensor, n: int, m: int, layout: str = "channels") -> bool:
-    """True when ``weight`` has at most N non-zeros in every group of M of ``layout``."""
-    return is_nm(grouped(weight, layout), n, m, dim=1)
+def layer_is_nm(weight: torch.Tensor, n: int | NMPattern, m: int | None = None, layout: str = "channels") -> bool:
+    """True when ``weight`` has at most N non-zeros in every group of M of ``layout`` (``n`` may be
+    an :class:`NMPattern`)."""
+    return is_nm(grouped(weight, layout), check_nm(n, m), dim=1)
 
 
 def matrices_of(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -165,14 +168,18 @@ def oriented(fn: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, name
     return fn
 
 
-def target_mask(tensor: torch.Tensor, module: nn.Module, name: str, n: int, m: int, layout: str = "channels") -> torch.Tensor:
-    """N:M keep-mask (N kept per M along :func:`reduction_dim`) of ``tensor``, stored like ``module.<name>``."""
-    return oriented(functools.partial(layer_mask, n=n, m=m, layout=layout), module, name)(tensor)
+def target_mask(tensor: torch.Tensor, module: nn.Module, name: str, n: int | NMPattern, m: int | None = None,
+                layout: str = "channels") -> torch.Tensor:
+    """N:M keep-mask (N kept per M along :func:`reduction_dim`; ``n`` may be an :class:`NMPattern`) of
+    ``tensor``, stored like ``module.<name>``."""
+    return oriented(functools.partial(layer_mask, n=check_nm(n, m), layout=layout), module, name)(tensor)
 
 
-def target_is_nm(tensor: torch.Tensor, module: nn.Module, name: str, n: int, m: int, layout: str = "channels") -> bool:
-    """True when ``tensor`` (stored like ``module.<name>``) is N:M along its reduction dimension."""
-    return is_nm(as_matrix(tensor, module, name, layout), n, m, dim=1)
+def target_is_nm(tensor: torch.Tensor, module: nn.Module, name: str, n: int | NMPattern, m: int | None = None,
+                 layout: str = "channels") -> bool:
+    """True when ``tensor`` (stored like ``module.<name>``) is N:M along its reduction dimension (``n``
+    may be an :class:`NMPattern`)."""
+    return is_nm(as_matrix(tensor, module, name, layout), check_nm(n, m), dim=1)
 
 
 def out_per_group(module: nn.Module, name: str = "weight") -> int:
@@ -188,15 +195,17 @@ def out_per_group(module: nn.Module, name: str = "weight") -> int:
 
 
 def unsupported_reason(
-    module: nn.Module, n: int, m: int, layout: str, transposable: bool = False, name: str = "weight"
+    module: nn.Module, n: int | NMPattern, m: int | None = None, layout: str = "channels", transposable: bool = False,
+    name: str = "weight",
 ) -> str | None:
-    """Why ``module.<name>`` cannot be made N:M in ``layout``, or None when it can.
+    """Why ``module.<name>`` cannot be made N:M in ``layout`` (``n`` may be an :class:`NMPattern`), or
+    None when it can.
 
     With ``transposable=True`` the output channels (per group, for grouped convolutions) must also
     be a multiple of m, so that the aligned m x m tiles of :func:`matrices_of` exist and none
     straddles two groups.
     """
-    check_nm(n, m)
+    n, m = check_nm(n, m)
     kind = target_kind(module, name)
     if kind is None:
         return f"{type(module).__name__} is not supported ({SUPPORTED})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from nmsparse.masking.pattern import check_nm  # noqa: F401 - re-exported: the boundary check of every mask function
+from nmsparse.masking.pattern import NMPattern, check_nm  # noqa: F401 - check_nm re-exported: the boundary check
 
 try:  # numba is a hard dependency; the guard keeps the torch path usable where it cannot load.
     from nmsparse.masking import rank_kernels as _kernels
@@ -69,9 +69,9 @@ def _rank_mask_torch(keys: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return out
 
 
-def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
+def nm_mask(w: torch.Tensor, n: int | NMPattern, m: int | None = None, dim: int = -1) -> torch.Tensor:
     """N:M keep-mask of ``w``: in every group of ``m`` consecutive entries along ``dim``, exactly
-    ``n`` are True, those of the ``n`` largest ``|w|``.
+    ``n`` are True, those of the ``n`` largest ``|w|``. ``n`` may be an :class:`NMPattern` (``m`` left out).
 
     Ties go to the lower index; NaN ranks as the largest magnitude. ``w`` may have any float dtype,
     device and number of dimensions; ``w.shape[dim]`` must be a multiple of ``m``. Returns a
@@ -96,9 +96,10 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     return mask.movedim(-1, dim)
 
 
-def is_nm(t: torch.Tensor, n: int, m: int, dim: int = -1) -> bool:
+def is_nm(t: torch.Tensor, n: int | NMPattern, m: int | None = None, dim: int = -1) -> bool:
     """True when every group of ``m`` consecutive entries of ``t`` along ``dim`` holds at most
-    ``n`` non-zeros (NaN counts as non-zero). ``t`` may be a weight or a boolean mask."""
+    ``n`` non-zeros (NaN counts as non-zero). ``t`` may be a weight or a boolean mask; ``n`` may be
+    an :class:`NMPattern` (``m`` left out)."""
     n, m = check_nm(n, m)
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"is_nm needs a torch.Tensor, got {type(t).__name__}")

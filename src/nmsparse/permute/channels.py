@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
 from nmsparse.permute.apply import apply_space
 from nmsparse.permute.calib_check import input_grams, input_norms, output_error, run as _run
 from nmsparse.permute.graph import CONV, Analysis, TraceError
@@ -26,8 +27,8 @@ ACCEPTS = ("auto", "score", "error", "network")
 
 def permute_channels(
     model: nn.Module,
-    n: int,
-    m: int,
+    n: int | NMPattern,
+    m: int | None = None,
     *,
     example_inputs: Any,
     calib: Iterable | None = None,
@@ -45,7 +46,8 @@ def permute_channels(
     atol: float = 1e-5,
 ) -> PermuteReport:
     """Reorder input channels of ``model`` in place so that N:M (N kept per M) keeps more, keeping
-    the model's function; return a :class:`PermuteReport`.
+    the model's function; return a :class:`PermuteReport`. ``n`` may be an
+    :class:`~nmsparse.masking.pattern.NMPattern` (``m`` left out).
 
     The layers that will be sparsified are chosen as by :func:`nmsparse.sparsify` (``layout``,
     ``include``, ``exclude``, ``keep_dense``). Which layers share a permutation comes from the
@@ -72,7 +74,8 @@ def permute_channels(
     (``rtol``, ``atol`` relative to the output's largest magnitude); on a mismatch the model is
     restored and a RuntimeError raised. The model's training mode is kept.
     """
-    n, m = check_nm(n, m)
+    pattern = check_nm(n, m)
+    n, m = pattern
     if method not in SCORES:
         raise ValueError(f"method must be one of {SCORES}, got {method!r}")
     if search not in SEARCHES:
@@ -94,7 +97,7 @@ def permute_channels(
     if method == "wanda" and calib is None:
         raise ValueError("method='wanda' needs calib=, an iterable of input batches (its input norms score "
                          "the weights); method='magnitude' needs none")
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
+    entries = plan(model, pattern, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense)
     settings = dict(method=method, layout=layout, search=search, escapes=escapes, seed=seed, accept=accept,
                     tries=tries)
     t0 = time.perf_counter()
@@ -118,7 +121,7 @@ def permute_channels(
             return sum(output_error(modules[c], grams[modules[c]], scores[c], perm, n, m) for c in names)
 
         error = error if accept == "error" else None
-        results, perms, cands = _search_spaces(an, scores, sparse, modules, layout, n, m, search, escapes, seed,
+        results, perms, cands = _search_spaces(an, scores, sparse, modules, layout, pattern, search, escapes, seed,
                                                tries, error)
         if accept == "error":
             _check_errors(results, perms, modules, grams, scores, n, m)
@@ -126,7 +129,7 @@ def permute_channels(
             t1 = time.perf_counter()
             norms = {k: input_norms(modules[k], grams[modules[k]]) if method == "wanda" else None for k in sparse}
             settings["network"] = _check_network(model, calib, results, perms, cands, modules, sparse, norms,
-                                                 n, m, layout)
+                                                 pattern, layout)
             settings["network"]["time_s"] = time.perf_counter() - t1
         reference = _run(model, example_inputs)
         backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -153,10 +156,11 @@ def permute_channels(
         model.train(was_training)
 
 
-def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, escapes, seed, tries, error):
+def _search_spaces(an: Analysis, scores, sparse, modules, layout, pattern, search, escapes, seed, tries, error):
     """Search every permutable space; returns the per-space results, the best permutation of each
     space that found one other than the identity, and every distinct non-identity permutation the
     space's searches found (best first: the candidates of ``accept="network"``)."""
+    m = pattern.m
     results, perms, cands = [], {}, {}
     for sp in an.spaces:
         members = [f"{k}:{name}" for k, name, _ in sp.members]
@@ -179,7 +183,7 @@ def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, 
         rows = torch.cat([scores[c] / scores[c].sum().clamp_min(1e-300) for c in searched])
         best, spent, found = None, 0.0, []
         for k in range(tries):
-            r = search_permutation(rows, n, m, search=search, escapes=escapes, seed=seed + 2 * k)
+            r = search_permutation(rows, pattern, m, search=search, escapes=escapes, seed=seed + 2 * k)
             spent += r.time_s
             key = -r.after if error is None else error(searched, r.perm)
             if best is None or key < best[0]:
@@ -202,14 +206,14 @@ def _search_spaces(an: Analysis, scores, sparse, modules, layout, n, m, search, 
     return results, perms, cands
 
 
-def _check_network(model, calib, results, perms, cands, modules, sparse, norms, n, m, layout) -> dict:
+def _check_network(model, calib, results, perms, cands, modules, sparse, norms, pattern, layout) -> dict:
     """``accept="network"``: replace ``perms`` by the greedy network-level choice among ``cands``
     (:mod:`nmsparse.permute.network`); record each space's network objective before and with its
     best candidate on its result. Returns the objective without and with the chosen permutations."""
     objective = NetworkObjective(model, calib)
     layers = {k: (modules[k], weight_score(modules[k], norms[k])) for k in sorted(sparse)}
     order = {res.id: [c for c in res.searched if c in layers] for res in results if res.id in cands}
-    chosen, trace, base, final = accept_greedy(objective, layers, order, cands, n, m, layout)
+    chosen, trace, base, final = accept_greedy(objective, layers, order, cands, pattern, pattern.m, layout)
     perms.clear()
     perms.update(chosen)
     for res in results:

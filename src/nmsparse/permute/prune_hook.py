@@ -11,6 +11,7 @@ from nmsparse.permute.channels import permute_channels
 from nmsparse.calibration.collect import _inputs
 from nmsparse.permute.network import NetworkObjective
 from nmsparse.permute.report import PermuteReport
+from nmsparse.masking.pattern import NMPattern
 
 
 def check(permute: object, transposable: bool, calib: Iterable | None) -> bool:
@@ -26,12 +27,13 @@ def check(permute: object, transposable: bool, calib: Iterable | None) -> bool:
     return permute
 
 
-def permute_for_prune(model: nn.Module, n: int, m: int, *, method: str, calib: Iterable, layout: str,
+def permute_for_prune(model: nn.Module, n: int | NMPattern, m: int | None = None, *, method: str, calib: Iterable, layout: str,
                       include, exclude, keep_dense, seed: int = 0) -> PermuteReport:
     """Permute ``model``'s channels for pruning by ``method``: Wanda scores for the methods that read
     activations in their masks (wanda, sparsegpt), magnitude for magnitude and AdaPrune (whose mask
     is the magnitude mask). A space's permutation is kept only if it lowers the pruned network's
-    relative output error on ``calib`` (``accept="network"``, greedy over the spaces)."""
+    relative output error on ``calib`` (``accept="network"``, greedy over the spaces). ``n`` may be an
+    :class:`~nmsparse.masking.pattern.NMPattern` (``m`` left out), passed on as it is."""
     score = "wanda" if method in ("wanda", "sparsegpt") else "magnitude"
     first = next(iter(calib))
     return permute_channels(model, n, m, example_inputs=_inputs(first), calib=calib, accept="network",
@@ -39,8 +41,8 @@ def permute_for_prune(model: nn.Module, n: int, m: int, *, method: str, calib: I
                             seed=seed)
 
 
-def prune_permuted(again: Callable[..., Any], model: nn.Module, n: int, m: int, *, method: str, calib: Iterable,
-                   layout: str, include, exclude, keep_dense, seed: int = 0):
+def prune_permuted(again: Callable[..., Any], model: nn.Module, n: int | NMPattern, m: int | None = None, *,
+                   method: str, calib: Iterable, layout: str, include, exclude, keep_dense, seed: int = 0):
     """``prune(model, ..., permute=True)``: permute (:func:`permute_for_prune`), then prune with
     ``again(model)`` (``prune`` with every other argument bound and ``permute=False``). For magnitude
     the network the permutations were chosen on is the pruned network itself. For the other methods

@@ -33,6 +33,7 @@ import torch
 
 from nmsparse.plumbing import numba_pool as _numba_pool
 from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
 from nmsparse.permute import kernels
 
 EXACT_MAX_CHANNELS = 20
@@ -54,9 +55,12 @@ class SearchResult:
     time_s: float
 
 
-def kept(score: torch.Tensor, perm: torch.Tensor | None, n: int, m: int) -> float:
+def kept(score: torch.Tensor, perm: torch.Tensor | None, n: int | NMPattern, m: int | None = None) -> float:
     """Total of ``score`` (R, C) that N:M (N kept per M consecutive columns) keeps after
-    reordering its columns by ``perm`` (None: identity). Float64, pure torch (the reference)."""
+    reordering its columns by ``perm`` (None: identity). Float64, pure torch (the reference).
+    ``n``, ``m``: trusted integers (not checked here), or an :class:`NMPattern` as ``n``."""
+    if isinstance(n, NMPattern):
+        n, m = n
     s = score.to(torch.float64)
     if perm is not None:
         s = s[:, perm]
@@ -72,9 +76,10 @@ def exact_cost(c: int, m: int, rows: int) -> float:
     return trans + (1 << c) + math.comb(c, m) * rows * m
 
 
-def check_score(score: object, n: int, m: int) -> torch.Tensor:
-    """Validate an importance matrix: a 2-D finite, non-negative float tensor of (R, C), C % m == 0."""
-    check_nm(n, m)
+def check_score(score: object, n: int | NMPattern, m: int | None = None) -> torch.Tensor:
+    """Validate an importance matrix: a 2-D finite, non-negative float tensor of (R, C), C % m == 0
+    (``n`` may be an :class:`NMPattern`, ``m`` left out)."""
+    n, m = check_nm(n, m)
     if not isinstance(score, torch.Tensor) or score.dim() != 2 or not score.is_floating_point():
         shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
         raise ValueError(f"score must be a 2-D float tensor (rows, channels), got {shape}")
@@ -87,8 +92,8 @@ def check_score(score: object, n: int, m: int) -> torch.Tensor:
 
 def search_permutation(
     score: torch.Tensor,
-    n: int,
-    m: int,
+    n: int | NMPattern,
+    m: int | None = None,
     *,
     search: str = "auto",
     escapes: int = 100,
@@ -104,8 +109,11 @@ def search_permutation(
     searches (escape streams ``seed``, ``seed + 1``, ...; one when ``escapes`` is 0), the best is
     kept. Deterministic for a seed. The identity is returned unless the search found a strictly
     better partition; the result is canonical (channels sorted within a group, groups by their first channel).
+    ``n`` may be an :class:`NMPattern` (``m`` left out).
     """
-    check_score(score, n, m)
+    pattern = check_nm(n, m)
+    n, m = pattern
+    check_score(score, pattern)
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if isinstance(escapes, bool) or not isinstance(escapes, int) or escapes < 0:

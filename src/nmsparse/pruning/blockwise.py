@@ -34,7 +34,10 @@ from torch import nn
 from nmsparse.plumbing.errors import WriteError
 from nmsparse.plumbing.progress import Progress
 from nmsparse.calibration import collect as calibration
-from nmsparse.pruning import PruneReport, prune
+from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
+from nmsparse.pruning.api import prune
+from nmsparse.pruning.report import PruneReport
 from nmsparse.pruning.options import PER_METHOD, resolve
 from nmsparse.calibration.spill import HiddenSpill, SpilledItems
 from nmsparse.calibration.streaming import BlockStream, block_output
@@ -73,8 +76,8 @@ def peak_rss_bytes() -> int:
 def prune_pretrained(
     path: str | os.PathLike,
     out: str | os.PathLike,
-    n: int,
-    m: int,
+    n: int | NMPattern,
+    m: int | None = None,
     *,
     method: Any,
     calib: Iterable,
@@ -101,8 +104,10 @@ def prune_pretrained(
     model); the later ones are copied unchanged, listed dense with that reason. ``on_block``: called after
     each block with its entry of ``settings["blocks"]`` (seconds, CPU seconds, resident memory now and at
     peak so far) and ``"memory"`` (resident memory after the shell's load and after it is freed), e.g. to
-    log a run of hours as it goes.
+    log a run of hours as it goes. ``n`` may be an :class:`~nmsparse.masking.pattern.NMPattern` (``m`` left out).
     """
+    pattern = check_nm(n, m)
+    n, m = pattern
     if model_class is None:
         from transformers import AutoModelForCausalLM
 
@@ -116,7 +121,7 @@ def prune_pretrained(
         raise ValueError("block-wise pruning needs calibration data: batches of token ids or tokenizer outputs")
     t_start = time.perf_counter()
     stream = BlockStream(path, model_class, dtype)
-    entries = plan(stream.skeleton, n, m, include=include, exclude=exclude, keep_dense=keep_dense,
+    entries = plan(stream.skeleton, pattern, include=include, exclude=exclude, keep_dense=keep_dense,
                    layout=options.get("layout", "channels"))
     if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int)
                                or not 1 <= blocks <= stream.num_blocks):
@@ -160,7 +165,7 @@ def prune_pretrained(
             pre = f"{stream.prefix}{i}."
             local = [e.name[len(pre):] for e in entries if e.sparse and e.name.startswith(pre)]
             if local:
-                rep = prune(_Runner(block), n, m, method=method, calib=items, keep_dense=(),
+                rep = prune(_Runner(block), pattern, method=method, calib=items, keep_dense=(),
                             include=[literal_pattern(f"block.{x}") for x in local], **options)
                 for r in rep.results.values():
                     r.param = pre + r.param[len("block."):]

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from nmsparse.masking.layout import SUPPORTED, check_layout, reduction_dim, target_names, unsupported_reason
 from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
 
 KEEP_DENSE = ("first", "last")
 SHARED = ("dense", "sparsify")
@@ -168,8 +169,8 @@ def _nm_parametrized(mod: nn.Module, tensor: str) -> bool:
 
 def plan(
     model: nn.Module,
-    n: int,
-    m: int,
+    n: int | NMPattern,
+    m: int | None = None,
     *,
     layout: str = "channels",
     include: Patterns = None,
@@ -178,7 +179,8 @@ def plan(
     shared: str = "dense",
     transposable: bool = False,
 ) -> list[LayerEntry]:
-    """Decide, without touching ``model``, which weights become N:M (N kept per M).
+    """Decide, without touching ``model``, which weights become N:M (N kept per M; ``n`` may be an
+    :class:`~nmsparse.masking.pattern.NMPattern`, ``m`` left out).
 
     Weight tensors are ordered by module registration. ``include`` / ``exclude`` are ``fnmatch``
     patterns on module names (``"layer1.*"``); a pattern that matches no module is an error, since it
@@ -188,7 +190,7 @@ def plan(
     reduction axis or one of them holds it under another parametrization. ``transposable=True``
     also requires output sizes that transposable masks can tile (see :func:`nmsparse.masking.layout.unsupported_reason`).
     """
-    n, m = check_nm(n, m)
+    pattern = check_nm(n, m)
     check_layout(layout)
     keep = check_keep_dense(keep_dense)
     check_shared(shared)
@@ -244,7 +246,7 @@ def plan(
         elif parametrize.is_parametrized(mod, e.tensor_name):
             reason = "weight already has another parametrization"
         else:
-            reason = unsupported_reason(mod, n, m, layout, transposable=transposable, name=e.tensor_name)
+            reason = unsupported_reason(mod, pattern, layout=layout, transposable=transposable, name=e.tensor_name)
         if reason:
             e.sparse, e.reason = False, reason
     for owner, others in followers:

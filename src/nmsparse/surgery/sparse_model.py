@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from nmsparse.surgery.backends import attach, check_backend, detach
 from nmsparse.masking.layout import check_layout, layer_mask, oriented, target_mask
 from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern
 from nmsparse.surgery.parametrization import METHODS, NMParametrization, SharedNM
 from nmsparse.surgery.selection import KEEP_DENSE, Patterns, SparsityReport, plan
 from nmsparse.masking.transposable import METHODS as MASK_METHODS
@@ -34,13 +35,20 @@ def _check_settings(decay: object, update_every: object) -> tuple[float, int]:
     return float(decay), update_every
 
 
+def _pattern(n: int | NMPattern, m: int | None) -> NMPattern:
+    """``check_nm`` with ``m`` defaulting to 4 when ``n`` is an integer (``sparsify``'s 2:4 default)."""
+    return check_nm(n, 4 if m is None and not isinstance(n, NMPattern) else m)
+
+
 def mask_function(
-    n: int, m: int, layout: str, transposable: bool = False, mask_method: str = "approx"
+    n: int | NMPattern, m: int | None, layout: str, transposable: bool = False, mask_method: str = "approx"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The keep-mask function of a layer weight for these settings (picklable)."""
+    """The keep-mask function of a layer weight for these settings (picklable); ``n`` may be an
+    :class:`NMPattern` (``m`` None)."""
+    p = check_nm(n, m)
     if transposable:
-        return functools.partial(transposable_layer_mask, n=n, m=m, method=mask_method, layout=layout)
-    return functools.partial(layer_mask, n=n, m=m, layout=layout)
+        return functools.partial(transposable_layer_mask, n=p, m=p.m, method=mask_method, layout=layout)
+    return functools.partial(layer_mask, n=p, layout=layout)
 
 
 def _check_transposable(transposable: object, mask_method: object, mask_fn: object) -> None:
@@ -84,8 +92,8 @@ def _refresh_hook(module: nn.Module, args: tuple) -> None:
 
 def sparsify(
     model: nn.Module,
-    n: int = 2,
-    m: int = 4,
+    n: int | NMPattern = 2,
+    m: int | None = None,
     *,
     method: str = "srste",
     decay: float = 2e-4,
@@ -101,6 +109,9 @@ def sparsify(
     backend: str = "dense",
 ) -> SparsityReport:
     """Make ``model`` N:M sparse in place (N weights kept in every group of M) and return a report.
+
+    ``n``, ``m``: 2:4 by default (``m`` is 4 when left out), or an
+    :class:`~nmsparse.masking.pattern.NMPattern` as ``n``.
 
     Each selected layer's dense weight stays the trained parameter; the forward uses ``E * W`` with
     ``E`` recomputed from ``W`` every ``update_every`` training-mode forward passes. ``method`` is
@@ -127,17 +138,18 @@ def sparsify(
     and the input gradient with transposable masks); see :mod:`nmsparse.kernels.semi_training`.
     All arguments are checked before the model is touched.
     """
-    n, m = check_nm(n, m)
+    pattern = _pattern(n, m)
+    n, m = pattern
     check_backend(backend, n, m)
     check_method(method)
     check_layout(layout)
     decay, update_every = _check_settings(decay, update_every)
     _check_transposable(transposable, mask_method, mask_fn)
     _check_not_sharded(model)
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
+    entries = plan(model, pattern, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
                    shared=shared, transposable=transposable)
     modules = dict(model.named_modules())
-    fn = mask_fn or mask_function(n, m, layout, transposable, mask_method)
+    fn = mask_fn or mask_function(pattern, None, layout, transposable, mask_method)
     notes: dict[str, str] = {}
     for e in entries:
         if not e.sparse:
@@ -207,8 +219,8 @@ def dense_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 def magnitude_masks(
     model: nn.Module,
-    n: int = 2,
-    m: int = 4,
+    n: int | NMPattern = 2,
+    m: int | None = None,
     *,
     layout: str = "channels",
     include: Patterns = None,
@@ -217,15 +229,17 @@ def magnitude_masks(
     shared: str = "dense",
 ) -> dict[str, torch.Tensor]:
     """N:M masks of the current dense weights of the layers :func:`sparsify` would select, without
-    modifying ``model`` (for example to track SAD of a densely trained net)."""
+    modifying ``model`` (for example to track SAD of a densely trained net). ``n``, ``m`` as for
+    :func:`sparsify` (2:4 by default, or an :class:`NMPattern` as ``n``)."""
+    p = _pattern(n, m)
     if any(True for _ in sparse_tensors(model)):
-        return {full: target_mask(dense_weight(mod, t).detach(), mod, t, n, m, layout)
+        return {full: target_mask(dense_weight(mod, t).detach(), mod, t, p, layout=layout)
                 for full, mod, t, _ in sparse_tensors(model)}
-    entries = plan(model, n, m, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
+    entries = plan(model, p, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
                    shared=shared)
     modules = dict(model.named_modules())
     return {e.param: target_mask(getattr(modules[e.name], e.tensor_name).detach(), modules[e.name], e.tensor_name,
-                                 n, m, layout)
+                                 p, layout=layout)
             for e in entries if e.sparse}
 
 

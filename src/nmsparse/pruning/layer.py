@@ -1,0 +1,99 @@
+"""Pruning one layer to N:M from its calibration statistics: the per-method dispatch of :func:`nmsparse.prune`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmsparse.calibration.geometry import LayerGeometry
+from nmsparse.masking.layout import target_is_nm
+from nmsparse.masking.pattern import NMPattern
+from nmsparse.pruning.adaprune import adam_solve, exact_solve
+from nmsparse.pruning.magnitude import magnitude_score, select
+from nmsparse.pruning.report import LayerResult
+from nmsparse.pruning.sparsegpt import sparsegpt
+from nmsparse.pruning.wanda import wanda_score
+
+
+def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
+    return float(((delta @ H) * delta).sum())
+
+
+@torch.no_grad()
+def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, grams, opts: dict) -> LayerResult:
+    """Prune ``module``'s tensor ``name`` in place to N:M (``pattern``, already checked) by
+    ``opts["method"]`` from its calibration Gram matrices ``grams`` (one per weight group; None without
+    calibration: then by magnitude), refitting the bias where the method does. Returns the layer's
+    :class:`LayerResult` with ``param`` and ``time_s`` left for the caller to fill in."""
+    n, m = pattern
+    geom = LayerGeometry(module, layout, name)
+    method = opts["method"] if grams is not None or opts["method"] == "magnitude" else "magnitude"
+    sel = lambda s: select(s, pattern, transposable=opts["transposable"],  # noqa: E731
+                           transposable_method=opts["transposable_method"])
+    new_w, new_b = [], []
+    kept_num = kept_den = 0.0
+    num_before = num_after = den = 0.0
+    rows = 0
+    for g, (w, b) in enumerate(zip(geom.weight2d(), geom.bias2d())):
+        W = w.to(torch.float64)
+        B = None if b is None else b.to(torch.float64)
+        H = grams[g].H if grams is not None else None
+        if H is not None:
+            W, B = W.to(H.device), (None if B is None else B.to(H.device))
+            rows = max(rows, grams[g].rows)
+        zeros = (W == 0) if opts["keep_zeros"] else None
+        d = W.shape[1]
+        if method == "magnitude":
+            keep = sel(magnitude_score(W))
+        elif method == "wanda":
+            keep = sel(wanda_score(W, H))
+        elif method == "sparsegpt":
+            Wn, keep = sparsegpt(W, H[:d, :d], n, m, sel, forced=zeros, damp=opts["damp"],
+                                 blocksize=opts["blocksize"])
+        else:  # adaprune
+            keep = sel(magnitude_score(W))
+        if zeros is not None:
+            keep = keep & ~zeros
+        W_aug = W if B is None else torch.cat([W, B.unsqueeze(1)], 1)
+        keep_aug = keep if B is None else torch.cat([keep, keep.new_ones(keep.shape[0], 1)], 1)
+        masked = W_aug * keep_aug
+        if method in ("magnitude", "wanda"):
+            final = masked
+        elif method == "sparsegpt":
+            final = Wn if B is None else torch.cat([Wn * keep, B.unsqueeze(1)], 1)
+        elif opts["solver"] == "exact":
+            final = exact_solve(W_aug, H, keep_aug, damp=opts["damp"])
+        else:
+            final = adam_solve(W_aug, keep_aug, grams[g].bins, bias=B is not None, iterations=opts["iterations"],
+                               lr=opts["lr"], bias_lr=opts["bias_lr"], seed=opts["seed"]).to(torch.float64)
+        final = final * keep_aug
+        if not torch.isfinite(final).all():
+            raise FloatingPointError(f"pruning produced non-finite weights in a {type(module).__name__} layer")
+        absw = W.abs()
+        kept_num += float((absw * keep).sum())
+        kept_den += float(absw.sum())
+        if H is not None:
+            Hq = H.float()  # the report's errors: float32 is precise enough and several times faster
+            den += _quad(W_aug.float(), Hq)
+            nb = _quad((W_aug - masked).float(), Hq)
+            num_before += nb
+            num_after += nb if method in ("magnitude", "wanda") else _quad((W_aug - final).float(), Hq)
+        new_w.append(final[:, :d])
+        new_b.append(None if B is None else final[:, d])
+    weight = geom.assemble(new_w)
+    param = getattr(module, name)
+    param.copy_(weight.to(device=param.device, dtype=param.dtype))
+    if geom.has_bias:
+        bias = getattr(module, geom.bias_name)
+        bias.copy_(torch.cat(new_b).to(device=bias.device, dtype=bias.dtype))
+    if not target_is_nm(param, module, name, pattern, layout=layout):  # pragma: no cover - a bug if it happens
+        raise AssertionError(f"internal error: pruned {type(module).__name__} weight is not {n}:{m}")
+    has_h = grams is not None
+    return LayerResult(
+        param="",
+        kept_abs=kept_num / kept_den if kept_den else 1.0,
+        error_before=(num_before / den if den else 0.0) if has_h else None,
+        error_after=(num_after / den if den else 0.0) if has_h else None,
+        time_s=0.0,
+        rows=rows,
+    )
