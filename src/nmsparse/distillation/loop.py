@@ -35,7 +35,7 @@ from nmsparse.distillation import losses as L
 from nmsparse.plumbing.errors import LoadError
 from nmsparse.masking.layout import layer_is_nm
 from nmsparse.lora.masks import lora_masks
-from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern, to_pattern
 from nmsparse.plumbing.progress import Progress, resolve
 from nmsparse.surgery.sparse_model import finalize, masks, sparse_tensors, sparsify
 from nmsparse.training import checkpoint as ckpt
@@ -97,16 +97,16 @@ def _prepare_student(student: nn.Module, nm: Any, method: str, decay: float, sel
     if nm is None:
         raise ValueError("the student has no N:M layer: pass nm=(n, m) (its masks are then taken from its "
                          "current weights, e.g. those nmsparse.prune left) or sparsify it first")
-    n, m = check_nm(*(nm if not isinstance(nm, str) else (int(v) for v in nm.split(":"))))
+    pattern = to_pattern(nm)
     if method not in STUDENT_METHODS:
         raise ValueError(f"method must be one of {STUDENT_METHODS}, got {method!r}")
     kw = dict(select or {})
     if getattr(student, "config", None) is not None and hasattr(student, "save_pretrained"):
         from nmsparse.integrations import hf
 
-        hf.sparsify(student, n, m, method=method, decay=decay, **kw)
+        hf.sparsify(student, pattern, pattern.m, method=method, decay=decay, **kw)
     else:
-        sparsify(student, n, m, method=method, decay=decay, **kw)
+        sparsify(student, pattern, method=method, decay=decay, **kw)
     if not any(True for _ in sparse_tensors(student)):
         raise ValueError("sparsify selected no layer of the student: check select's include / exclude / keep_dense")
 
@@ -141,7 +141,7 @@ def distill(
     *,
     steps: int,
     lr: float = 1e-4,
-    nm: tuple[int, int] | str | None = None,
+    nm: tuple[int, int] | str | NMPattern | None = None,
     method: str = "fixed",
     decay: float = 2e-4,
     select: Mapping[str, Any] | None = None,

@@ -30,7 +30,8 @@ import math
 
 import torch
 
-from nmsparse.masking.nm import _BITS, check_nm
+from nmsparse.masking.nm import _BITS
+from nmsparse.masking.pattern import NMPattern, check_nm
 
 try:  # numba is a hard dependency; the guard keeps the torch path usable where it cannot load.
     from nmsparse.export import _kernels
@@ -180,12 +181,13 @@ def _check_input(w: object, n: int, m: int, dim: int) -> int:
     return dim
 
 
-def compress(w: torch.Tensor, n: int, m: int, dim: int = -1) -> NMCompressed:
+def compress(w: torch.Tensor, n: int | NMPattern, m: int | None = None, dim: int = -1) -> NMCompressed:
     """Compress ``w`` (any float dtype, device, number of dimensions), N:M along ``dim`` (N kept per M).
 
     Every group of ``m`` consecutive entries along ``dim`` must hold at most ``n`` non-zeros (NaN is
     non-zero, -0.0 is not); otherwise ``ValueError`` names the first such group. Groups with fewer
-    are padded with their lowest-position zeros. See :class:`NMCompressed` for the layout.
+    are padded with their lowest-position zeros. See :class:`NMCompressed` for the layout. ``n`` may be an
+    :class:`~nmsparse.NMPattern` (``m`` left out).
     """
     n, m = check_nm(n, m)
     dim = _check_input(w, n, m, dim)

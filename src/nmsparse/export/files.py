@@ -141,7 +141,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, n: int | None = N
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod):
             raise ValueError(f"layer {name!r} still has N:M parametrizations; call nmsparse.finalize(model) first")
-    n, m = detect_nm(model, layout) if n is None else check_nm(n, m)
+    pattern = check_nm(*detect_nm(model, layout)) if n is None else check_nm(n, m)
+    n, m = pattern
     state = model.state_dict()
     for key in state:
         if "::" in key:
@@ -162,7 +163,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, n: int | None = N
                 entry.reason = f"reduction axis size {view[dim]} is not a multiple of m={m}"
             else:
                 try:
-                    c = compress(t.reshape(view), n, m, dim)
+                    c = compress(t.reshape(view), pattern, dim=dim)
                 except ValueError as e:
                     where = re.search(r"w\[[^\]]*\]", str(e))
                     entry.reason = f"not {n}:{m} (first bad group {where.group(0) if where else '?'})"

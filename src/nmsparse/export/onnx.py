@@ -47,7 +47,7 @@ from nmsparse.export.onnx_check import InitializerCheck, check_initializers
 from nmsparse.export.onnx_report import OnnxReport, graph_signature
 from nmsparse.export.onnx_run import compare
 from nmsparse.masking.layout import check_layout
-from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern, check_nm
 from nmsparse.surgery.sparse_model import sparse_layers
 
 __all__ = ["InitializerCheck", "OnnxReport", "check_initializers", "export_onnx"]
@@ -210,8 +210,8 @@ def export_onnx(
     example_inputs: tuple,
     path: str | os.PathLike,
     *,
-    n: int,
-    m: int,
+    n: int | NMPattern,
+    m: int | None = None,
     layout: str = "channels",
     opset: int | None = None,
     check: bool = True,
@@ -245,7 +245,8 @@ def export_onnx(
     model in float32 (None: 2e-2/2e-2, see :data:`nmsparse.export.onnx_run.TOLERANCES`). The file is written to a temporary name and renamed: on any error nothing is
     written. Above 1 GiB of parameters the weights go to ``<path>.data`` next to it (ONNX's 2 GiB limit).
     """
-    n, m = check_nm(n, m)
+    pattern = check_nm(n, m)
+    n, m = pattern
     check_layout(layout)
     args, kwargs = _check_inputs(model, example_inputs, example_kwargs)
     dest = _check_path(path)
@@ -308,7 +309,7 @@ def export_onnx(
                 except Exception as e:
                     raise RuntimeError(f"the exported file fails onnx.checker: {str(e).splitlines()[0]}; "
                                        "nothing was written") from e
-            checks = check_initializers(proto, model, n, m, layout)
+            checks = check_initializers(proto, model, pattern, layout=layout)
             broken = [c for c in checks if c.status == "broken"]
             if broken and not allow_broken:
                 first = broken[0]

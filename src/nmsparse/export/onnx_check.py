@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nmsparse.masking.layout import SUPPORTED_LAYERS, check_layout, layer_is_nm, reduction_size
-from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern, check_nm
 
 _PASS_THROUGH = ("Transpose", "Identity", "Cast")  # shape-preserving (Transpose: permuting) on the way to a matmul
 
@@ -99,7 +99,7 @@ def _reduction_uses(graph) -> dict[str, list[tuple[str, int | None, str]]]:
     return out
 
 
-def _torch_weights(model: nn.Module, n: int, m: int, layout: str) -> tuple[dict, dict, dict]:
+def _torch_weights(model: nn.Module, pattern: NMPattern, layout: str) -> tuple[dict, dict, dict]:
     """(name -> parameter, deduplicated), (name -> True for N:M Linear/Conv weights), (id -> name)."""
     params = dict(model.named_parameters())
     canon = {id(p): k for k, p in params.items()}
@@ -107,7 +107,7 @@ def _torch_weights(model: nn.Module, n: int, m: int, layout: str) -> tuple[dict,
     for mod_name, mod in model.named_modules():
         if isinstance(mod, SUPPORTED_LAYERS) and id(mod.weight) in canon:
             w = mod.weight.detach()
-            if reduction_size(w, layout) % m == 0 and layer_is_nm(w, n, m, layout):
+            if reduction_size(w, layout) % pattern.m == 0 and layer_is_nm(w, pattern, layout=layout):
                 expected[canon[id(mod.weight)]] = True
     return params, expected, canon
 
@@ -146,7 +146,8 @@ def _match_param(name: str, arr: torch.Tensor, params: dict, taken: set) -> tupl
     return None, ""
 
 
-def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str = "channels") -> list[InitializerCheck]:
+def check_initializers(onnx_model, model: nn.Module, n: int | NMPattern, m: int | None = None,
+                       layout: str = "channels") -> list[InitializerCheck]:
     """Check every weight initializer of a loaded ``onnx.ModelProto`` for N:M (N kept per M) along the
     axis TensorRT reads (see the module doc), mapped back to ``model``'s parameters.
 
@@ -156,9 +157,10 @@ def check_initializers(onnx_model, model: nn.Module, n: int, m: int, layout: str
     """
     from onnx import numpy_helper
 
-    n, m = check_nm(n, m)
+    pattern = check_nm(n, m)
+    n, m = pattern
     check_layout(layout)
-    params, expected, _ = _torch_weights(model, n, m, layout)
+    params, expected, _ = _torch_weights(model, pattern, layout)
     uses = _reduction_uses(onnx_model.graph)
     taken: set[str] = set()
     checks = []

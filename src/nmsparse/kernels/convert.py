@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nmsparse.kernels import cpu_nm, cpu_select, tune as tuning
-from nmsparse.kernels.nm_linear import NMLinear, unsupported_reason
-from nmsparse.masking.nm import check_nm
+from nmsparse.kernels.nm_linear import NMLinear, check_crossover, unsupported_reason
+from nmsparse.masking.pattern import NMPattern, check_nm
 
 AUTO_MAX_DENSITY = 0.75  # auto-detection converts n:m only when n/m <= this (else packing saves little)
 # Without timing (tune=False), layers with fewer weights stay dense by default: such a weight (16 MiB in
@@ -138,9 +138,10 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
     if (n is None) != (m is None):
         raise ValueError(f"give both n and m (n kept per group of m) or neither, got n={n!r}, m={m!r}")
     if n is not None:
-        n, m = check_nm(n, m)
+        given = check_nm(n, m)
+        n, m = given
         cpu_nm.check_kernel_nm(n, m)
-    NMLinear(0, 0, 2, 4, crossover=crossover)  # validates crossover the same way the layers will
+    check_crossover(crossover)  # the same check the layers make
     entries: list[ConvertedLayer] = []
     plan: list[tuple[ConvertedLayer, nn.Module, str, str, int, int]] = []
     mha_children = {id(sub) for mod in model.modules() if isinstance(mod, nn.MultiheadAttention)
@@ -167,10 +168,10 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
             e.reason = f"{type(mod).__name__} subclasses nn.Linear (its forward may differ)"
             continue
         if n is not None:
-            ln, lm = n, m
+            pattern = given
         else:
             if w.dtype not in cpu_nm.KERNEL_DTYPES or w.device.type != "cpu":
-                ln, lm = 2, 4  # only for the dtype/device reason below
+                pattern = NMPattern(2, 4)  # only for the dtype/device reason below
             else:
                 found = _detect({mm: int(cpu_nm.nonzero_counts(w.detach(), mm).max()) if w.numel() else 0
                                  for mm in cpu_nm.KERNEL_M if w.shape[1] % mm == 0})
@@ -178,8 +179,9 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
                     e.reason = ("not N:M: no m in (2, 4, 8, 16) dividing in_features has groups with at most "
                                 f"{AUTO_MAX_DENSITY:.0%} of m non-zero")
                     continue
-                ln, lm = found
-        reason = unsupported_reason(mod, ln, lm)
+                pattern = NMPattern(*found)  # this layer's own, found in its weight
+        ln, lm = pattern
+        reason = unsupported_reason(mod, pattern)
         if reason is None:
             counts = cpu_nm.nonzero_counts(w.detach(), lm)
             if bool((counts > ln).any()):
@@ -199,13 +201,13 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
             e.reason = reason
             continue
         parent, _, child = name.rpartition(".")
-        plan.append((e, mod, parent, child, ln, lm))
+        plan.append((e, mod, parent, child, pattern))
     if any(not e.name for e, *_ in plan):
         raise ValueError("to_nm_linear cannot replace the model itself (an nn.Linear); wrap it in a container "
                          "(nn.Sequential(linear)) or use NMLinear.from_linear")
     built = []
-    for e, mod, parent, child, ln, lm in plan:
-        new = NMLinear.from_linear(mod, ln, lm, name=e.name, crossover=crossover, cache_dense=cache_dense,
+    for e, mod, parent, child, pattern in plan:
+        new = NMLinear.from_linear(mod, pattern, name=e.name, crossover=crossover, cache_dense=cache_dense,
                                    kernel=kernel)
         if tune:
             meas = tuning.measure(mod.weight.detach(), new)
@@ -214,12 +216,12 @@ def to_nm_linear(model: nn.Module, n: int | None = None, m: int | None = None, *
                 e.reason = tuning.dense_reason(tuple(mod.weight.shape), mod.weight.dtype, new.path, meas)
                 continue
             new.set_measured_crossover(new.path, new.values.dtype, meas.crossover)
-        built.append((e, mod, parent, child, ln, lm, new))
+        built.append((e, mod, parent, child, pattern, new))
     modules = dict(model.named_modules())
-    for e, mod, parent, child, ln, lm, new in built:
+    for e, mod, parent, child, pattern, new in built:
         new.train(mod.training)
         setattr(modules[parent], child, new)
-        e.converted, e.nm, e.kernel, e.crossover = True, f"{ln}:{lm}", new.path, new.crossover
+        e.converted, e.nm, e.kernel, e.crossover = True, str(pattern), new.path, new.crossover
         e.packed_bytes = sum(t.numel() * t.element_size() for t in (new.values, new.masks))
     cpu = cpu_select.host_cpu()
     settings = {"n": n, "m": m, "crossover": crossover if crossover is not None else ("measured" if tune else "by kernel and dtype"),

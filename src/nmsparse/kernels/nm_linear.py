@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmsparse.kernels import cpu_nm, cpu_select, nm_op
-from nmsparse.masking.nm import check_nm
+from nmsparse.masking.pattern import NMPattern, check_nm
 
 
 class NMLinear(nn.Module):
@@ -49,9 +49,9 @@ class NMLinear(nn.Module):
     default_crossover: dict = {"avx512": {torch.float32: 24, torch.bfloat16: 4},
                                "avx2": {torch.float32: 8, torch.bfloat16: 0}, "dense": {}}
 
-    def __init__(self, in_features: int, out_features: int, n: int, m: int, *, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, crossover: int | None = None, cache_dense: bool = True,
-                 kernel: str | None = None):
+    def __init__(self, in_features: int, out_features: int, n: int | NMPattern, m: int | None = None, *,
+                 bias: bool = True, dtype: torch.dtype = torch.float32, crossover: int | None = None,
+                 cache_dense: bool = True, kernel: str | None = None):
         super().__init__()
         n, m = check_nm(n, m)
         cpu_nm.check_kernel_nm(n, m)
@@ -63,8 +63,7 @@ class NMLinear(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if in_features % m:
             raise ValueError(f"in_features {in_features} is not a multiple of m={m}")
-        if crossover is not None and (isinstance(crossover, bool) or not isinstance(crossover, int) or crossover < 0):
-            raise ValueError(f"crossover must be an integer >= 0 (rows of input handled by the kernel), got {crossover!r}")
+        check_crossover(crossover)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         self._crossover = crossover
         self.kernel = kernel
@@ -84,7 +83,8 @@ class NMLinear(nn.Module):
         self._resolve()  # a forced kernel this CPU cannot run is an error now, not at the first call
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, n: int, m: int, *, name: str = "", crossover: int | None = None,
+    def from_linear(cls, linear: nn.Linear, n: int | NMPattern, m: int | None = None, *, name: str = "",
+                    crossover: int | None = None,
                     cache_dense: bool = True, kernel: str | None = None) -> "NMLinear":
         """Pack a finalized N:M ``nn.Linear`` (at most n non-zeros in every group of m along ``in``).
 
@@ -93,7 +93,9 @@ class NMLinear(nn.Module):
         16), ``in`` is not a multiple of m, or a group holds more than n non-zeros.
         """
         label = f"layer {name!r}" if name else "layer"
-        reason = unsupported_reason(linear, n, m)
+        p = check_nm(n, m)
+        n, m = p
+        reason = unsupported_reason(linear, p)
         if reason:
             raise ValueError(f"{label}: {reason}")
         w = linear.weight.detach()
@@ -102,7 +104,7 @@ class NMLinear(nn.Module):
         except ValueError as err:
             raise ValueError(f"{label} {err}; finalize an N:M model first (nmsparse.sparsify + nmsparse.finalize, "
                              "or nmsparse.prune)") from None
-        mod = cls(linear.in_features, linear.out_features, n, m, bias=linear.bias is not None, dtype=w.dtype,
+        mod = cls(linear.in_features, linear.out_features, p, bias=linear.bias is not None, dtype=w.dtype,
                   crossover=crossover, cache_dense=cache_dense, kernel=kernel)
         mod.values, mod.masks = values, masks
         if linear.bias is not None:
@@ -231,7 +233,13 @@ def _buffer_key(*tensors: torch.Tensor) -> tuple:
                  for t in tensors)
 
 
-def unsupported_reason(module: nn.Module, n: int, m: int) -> str | None:
+def check_crossover(crossover: object) -> None:
+    """``crossover``: None or an integer >= 0 (rows of input up to which the kernel runs); ``ValueError`` else."""
+    if crossover is not None and (isinstance(crossover, bool) or not isinstance(crossover, int) or crossover < 0):
+        raise ValueError(f"crossover must be an integer >= 0 (rows of input handled by the kernel), got {crossover!r}")
+
+
+def unsupported_reason(module: nn.Module, n: int | NMPattern, m: int | None = None) -> str | None:
     """Why ``module`` cannot become an :class:`NMLinear` with n:m (its weight content aside), or None."""
     n, m = check_nm(n, m)
     if not isinstance(module, nn.Linear):

@@ -54,7 +54,8 @@ def _targets(model: nn.Module, config: Any) -> list[tuple[str, nn.Module]]:
 def check_nm_targets(model: nn.Module, config: Any, n: int, m: int) -> list[str]:
     """Names of the modules ``config`` targets in ``model``; ``ValueError`` naming the first one that
     is not an ``nn.Linear`` with an N:M weight (N kept per group of M along its input), or when none is."""
-    n, m = check_nm(n, m)
+    pattern = check_nm(n, m)
+    n, m = pattern
     found = _targets(model, config)
     if not found:
         raise ValueError(f"target_modules {config.target_modules!r} match no module of {type(model).__name__}")
@@ -62,7 +63,7 @@ def check_nm_targets(model: nn.Module, config: Any, n: int, m: int) -> list[str]
         if type(mod) is not nn.Linear:
             raise ValueError(f"LoRA target {name!r} is a {type(mod).__name__}: N:M LoRA adapts nn.Linear layers only; "
                              "narrow target_modules")
-        if not layer_is_nm(mod.weight, n, m):
+        if not layer_is_nm(mod.weight, pattern):
             raise ValueError(f"LoRA target {name!r} is not {n}:{m} (more than {n} non-zeros in some group of {m}): "
                              "prune it first, or leave it out of target_modules")
     return [name for name, _ in found]
@@ -93,6 +94,8 @@ def load_nm_adapter(model: nn.Module, path: str | os.PathLike, n: int = 2, m: in
 def merge(peft_model: nn.Module, n: int = 2, m: int = 4) -> nn.Module:
     """``peft_model.merge_and_unload()`` (each weight becomes ``W + (s B A) * E``), then every merged
     layer checked N:M (``RuntimeError`` otherwise: a bug). Returns the plain base model."""
+    pattern = check_nm(n, m)
+    n, m = pattern
     names = [name for name, mod in peft_model.named_modules() if getattr(mod, "is_nm_lora", False)]
     if not names:
         raise ValueError("the model has no N:M LoRA layer: build it with nmsparse.lora.get_nm_peft_model")
@@ -101,7 +104,7 @@ def merge(peft_model: nn.Module, n: int = 2, m: int = 4) -> nn.Module:
     mods = dict(merged.named_modules())
     for name in names:
         key = name[len(prefix):] if name.startswith(prefix) else name
-        if not layer_is_nm(mods[key].weight, n, m):
+        if not layer_is_nm(mods[key].weight, pattern):
             raise RuntimeError(f"merged weight of {key!r} is not {n}:{m}")
     return merged
 

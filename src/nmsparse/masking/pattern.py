@@ -67,3 +67,18 @@ def check_nm(n: object, m: object = None) -> NMPattern:
             raise ValueError(f"got the pattern {n} and a separate m={m!r}; pass one or the other")
         return n
     return NMPattern(n, m)  # type: ignore[arg-type]
+
+
+def to_pattern(value: object) -> NMPattern:
+    """An N:M setting as users write it: an :class:`NMPattern`, ``"2:4"`` or a pair ``(2, 4)``.
+
+    One ``ValueError`` for anything else (or for an invalid pair)."""
+    if isinstance(value, NMPattern):
+        return value
+    if isinstance(value, str):
+        return NMPattern.parse(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return NMPattern(*value)
+    raise ValueError(f"an N:M setting is a pair (n, m), a string 'n:m' or an NMPattern (n kept in every group of m), "
+                     f"got {value!r}")
+

@@ -129,7 +129,7 @@ def is_transposable_nm(t: torch.Tensor, n: int | NMPattern, m: int | None = None
     ``t`` may be a weight or a boolean mask (NaN counts as non-zero)."""
     p = check_nm(n, m)
     _check_matrix(t, p.m, "is_transposable_nm")
-    return is_nm(t, p, p.m, dim=1) and is_nm(t, p, p.m, dim=0)
+    return is_nm(t, p, dim=1) and is_nm(t, p, dim=0)
 
 
 def transposable_layer_mask(
@@ -164,5 +164,5 @@ def layer_is_transposable_nm(
         raise ValueError(f"layer_is_transposable_nm needs a torch.Tensor, got {type(weight).__name__}")
     mats = matrices_of(weight, layout)
     _check_matrix(mats, p.m, "layer_is_transposable_nm", batched=True)
-    return is_nm(mats, p, p.m, dim=2) and is_nm(mats, p, p.m, dim=1)
+    return is_nm(mats, p, dim=2) and is_nm(mats, p, dim=1)
 
