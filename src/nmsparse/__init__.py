@@ -37,6 +37,7 @@ from nmsparse.inspection import InspectReport, inspect
 _compat.install(__name__)
 
 __all__ = [
+    "__version__",
     "AdaPrune",
     "BlockReconstruct",
     "Magnitude",
