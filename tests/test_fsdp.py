@@ -459,6 +459,7 @@ from nmsparse.training import fsdp
 torch.manual_seed(0)
 d = sys.argv[1]
 fsdp.save_checkpoint(d, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+os.remove(os.path.join(d, "nmsparse.sha256.json"))  # a folder from before manifests: DCP's own check
 data = [f for f in os.listdir(d) if f.endswith(".distcp")][0]
 with open(os.path.join(d, data), "r+b") as f:
     f.truncate(os.path.getsize(os.path.join(d, data)) - 40)
@@ -476,7 +477,8 @@ dist.destroy_process_group()
 
 
 def test_damaged_dcp_folder_leaves_the_model_unchanged(tmp_path):
-    """A truncated shard raises one ValueError and no tensor of the model was written before it."""
+    """A truncated shard of a folder without a checksum manifest (DCP's own check) raises one ValueError
+    and no tensor of the model was written before it (with a manifest: see the next test)."""
     res = subprocess.run([sys.executable, "-c", _PARTIAL, str(tmp_path / "ck"), str(_free_port())],
                          capture_output=True, text=True, timeout=300)
     assert "raised cannot load the checkpoint" in res.stdout, res.stdout + res.stderr
@@ -536,3 +538,59 @@ def test_masked_shard_keeps_views_and_moves_only():
     assert t.add_(1) is t and torch.equal(t.data_, torch.arange(1.0, 13.0).view(3, 4))
     t.narrow(0, 0, 1).copy_(torch.zeros(1, 4))  # through a view: writes the wrapped storage
     assert torch.equal(local_weight(t)[0], torch.zeros(4)) and type(local_weight(t)) is torch.Tensor
+
+
+_FLIP = """
+import os, sys, warnings, torch, torch.nn as nn, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from nmsparse.plumbing.folder_checksum import MANIFEST
+from nmsparse.training import fsdp
+torch.manual_seed(0)
+d, how = sys.argv[1], sys.argv[3]
+fsdp.save_checkpoint(d, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+print("manifest", os.path.isfile(os.path.join(d, MANIFEST)))
+data = [f for f in os.listdir(d) if f.endswith(".distcp")][0]
+if how == "flip":  # one bit of one weight: DCP itself would load it silently
+    p = os.path.join(d, data)
+    raw = bytearray(open(p, "rb").read())
+    raw[len(raw) // 2] ^= 0x10
+    open(p, "wb").write(bytes(raw))
+elif how == "old":  # a folder from before manifests
+    os.remove(os.path.join(d, MANIFEST))
+torch.manual_seed(1)
+b = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+before = {k: v.clone() for k, v in b.state_dict().items()}
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    try:
+        fsdp.load_checkpoint(d, b)
+        print("loaded")
+    except ValueError as e:
+        print("raised", type(e).__name__, str(e).replace(d, "D"))
+print("warned", [str(x.message).replace(d, "D") for x in w if "checksum" in str(x.message)])
+print("changed", sorted(k for k, v in b.state_dict().items() if not torch.equal(v, before[k])))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("how", ["flip", "old", "none"])
+def test_dcp_folder_carries_a_checksum_manifest_that_load_verifies(tmp_path, how):
+    """A flipped bit in a shard (which DCP loads silently) is a LoadError naming the file, model untouched;
+    a folder without a manifest loads unverified with a note; an intact one loads."""
+    res = subprocess.run([sys.executable, "-c", _FLIP, str(tmp_path / "ck"), str(_free_port()), how],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0] == "manifest True"
+    if how == "flip":
+        assert out[1].startswith("raised LoadError cannot load D: checksum mismatch in '") and out[1].endswith(
+            ".distcp'; the file is damaged: write it again, or use a good copy")
+        assert out[-1] == "changed []"
+    elif how == "old":
+        assert out[1] == "loaded"
+        assert out[2] == ("warned ['D carries no checksum (written before nmsparse recorded one): "
+                          "loaded unverified']")
+    else:
+        assert out[1] == "loaded" and out[2] == "warned []"
+        assert out[-1] != "changed []"  # the weights came from the folder

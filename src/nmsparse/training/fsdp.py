@@ -23,7 +23,11 @@ with ``torch.distributed.checkpoint`` (each rank writes and reads its own shards
 use another number of processes). DCP reads its metadata file with ``pickle.load`` and its non-tensor
 items (the optimizer's hyperparameters) with ``torch.load(weights_only=False)``; :func:`load_checkpoint`
 reads the metadata with an unpickler that only builds DCP's own metadata classes and plain data, and
-the non-tensor items with ``weights_only=True``, so no code runs from the folder.
+the non-tensor items with ``weights_only=True``, so no code runs from the folder. Once every shard is
+written, rank 0 adds a checksum manifest of the folder (:mod:`nmsparse.plumbing.folder_checksum`);
+:func:`load_checkpoint` checks it on rank 0 before any rank reads a shard, so a changed bit in any file is
+a ``LoadError`` naming the file, with the model untouched (a folder from before manifests loads
+unverified, with a note).
 
 :func:`finalized_state_dict` gathers the whole model on rank 0 (on CPU) and returns it finalized
 (``weight = E * W``, no N:M machinery): loadable into the plain architecture.
@@ -46,6 +50,8 @@ import torch.distributed as dist
 from torch import nn
 
 from nmsparse.masking.layout import layer_mask
+from nmsparse.plumbing.errors import LoadError
+from nmsparse.plumbing.folder_checksum import sign_folder, verify_folder
 from nmsparse.surgery.selection import plan
 from nmsparse.surgery.sparse_model import sharded, sparse_layers, sparse_tensors
 
@@ -188,6 +194,9 @@ def save_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
 
     dcp.save(_state(model, optimizer), checkpoint_id=str(folder))
     dist.barrier()
+    if dist.get_rank() == 0:  # every rank's shard is written: the checksum manifest of the whole folder
+        sign_folder(folder)
+    dist.barrier()
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -286,12 +295,30 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     folder = str(folder)
     if not (Path(folder) / ".metadata").is_file():
         raise ValueError(f"{folder} is not a torch.distributed.checkpoint folder (no .metadata file)")
+    _verify(folder)
     # get_*_state_dict hands out the model's own tensors, which dcp.load would fill in place
     state = tree_map(lambda t: torch.empty_like(t) if isinstance(t, torch.Tensor) else t, _state(model, optimizer))
     read_dcp(state, folder)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _verify(folder: str) -> None:
+    """The folder's checksum manifest, checked on rank 0 (one reading of the files) before any rank
+    reads a shard; a mismatch is one ``LoadError`` on every rank (a collective when distributed)."""
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            verify_folder(folder)
+        except LoadError as e:
+            problem = [e.problem, e.hint]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise LoadError(folder, problem[0], problem[1])
 
 
 RUN_CHECKPOINTS = "checkpoint.dcp"
