@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import nmsparse
 from nmsparse.reproduce.grid import VIT_OPTIM
