@@ -220,6 +220,9 @@ def plan(
         for pname, p in _own_tensors(mod):
             if pname not in targets and p.dim() >= 2 and not _is_attention_bias(mod, pname):
                 reason = f"{_kind_name(mod)} is not supported ({SUPPORTED})"
+                if next(mod.children(), None) is not None:  # a container's own parameter (a ViT's position table)
+                    reason = (f"a parameter of the {_kind_name(mod)} module itself, not the weight of a supported layer "
+                              f"({SUPPORTED})")
                 if isinstance(mod, nn.MultiheadAttention) and pname.endswith("_proj_weight"):
                     reason = ("separate q/k/v projection weights (kdim or vdim != embed_dim) are not supported; "
                               "only the packed in_proj_weight is")
