@@ -92,11 +92,11 @@ def test_options_are_frozen():
     (dict(method="adaprune", solver="adam", bias_lr=float("nan")), r"^bias_lr must be a number > 0, got nan$"),
     (dict(method="adaprune", solver="adam", batch_size=0), r"^batch_size must be an integer > 0, got 0$"),
     (dict(method="adaprune", solver="adam", iterations=-1), r"^iterations must be an integer >= 0, got -1$"),
-    (dict(method="sparsegpt", sequential="yes"), r"^sequential must be True or False, got 'yes'$"),
+    (dict(method="sparsegpt", sequential="yes"), r"^sequential must be True, False or 'block', got 'yes'$"),
     (dict(method="sparsegpt", reconstruct="net"), r"^reconstruct must be None, 'layer', 'block' or a "
                                                   r"nmsparse\.BlockReconstruct\(\.\.\.\), got 'net'$"),
     (dict(method="sparsegpt", reconstruct="block", sequential=False),
-     r"^reconstruct='block' works block by block: it needs sequential=True$"),
+     r"^reconstruct='block' works block by block: it needs sequential=True or 'block'$"),
 ])
 def test_prune_option_errors_leave_the_model_untouched(kw, match):
     model = net()
