@@ -41,7 +41,7 @@ from nmsparse.calibration.geometry import LayerGeometry
 # Feature rows x columns computed at once; bounds im2col memory (float32: 64 MiB).
 CHUNK_ELEMS = 1 << 24
 # Feature rows kept for the report's errors where no Gram matrix is accumulated (Gram(full=False)).
-SAMPLE_ROWS = 1024
+SAMPLE_ROWS = 512
 
 
 class Gram:

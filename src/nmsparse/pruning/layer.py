@@ -28,10 +28,10 @@ def _errors(W_aug: torch.Tensor, masked: torch.Tensor, final: torch.Tensor, gram
         if X.shape[0] == 0:
             return 0.0, 0.0, 0.0
         Wf = W_aug.float().to(X.device)
-        den = float((X @ Wf.T).square().sum())
-        before = float((X @ (Wf - masked.float().to(X.device)).T).square().sum())
-        after = before if not update else float((X @ (Wf - final.float().to(X.device)).T).square().sum())
-        return den, before, after
+        parts = [Wf, Wf - masked.float().to(X.device)] + ([Wf - final.float().to(X.device)] if update else [])
+        sq = (X @ torch.cat(parts).T).square().reshape(X.shape[0], len(parts), -1).sum((0, 2))
+        den, before = float(sq[0]), float(sq[1])
+        return den, before, float(sq[2]) if update else before
     Hq = gram.H.float()  # float32 is precise enough and several times faster
     den = _quad(W_aug.float(), Hq)
     before = _quad((W_aug - masked).float(), Hq)
