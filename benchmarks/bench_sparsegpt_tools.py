@@ -15,6 +15,7 @@ up, down; embeddings and lm_head dense), column block size 128, dampening 0.01 x
 sentences of ``experiments/prune_minilm.py`` (128 and 1,000); quality is the mean cosine of sentence
 embeddings to the dense model's. Tools: ``nmsparse`` (block-by-block calibration, the default),
 ``nmsparse-block`` (``sequential="block"``: one calibration run per block, llm-compressor's semantics),
+``nmsparse-block-f32`` (the same with ``SparseGPT(precision="float32")``, llm-compressor's precision),
 ``nmsparse-layer`` (``sequential=False``: whole-model passes per layer group, the path before issue 21)
 and ``llmcompressor`` (its sequential pipeline over ``BertLayer``)::
 
@@ -41,8 +42,9 @@ import sys
 import tempfile
 import time
 
-TOOLS = ("nmsparse", "nmsparse-block", "nmsparse-layer", "nmsparse-stream", "llmcompressor", "modelopt")
-MINILM_TOOLS = ("nmsparse", "nmsparse-block", "nmsparse-layer", "llmcompressor")
+TOOLS = ("nmsparse", "nmsparse-block", "nmsparse-block-f32", "nmsparse-layer", "nmsparse-stream", "llmcompressor",
+         "modelopt")
+MINILM_TOOLS = ("nmsparse", "nmsparse-block", "nmsparse-block-f32", "nmsparse-layer", "llmcompressor")
 
 
 def _rss_mib() -> float:
@@ -230,12 +232,14 @@ def _minilm_setup(args):
 
 def _minilm_prune(tool, model, tok, calib_s, calib, args) -> str:
     n, m = (int(v) for v in args.nm.split(":"))
-    if tool in ("nmsparse", "nmsparse-block", "nmsparse-layer"):
+    if tool in ("nmsparse", "nmsparse-block", "nmsparse-block-f32", "nmsparse-layer"):
         import nmsparse
 
-        method = nmsparse.SparseGPT(damp=args.damp, blocksize=args.blocksize) if args.method == "sparsegpt" \
-            else nmsparse.Wanda()
-        mode = {"nmsparse": True, "nmsparse-block": "block", "nmsparse-layer": False}[tool]
+        precision = "float32" if tool.endswith("-f32") else "float64"
+        method = nmsparse.SparseGPT(damp=args.damp, blocksize=args.blocksize, precision=precision) \
+            if args.method == "sparsegpt" else nmsparse.Wanda()
+        mode = {"nmsparse": True, "nmsparse-block": "block", "nmsparse-block-f32": "block",
+                "nmsparse-layer": False}[tool]
         rep = nmsparse.prune(model, n, m, method=method, calib=calib, include="encoder.*", keep_dense=(),
                              sequential=mode)
         return f"nmsparse ({rep.settings['sequential']}), {len(rep.results)} layers"

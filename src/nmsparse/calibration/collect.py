@@ -80,7 +80,7 @@ class Gram:
         if self.bias:
             f = torch.cat([f, f.new_ones(f.shape[0], 1)], 1)
         h = f.T @ f
-        self.H += h.double()
+        self.H.add_(h)  # in float64, without a float64 copy of h
         self.rows += f.shape[0]
         if self.bin_size is not None and bin_index is not None:
             while len(self.bins) <= bin_index:

@@ -58,7 +58,7 @@ def prune(
 
     ``method``: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"adaprune"`` (see module doc) with
     their default options, or an options object: :class:`~nmsparse.pruning.options.Magnitude`,
-    ``Wanda()``, ``SparseGPT(damp=, blocksize=)``, ``AdaPrune(solver=, damp=, iterations=,
+    ``Wanda()``, ``SparseGPT(damp=, blocksize=, precision=)``, ``AdaPrune(solver=, damp=, iterations=,
     batch_size=, lr=, bias_lr=)``. The per-method keywords ``solver``, ``damp``, ``iterations``,
     ``batch_size``, ``lr``, ``bias_lr`` and ``blocksize`` still work with a method name; one the method
     does not take, or one given together with an options object, is a ValueError.
@@ -153,7 +153,8 @@ def prune(
     opts = dict(method=method, solver=getattr(opt_obj, "solver", None), damp=getattr(opt_obj, "damp", None),
                 keep_zeros=keep_zeros, iterations=getattr(opt_obj, "iterations", None),
                 lr=getattr(opt_obj, "lr", None), bias_lr=getattr(opt_obj, "bias_lr", None),
-                blocksize=getattr(opt_obj, "blocksize", None), transposable=transposable,
+                blocksize=getattr(opt_obj, "blocksize", None), precision=getattr(opt_obj, "precision", None),
+                transposable=transposable,
                 transposable_method=transposable_method, seed=seed)
     bin_size = opt_obj.batch_size if (method == "adaprune" and opt_obj.solver == "adam") else None
     t_start = time.perf_counter()

@@ -15,10 +15,6 @@ from nmsparse.pruning.sparsegpt import sparsegpt
 from nmsparse.pruning.wanda import wanda_score
 
 
-def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
-    return float(((delta @ H) * delta).sum())
-
-
 def _errors(W_aug: torch.Tensor, masked: torch.Tensor, final: torch.Tensor, gram, update: bool) -> tuple:
     """The report's ``(den, before, after)``: ``||W X^T||^2``, ``||(W - masked) X^T||^2`` and
     ``||(W - final) X^T||^2`` (``after = before`` without a weight ``update``) over the calibration rows
@@ -33,9 +29,11 @@ def _errors(W_aug: torch.Tensor, masked: torch.Tensor, final: torch.Tensor, gram
         den, before = float(sq[0]), float(sq[1])
         return den, before, float(sq[2]) if update else before
     Hq = gram.H.float()  # float32 is precise enough and several times faster
-    den = _quad(W_aug.float(), Hq)
-    before = _quad((W_aug - masked).float(), Hq)
-    return den, before, before if not update else _quad((W_aug - final).float(), Hq)
+    parts = [W_aug, W_aug - masked] + ([W_aug - final] if update else [])
+    D = torch.cat(parts).float()
+    sq = ((D @ Hq) * D).reshape(len(parts), -1).sum(1)  # one product for all three
+    den, before = float(sq[0]), float(sq[1])
+    return den, before, float(sq[2]) if update else before
 
 
 @torch.no_grad()
@@ -72,7 +70,8 @@ def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, g
             keep = sel(wanda_score(W, gram.norms if H is None else H.diagonal()[:d]))
         elif method == "sparsegpt":
             Wn, keep = sparsegpt(W, H[:d, :d], n, m, sel, forced=zeros, damp=opts["damp"],
-                                 blocksize=opts["blocksize"])
+                                 blocksize=opts["blocksize"], dtype=getattr(torch, opts.get("precision") or "float64"))
+            Wn = Wn.to(torch.float64)
         else:  # adaprune
             keep = sel(magnitude_score(W))
         if zeros is not None:
