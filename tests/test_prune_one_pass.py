@@ -74,7 +74,7 @@ def test_one_pass_equals_the_layer_by_layer_reference(method):
 def test_one_pass_differs_from_per_group_runs_where_it_should(method):
     """sequential=True calibrates fc2 on the pruned fc1's output, "block" on the dense fc1's."""
     torch.manual_seed(0)
-    a, b = Stack(), None
+    a = Stack()
     b = copy.deepcopy(a)
     nmsparse.prune(a, 2, 4, method=method, calib=_batches(), keep_dense=(), sequential="block")
     nmsparse.prune(b, 2, 4, method=method, calib=_batches(), keep_dense=(), sequential=True)
