@@ -1,5 +1,5 @@
 """Wanda and magnitude calibrate without the Gram matrix: feature norms for Wanda's scores and a bounded,
-deterministic strided sample of rows for the report's errors (nmsparse.calibration.collect.Gram,
+deterministic strided sample of rows for the report's errors (nmsparse.calibration.gram.Gram,
 full=False). The masks are those of full-Gram Wanda; the errors are exact while the calibration
 set has at most SAMPLE_ROWS rows, and those of the sampled rows beyond."""
 
@@ -15,6 +15,7 @@ from torch import nn
 
 import nmsparse
 from nmsparse.calibration import collect as calibration
+from nmsparse.calibration import gram as gram_mod
 from nmsparse.pruning import loop
 from tests.test_model_zoo import CASES, build
 
@@ -31,8 +32,8 @@ def _strided_reference(total: int, bound: int) -> tuple[int, list[int]]:
 @given(sizes=st.lists(st.integers(0, 23), min_size=1, max_size=12), bound=st.integers(1, 17),
        bias=st.booleans())
 def test_sample_is_the_strided_rows_within_the_bound(sizes, bound, bias):
-    old = calibration.SAMPLE_ROWS
-    calibration.SAMPLE_ROWS = bound
+    old = gram_mod.SAMPLE_ROWS
+    gram_mod.SAMPLE_ROWS = bound
     try:
         gram = calibration.Gram(3, bias, torch.device("cpu"), full=False)
         total = sum(sizes)
@@ -42,7 +43,7 @@ def test_sample_is_the_strided_rows_within_the_bound(sizes, bound, bias):
             gram.add(rows[start:start + s])
             start += s
     finally:
-        calibration.SAMPLE_ROWS = old
+        gram_mod.SAMPLE_ROWS = old
     stride, idx = _strided_reference(total, bound)
     assert gram.rows == total and gram.stride == stride and gram.H is None
     assert gram.sample.shape == (len(idx), 3 + int(bias))
@@ -91,7 +92,7 @@ def _error(layer, dense, x) -> float:
 def test_report_error_is_that_of_the_sampled_rows(method, monkeypatch):
     dense, batches = _layer_and_rows()
     x = torch.cat(batches)
-    monkeypatch.setattr(calibration, "SAMPLE_ROWS", 64)  # 300 rows: stride 8, rows 0, 8, ..., 296 (38)
+    monkeypatch.setattr(gram_mod, "SAMPLE_ROWS", 64)  # 300 rows: stride 8, rows 0, 8, ..., 296 (38)
     layer = copy.deepcopy(dense)
     rep = nmsparse.prune(nn.Sequential(layer), 2, 4, method=method, calib=batches, keep_dense=())
     r = rep.results["0.weight"]
@@ -100,7 +101,7 @@ def test_report_error_is_that_of_the_sampled_rows(method, monkeypatch):
     assert r.error_after == pytest.approx(_error(layer, dense, x[::8]), rel=1e-4)
     assert r.error_after != pytest.approx(_error(layer, dense, x), rel=1e-4)
     # without the bound, the exact error over every row
-    monkeypatch.setattr(calibration, "SAMPLE_ROWS", 1024)
+    monkeypatch.setattr(gram_mod, "SAMPLE_ROWS", 1024)
     layer = copy.deepcopy(dense)
     rep = nmsparse.prune(nn.Sequential(layer), 2, 4, method=method, calib=batches, keep_dense=())
     assert rep.results["0.weight"].error_after == pytest.approx(_error(layer, dense, x), rel=1e-4)

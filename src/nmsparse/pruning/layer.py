@@ -42,7 +42,7 @@ def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, g
     ``opts["method"]`` from its calibration Gram matrices ``grams`` (one per weight group; None without
     calibration: then by magnitude), refitting the bias where the method does. Wanda and magnitude
     take Grams without ``H`` (``full=False``: feature norms and a sample of rows for the report's errors,
-    see :class:`nmsparse.calibration.collect.Gram`); SparseGPT and AdaPrune need ``H``. Returns the layer's
+    see :class:`nmsparse.calibration.gram.Gram`); SparseGPT and AdaPrune need ``H``. Returns the layer's
     :class:`LayerResult` with ``param`` and ``time_s`` left for the caller to fill in."""
     n, m = pattern
     geom = LayerGeometry(module, layout, name)

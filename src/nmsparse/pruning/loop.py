@@ -15,7 +15,7 @@ from nmsparse.pruning.layer import prune_layer
 from nmsparse.pruning.reconstruct import refit_block
 
 NEEDS_CALIB = ("wanda", "sparsegpt", "adaprune")
-NEEDS_GRAM = ("sparsegpt", "adaprune")  # the others read feature norms only (calibration.collect.Gram)
+NEEDS_GRAM = ("sparsegpt", "adaprune")  # the others read feature norms only (calibration.gram.Gram)
 
 
 def check_replayable(model, runs, why, calib) -> None:
@@ -105,7 +105,7 @@ def run_blocks(state: State, run, items: list[dict], recipe, recon, settings: di
 def collect_group(model, layers: dict, layout, bin_size, calib, full: bool = True) -> dict:
     """Collectors of ``layers`` (name in ``model`` -> (module, tensor name)) after one calibration pass
     per batch; layers reading the very same input share one (one Gram matrix), unless the data flow
-    changes between batches (then none share). ``full``: see :class:`nmsparse.calibration.collect.Gram`."""
+    changes between batches (then none share). ``full``: see :class:`nmsparse.calibration.gram.Gram`."""
     device = calibration._device(model)
 
     def fresh():

@@ -1,7 +1,7 @@
 """Wanda (Sun et al., 2023): score each weight by ``|w_ij| * ||x_j||_2``, the magnitude times the
 norm of its input feature over the calibration inputs, and keep the N largest per group of M; no
 weight update. ``||x_j||^2`` is the diagonal of the Gram matrix ``H = X^T X``; calibration accumulates
-only these squared norms for Wanda (:class:`nmsparse.calibration.collect.Gram` with ``full=False``)."""
+only these squared norms for Wanda (:class:`nmsparse.calibration.gram.Gram` with ``full=False``)."""
 
 from __future__ import annotations
 
