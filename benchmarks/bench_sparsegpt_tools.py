@@ -14,6 +14,8 @@ up, down; embeddings and lm_head dense), column block size 128, dampening 0.01 x
 ``sparsegpt`` or ``wanda`` at ``--nm``, every Linear of the encoder (36), the calibration and held-out
 sentences of ``experiments/prune_minilm.py`` (128 and 1,000); quality is the mean cosine of sentence
 embeddings to the dense model's. Tools: ``nmsparse`` (block-by-block calibration, the default),
+``nmsparse-block`` (``sequential="block"``: one calibration run per block, llm-compressor's semantics),
+``nmsparse-block-f32`` (the same with ``SparseGPT(precision="float32")``, llm-compressor's precision),
 ``nmsparse-layer`` (``sequential=False``: whole-model passes per layer group, the path before issue 21)
 and ``llmcompressor`` (its sequential pipeline over ``BertLayer``)::
 
@@ -40,8 +42,9 @@ import sys
 import tempfile
 import time
 
-TOOLS = ("nmsparse", "nmsparse-layer", "nmsparse-stream", "llmcompressor", "modelopt")
-MINILM_TOOLS = ("nmsparse", "nmsparse-layer", "llmcompressor")
+TOOLS = ("nmsparse", "nmsparse-block", "nmsparse-block-f32", "nmsparse-layer", "nmsparse-stream", "llmcompressor",
+         "modelopt")
+MINILM_TOOLS = ("nmsparse", "nmsparse-block", "nmsparse-block-f32", "nmsparse-layer", "llmcompressor")
 
 
 def _rss_mib() -> float:
@@ -120,6 +123,15 @@ def _prune_nmsparse(model, calib, args) -> str:
     rep = nmsparse.prune(model, 2, 4, method="sparsegpt", calib=batches, include="model.layers.*",
                          keep_dense=(), damp=args.damp, blocksize=args.blocksize)
     return f"nmsparse (in-memory prune), {len(rep.results)} layers pruned, mean error after {rep.mean('error_after'):.4g}"
+
+
+def _prune_nmsparse_block(model, calib, args) -> str:
+    import nmsparse
+
+    batches = [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)]
+    rep = nmsparse.prune(model, 2, 4, method="sparsegpt", calib=batches, include="model.layers.*",
+                         keep_dense=(), damp=args.damp, blocksize=args.blocksize, sequential="block")
+    return f"nmsparse (in-memory prune, one calibration run per block), {len(rep.results)} layers pruned"
 
 
 def _prune_nmsparse_layer(model, calib, args) -> str:
@@ -220,13 +232,16 @@ def _minilm_setup(args):
 
 def _minilm_prune(tool, model, tok, calib_s, calib, args) -> str:
     n, m = (int(v) for v in args.nm.split(":"))
-    if tool in ("nmsparse", "nmsparse-layer"):
+    if tool in ("nmsparse", "nmsparse-block", "nmsparse-block-f32", "nmsparse-layer"):
         import nmsparse
 
-        method = nmsparse.SparseGPT(damp=args.damp, blocksize=args.blocksize) if args.method == "sparsegpt" \
-            else nmsparse.Wanda()
+        precision = "float32" if tool.endswith("-f32") else "float64"
+        method = nmsparse.SparseGPT(damp=args.damp, blocksize=args.blocksize, precision=precision) \
+            if args.method == "sparsegpt" else nmsparse.Wanda()
+        mode = {"nmsparse": True, "nmsparse-block": "block", "nmsparse-block-f32": "block",
+                "nmsparse-layer": False}[tool]
         rep = nmsparse.prune(model, n, m, method=method, calib=calib, include="encoder.*", keep_dense=(),
-                             sequential=tool == "nmsparse")
+                             sequential=mode)
         return f"nmsparse ({rep.settings['sequential']}), {len(rep.results)} layers"
     import llmcompressor
     from datasets import Dataset
@@ -317,7 +332,8 @@ def worker(args) -> dict:
         out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         h_dense = _hidden(model, held)
         out["rss_before_mib"] = _rss_mib()
-        prune = {"nmsparse": _prune_nmsparse, "nmsparse-layer": _prune_nmsparse_layer,
+        prune = {"nmsparse": _prune_nmsparse, "nmsparse-block": _prune_nmsparse_block,
+                 "nmsparse-layer": _prune_nmsparse_layer,
                  "nmsparse-stream": _prune_nmsparse_stream,
                  "llmcompressor": _prune_llmcompressor, "modelopt": _prune_modelopt}[args.worker]
         t0, c0 = time.perf_counter(), time.process_time()

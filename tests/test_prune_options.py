@@ -54,7 +54,8 @@ def test_object_string_and_keywords_agree(obj, name, kw):
 
 
 def test_settings_record_the_options_that_apply():
-    assert SparseGPT(damp=0.1).settings() == {"method": "sparsegpt", "damp": 0.1, "blocksize": 128}
+    assert SparseGPT(damp=0.1).settings() == {"method": "sparsegpt", "damp": 0.1, "blocksize": 128,
+                                            "precision": "float64"}
     assert AdaPrune().settings() == {"method": "adaprune", "solver": "exact", "damp": 0.01}
     assert AdaPrune(solver="adam").settings() == {"method": "adaprune", "solver": "adam", "iterations": 1000,
                                                   "batch_size": 50, "lr": 1e-3, "bias_lr": 1e-2}
@@ -75,10 +76,10 @@ def test_options_are_frozen():
                                             r"of 'sparsegpt'\); 'adaprune' takes solver, damp, iterations, "
                                             r"batch_size, lr, bias_lr$"),
     (dict(method="sparsegpt", lr=0.1), r"^lr=0\.1 does not apply to method='sparsegpt' .*'sparsegpt' takes damp, "
-                                       r"blocksize$"),
+                                       r"blocksize, precision$"),
     (dict(method=SparseGPT(), damp=0.02), r"^damp=0\.02 given as a keyword of prune\(\) together with "
-                                          r"method=SparseGPT\(damp=0\.01, blocksize=128\): set it in the options "
-                                          r"object instead, e\.g\. SparseGPT\(damp=\.\.\.\)$"),
+                                          r"method=SparseGPT\(damp=0\.01, blocksize=128, precision='float64'\): "
+                                          r"set it in the options object instead, e\.g\. SparseGPT\(damp=\.\.\.\)$"),
     (dict(method=SparseGPT), r"^method=SparseGPT is a class: pass an instance, SparseGPT\(\)$"),
     (dict(method="obs"), r"^method must be one of \('magnitude', 'wanda', 'sparsegpt', 'adaprune'\) or an options"),
     (dict(method=3), r"^method must be one of"),
@@ -92,11 +93,11 @@ def test_options_are_frozen():
     (dict(method="adaprune", solver="adam", bias_lr=float("nan")), r"^bias_lr must be a number > 0, got nan$"),
     (dict(method="adaprune", solver="adam", batch_size=0), r"^batch_size must be an integer > 0, got 0$"),
     (dict(method="adaprune", solver="adam", iterations=-1), r"^iterations must be an integer >= 0, got -1$"),
-    (dict(method="sparsegpt", sequential="yes"), r"^sequential must be True or False, got 'yes'$"),
+    (dict(method="sparsegpt", sequential="yes"), r"^sequential must be True, False or 'block', got 'yes'$"),
     (dict(method="sparsegpt", reconstruct="net"), r"^reconstruct must be None, 'layer', 'block' or a "
                                                   r"nmsparse\.BlockReconstruct\(\.\.\.\), got 'net'$"),
     (dict(method="sparsegpt", reconstruct="block", sequential=False),
-     r"^reconstruct='block' works block by block: it needs sequential=True$"),
+     r"^reconstruct='block' works block by block: it needs sequential=True or 'block'$"),
 ])
 def test_prune_option_errors_leave_the_model_untouched(kw, match):
     model = net()
@@ -109,6 +110,8 @@ def test_prune_option_errors_leave_the_model_untouched(kw, match):
 @pytest.mark.parametrize("make,match", [
     (lambda: SparseGPT(damp=-1), r"^SparseGPT: damp must be a number >= 0, got -1$"),
     (lambda: SparseGPT(blocksize=2.5), r"^SparseGPT: blocksize must be an integer > 0, got 2\.5$"),
+    (lambda: SparseGPT(precision="half"),
+     r"^SparseGPT: precision must be one of \('float64', 'float32'\), got 'half'$"),
     (lambda: AdaPrune(solver="lbfgs"), r"^AdaPrune: solver must be one of \('exact', 'adam'\), got 'lbfgs'$"),
     (lambda: AdaPrune(iterations=10, lr=0.1), r"^AdaPrune: iterations, lr only apply to solver='adam', not "
                                                r"solver='exact' \(pass solver='adam' or drop them\)$"),

@@ -7,6 +7,8 @@ every earlier layer already pruned; a forward pre-hook turns the layer's input i
 ones appended when the layer has a bias). The forward pass is cut short right after the hook, so
 each pass only runs the model up to the layer. Nothing but ``H`` (and, for AdaPrune's Adam solver,
 one ``H`` per mini-batch of samples) is kept: activations are never held for more than one batch.
+Methods that need no more than the feature norms (Wanda, magnitude) accumulate those instead of ``H``,
+plus a bounded sample of rows for the report's errors (:class:`Gram` with ``full=False``).
 Layers of one set that also turn the input into the same feature rows (:func:`share_key`: e.g. q/k/v
 of equal width, an MLP's gate and up projections) share one Gram matrix, accumulated once: found from
 the data flow (the input tensor object each layer's hook sees), the same bits as one Gram per layer.
@@ -35,45 +37,20 @@ import torch
 from torch import nn
 
 from nmsparse.calibration.geometry import LayerGeometry
+from nmsparse.calibration.gram import Gram
 
 # Feature rows x columns computed at once; bounds im2col memory (float32: 64 MiB).
 CHUNK_ELEMS = 1 << 24
 
 
-class Gram:
-    """``H = sum f^T f`` over feature rows ``f`` (float64), with a ones column if ``bias``; and,
-    when ``bin_size`` is given, one float32 ``H`` per consecutive run of ``bin_size`` samples."""
-
-    def __init__(self, d: int, bias: bool, device: torch.device, bin_size: int | None = None) -> None:
-        self.d, self.bias = d, bias
-        self.da = d + int(bias)
-        self.H = torch.zeros(self.da, self.da, dtype=torch.float64, device=device)
-        self.rows = 0
-        self.bin_size = bin_size
-        self.bins: list[list[Any]] = []  # [H_b (float32), rows_b]
-
-    def add(self, f: torch.Tensor, bin_index: int | None = None) -> None:
-        if f.shape[0] == 0:
-            return
-        f = f.float()
-        if self.bias:
-            f = torch.cat([f, f.new_ones(f.shape[0], 1)], 1)
-        h = f.T @ f
-        self.H += h.double()
-        self.rows += f.shape[0]
-        if self.bin_size is not None and bin_index is not None:
-            while len(self.bins) <= bin_index:
-                self.bins.append([torch.zeros_like(h), 0])
-            self.bins[bin_index][0] += h
-            self.bins[bin_index][1] += f.shape[0]
-
-
 class LayerCollector:
-    """Feeds one layer's inputs, batch by batch, into one :class:`Gram` per problem."""
+    """Feeds one layer's inputs, batch by batch, into one :class:`Gram` per problem (``full``: see
+    :class:`Gram`)."""
 
-    def __init__(self, geom: LayerGeometry, device: torch.device, bin_size: int | None = None) -> None:
+    def __init__(self, geom: LayerGeometry, device: torch.device, bin_size: int | None = None,
+                 full: bool = True) -> None:
         self.geom = geom
-        self.grams = [Gram(geom.d, geom.has_bias, device, bin_size) for _ in range(geom.problems)]
+        self.grams = [Gram(geom.d, geom.has_bias, device, bin_size, full) for _ in range(geom.problems)]
         self.bin_size = bin_size
         self.samples = 0
 

@@ -49,7 +49,7 @@ def prune(
     progress: bool | str = False,
     shared: str = "dense",
     permute: bool = False,
-    sequential: bool = True,
+    sequential: bool | str = True,
     reconstruct: str | BlockReconstruct | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place to N:M (N weights kept in every group of M) and return a report.
@@ -58,7 +58,7 @@ def prune(
 
     ``method``: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"adaprune"`` (see module doc) with
     their default options, or an options object: :class:`~nmsparse.pruning.options.Magnitude`,
-    ``Wanda()``, ``SparseGPT(damp=, blocksize=)``, ``AdaPrune(solver=, damp=, iterations=,
+    ``Wanda()``, ``SparseGPT(damp=, blocksize=, precision=)``, ``AdaPrune(solver=, damp=, iterations=,
     batch_size=, lr=, bias_lr=)``. The per-method keywords ``solver``, ``damp``, ``iterations``,
     ``batch_size``, ``lr``, ``bias_lr`` and ``blocksize`` still work with a method name; one the method
     does not take, or one given together with an options object, is a ValueError.
@@ -79,8 +79,15 @@ def prune(
     ``sequential`` (default True): the layers of a model's repeated blocks (an ``nn.ModuleList`` of
     identical blocks) are calibrated block by block from each block's cached inputs (see
     :mod:`nmsparse.calibration.sequential`): one pass through the model instead of one per layer, the same
-    pruned weights. Models without such blocks, or whose blocks cannot be replayed one by one, take
-    whole-model passes (``report.settings["sequential"]`` says which and why).
+    pruned weights. Each layer group of a block is calibrated by a run of the block from its cached
+    inputs with the block's earlier groups already pruned, as whole-model passes would. ``"block"``: one
+    calibration run per block instead (llm-compressor's sequential pipeline): all layers of a block
+    are calibrated at once from the block's cached inputs (later layers see the *unpruned* earlier
+    ones), then pruned, then the pruned block is run once to give the next block its inputs; faster
+    (BERT: 2 block runs per block instead of 5), slightly different weights. ``False``: whole-model
+    passes, one per layer group. Models without such blocks, or whose blocks cannot be replayed one by
+    one, take whole-model passes (``report.settings["sequential"]`` says which and why; with
+    ``"block"`` it also holds ``"mode": "block"``).
     ``reconstruct``: ``None``/``"layer"`` (each layer on its own, the default) or ``"block"`` /
     :class:`~nmsparse.pruning.options.BlockReconstruct`: after each block's masks are chosen, its
     parameters are refit jointly to the dense block's output (:mod:`nmsparse.pruning.reconstruct`);
@@ -107,10 +114,10 @@ def prune(
     check_layout(layout)
     if not isinstance(transposable, bool):
         raise ValueError(f"transposable must be True or False, got {transposable!r}")
-    if not isinstance(sequential, bool):
-        raise ValueError(f"sequential must be True or False, got {sequential!r}")
-    if recon is not None and not sequential:
-        raise ValueError("reconstruct='block' works block by block: it needs sequential=True")
+    if not (isinstance(sequential, bool) or sequential == "block"):
+        raise ValueError(f"sequential must be True, False or 'block', got {sequential!r}")
+    if recon is not None and sequential is False:
+        raise ValueError("reconstruct='block' works block by block: it needs sequential=True or 'block'")
     if transposable:
         transposable_fn()  # fail now, before touching the model, if it is unavailable
     entries = plan(model, pattern, layout=layout, include=include, exclude=exclude, keep_dense=keep_dense,
@@ -146,7 +153,8 @@ def prune(
     opts = dict(method=method, solver=getattr(opt_obj, "solver", None), damp=getattr(opt_obj, "damp", None),
                 keep_zeros=keep_zeros, iterations=getattr(opt_obj, "iterations", None),
                 lr=getattr(opt_obj, "lr", None), bias_lr=getattr(opt_obj, "bias_lr", None),
-                blocksize=getattr(opt_obj, "blocksize", None), transposable=transposable,
+                blocksize=getattr(opt_obj, "blocksize", None), precision=getattr(opt_obj, "precision", None),
+                transposable=transposable,
                 transposable_method=transposable_method, seed=seed)
     bin_size = opt_obj.batch_size if (method == "adaprune" and opt_obj.solver == "adam") else None
     t_start = time.perf_counter()
@@ -183,7 +191,7 @@ def prune(
                         state.whole_model(group)
                 continue
             used[run.path] = used.get(run.path, 0) + len(run.groups)
-            run_blocks(state, run, items, recipe, recon, settings, seed)
+            run_blocks(state, run, items, recipe, recon, settings, seed, one_pass=sequential == "block")
         for group in unreached:
             state.whole_model(group, reached=False)
         bar.close()
@@ -191,6 +199,8 @@ def prune(
         model.train(was_training)
     if calib is not None and sparse:
         settings["sequential"] = {"blocks": used, "whole_model": why} if sequential else False
+        if sequential == "block":
+            settings["sequential"] = {"mode": "block", **settings["sequential"]}
     report = PruneReport(n, m, entries, settings, results, time.perf_counter() - t_start)
     report.permutation = None
     return report

@@ -15,15 +15,34 @@ from nmsparse.pruning.sparsegpt import sparsegpt
 from nmsparse.pruning.wanda import wanda_score
 
 
-def _quad(delta: torch.Tensor, H: torch.Tensor) -> float:
-    return float(((delta @ H) * delta).sum())
+def _errors(W_aug: torch.Tensor, masked: torch.Tensor, final: torch.Tensor, gram, update: bool) -> tuple:
+    """The report's ``(den, before, after)``: ``||W X^T||^2``, ``||(W - masked) X^T||^2`` and
+    ``||(W - final) X^T||^2`` (``after = before`` without a weight ``update``) over the calibration rows
+    (from ``H = X^T X``), or, for a Gram without ``H`` (``full=False``), over its sample of rows."""
+    if gram.H is None:
+        X = gram.sample
+        if X.shape[0] == 0:
+            return 0.0, 0.0, 0.0
+        Wf = W_aug.float().to(X.device)
+        parts = [Wf, Wf - masked.float().to(X.device)] + ([Wf - final.float().to(X.device)] if update else [])
+        sq = (X @ torch.cat(parts).T).square().reshape(X.shape[0], len(parts), -1).sum((0, 2))
+        den, before = float(sq[0]), float(sq[1])
+        return den, before, float(sq[2]) if update else before
+    Hq = gram.H.float()  # float32 is precise enough and several times faster
+    parts = [W_aug, W_aug - masked] + ([W_aug - final] if update else [])
+    D = torch.cat(parts).float()
+    sq = ((D @ Hq) * D).reshape(len(parts), -1).sum(1)  # one product for all three
+    den, before = float(sq[0]), float(sq[1])
+    return den, before, float(sq[2]) if update else before
 
 
 @torch.no_grad()
 def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, grams, opts: dict) -> LayerResult:
     """Prune ``module``'s tensor ``name`` in place to N:M (``pattern``, already checked) by
     ``opts["method"]`` from its calibration Gram matrices ``grams`` (one per weight group; None without
-    calibration: then by magnitude), refitting the bias where the method does. Returns the layer's
+    calibration: then by magnitude), refitting the bias where the method does. Wanda and magnitude
+    take Grams without ``H`` (``full=False``: feature norms and a sample of rows for the report's errors,
+    see :class:`nmsparse.calibration.gram.Gram`); SparseGPT and AdaPrune need ``H``. Returns the layer's
     :class:`LayerResult` with ``param`` and ``time_s`` left for the caller to fill in."""
     n, m = pattern
     geom = LayerGeometry(module, layout, name)
@@ -37,19 +56,22 @@ def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, g
     for g, (w, b) in enumerate(zip(geom.weight2d(), geom.bias2d())):
         W = w.to(torch.float64)
         B = None if b is None else b.to(torch.float64)
-        H = grams[g].H if grams is not None else None
-        if H is not None:
-            W, B = W.to(H.device), (None if B is None else B.to(H.device))
-            rows = max(rows, grams[g].rows)
+        gram = grams[g] if grams is not None else None
+        H = gram.H if gram is not None else None
+        if gram is not None:
+            dev = H.device if H is not None else gram.norms.device
+            W, B = W.to(dev), (None if B is None else B.to(dev))
+            rows = max(rows, gram.rows)
         zeros = (W == 0) if opts["keep_zeros"] else None
         d = W.shape[1]
         if method == "magnitude":
             keep = sel(magnitude_score(W))
         elif method == "wanda":
-            keep = sel(wanda_score(W, H))
+            keep = sel(wanda_score(W, gram.norms if H is None else H.diagonal()[:d]))
         elif method == "sparsegpt":
             Wn, keep = sparsegpt(W, H[:d, :d], n, m, sel, forced=zeros, damp=opts["damp"],
-                                 blocksize=opts["blocksize"])
+                                 blocksize=opts["blocksize"], dtype=getattr(torch, opts.get("precision") or "float64"))
+            Wn = Wn.to(torch.float64)
         else:  # adaprune
             keep = sel(magnitude_score(W))
         if zeros is not None:
@@ -72,12 +94,9 @@ def prune_layer(module: nn.Module, name: str, pattern: NMPattern, layout: str, g
         absw = W.abs()
         kept_num += float((absw * keep).sum())
         kept_den += float(absw.sum())
-        if H is not None:
-            Hq = H.float()  # the report's errors: float32 is precise enough and several times faster
-            den += _quad(W_aug.float(), Hq)
-            nb = _quad((W_aug - masked).float(), Hq)
-            num_before += nb
-            num_after += nb if method in ("magnitude", "wanda") else _quad((W_aug - final).float(), Hq)
+        if gram is not None:
+            e = _errors(W_aug, masked, final, gram, update=method not in ("magnitude", "wanda"))
+            den, num_before, num_after = den + e[0], num_before + e[1], num_after + e[2]
         new_w.append(final[:, :d])
         new_b.append(None if B is None else final[:, d])
     weight = geom.assemble(new_w)

@@ -15,6 +15,7 @@ from nmsparse.pruning.layer import prune_layer
 from nmsparse.pruning.reconstruct import refit_block
 
 NEEDS_CALIB = ("wanda", "sparsegpt", "adaprune")
+NEEDS_GRAM = ("sparsegpt", "adaprune")  # the others read feature norms only (calibration.gram.Gram)
 
 
 def check_replayable(model, runs, why, calib) -> None:
@@ -41,6 +42,7 @@ class State:
         self.model, self.modules, self.sparse, self.layout = model, modules, sparse, layout
         self.bin_size, self.calib, self.pattern, self.opts = bin_size, calib, pattern, opts
         self.results, self.bar = results, bar
+        self.full = opts["method"] in NEEDS_GRAM
 
     def whole_model(self, group: list[str], reached: bool = True) -> None:
         """Calibrate ``group`` by whole-model passes (one per batch), then prune it."""
@@ -48,7 +50,7 @@ class State:
         collectors = None
         if self.calib is not None and reached:
             collectors = collect_group(self.model, {k: (self.modules[k], self.sparse[k].tensor_name) for k in group},
-                                        self.layout, self.bin_size, self.calib)
+                                        self.layout, self.bin_size, self.calib, self.full)
         self.prune_group(group, collectors, (time.perf_counter() - t0) / len(group))
 
     def prune_group(self, group: list[str], collectors: dict | None, t_calib: float) -> None:
@@ -67,9 +69,12 @@ class State:
             self.bar.update(1)
 
 
-def run_blocks(state: State, run, items: list[dict], recipe, recon, settings: dict, seed: int) -> None:
+def run_blocks(state: State, run, items: list[dict], recipe, recon, settings: dict, seed: int,
+               one_pass: bool = False) -> None:
     """Prune a run's blocks one by one from their cached inputs ``items`` (see
-    :mod:`nmsparse.calibration.sequential`), refitting each block when ``recon`` is given."""
+    :mod:`nmsparse.calibration.sequential`), refitting each block when ``recon`` is given.
+    Each layer group is calibrated by its own run of the block (earlier groups already pruned), or,
+    ``one_pass``, all of a block's groups by one run of the unpruned block."""
     firsts = items
     teacher = items if recon is not None and recon.target == "teacher" else None
     for i, block_groups in enumerate(run.groups):
@@ -78,10 +83,10 @@ def run_blocks(state: State, run, items: list[dict], recipe, recon, settings: di
         prefix = f"{run.path}.{j}."
         runner = seq.BlockRunner(block)
         dense = copy.deepcopy(block) if recon is not None else None
-        for group in block_groups:
+        for group in ([[k for g in block_groups for k in g]] if one_pass and block_groups else block_groups):
             t0 = time.perf_counter()
             local = {"block." + k[len(prefix):]: (state.modules[k], state.sparse[k].tensor_name) for k in group}
-            collectors = collect_group(runner, local, state.layout, state.bin_size, items)
+            collectors = collect_group(runner, local, state.layout, state.bin_size, items, state.full)
             collectors = {prefix + r[len("block."):]: c for r, c in collectors.items()}
             state.prune_group(group, collectors, (time.perf_counter() - t0) / len(group))
         if recon is not None and block_groups:
@@ -97,14 +102,14 @@ def run_blocks(state: State, run, items: list[dict], recipe, recon, settings: di
             items = seq.advance(block, items, firsts, recipe)
 
 
-def collect_group(model, layers: dict, layout, bin_size, calib) -> dict:
+def collect_group(model, layers: dict, layout, bin_size, calib, full: bool = True) -> dict:
     """Collectors of ``layers`` (name in ``model`` -> (module, tensor name)) after one calibration pass
     per batch; layers reading the very same input share one (one Gram matrix), unless the data flow
-    changes between batches (then none share)."""
+    changes between batches (then none share). ``full``: see :class:`nmsparse.calibration.gram.Gram`."""
     device = calibration._device(model)
 
     def fresh():
-        return {k: calibration.LayerCollector(LayerGeometry(mod, layout, t), device, bin_size)
+        return {k: calibration.LayerCollector(LayerGeometry(mod, layout, t), device, bin_size, full)
                 for k, (mod, t) in layers.items()}
 
     collectors = fresh()

@@ -64,17 +64,24 @@ class Wanda(MethodOptions):
 @dataclasses.dataclass(frozen=True)
 class SparseGPT(MethodOptions):
     """OBS pruning with weight update (Frantar and Alistarh, 2023). ``damp``: Hessian dampening relative
-    to the mean of diag(X^T X); ``blocksize``: columns updated lazily at once (rounded down to M)."""
+    to the mean of diag(X^T X); ``blocksize``: columns updated lazily at once (rounded down to M);
+    ``precision``: ``"float64"`` (default) or ``"float32"`` for the Cholesky factorizations and the
+    column loop (about twice as fast on CPUs; what the reference code and llm-compressor use; the
+    Gram matrix is accumulated in float64 either way)."""
 
     name: ClassVar[str] = "sparsegpt"
     damp: float = 0.01
     blocksize: int = 128
+    precision: str = "float64"
 
     def __post_init__(self) -> None:
         _positive("SparseGPT", "damp", self.damp, allow_zero=True)
         _positive("SparseGPT", "blocksize", self.blocksize, integer=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SparseGPT: precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
+PRECISIONS = ("float64", "float32")
 _ADAM_ONLY = ("iterations", "batch_size", "lr", "bias_lr")
 
 

@@ -28,16 +28,18 @@ def sparsegpt(
     forced: torch.Tensor | None = None,
     damp: float = 0.01,
     blocksize: int = 128,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``w`` (``(out, D)``, groups of M consecutive columns) against Hessian ``H`` (``(D, D)``).
 
     ``select(score)`` maps an ``(out, m)`` score block to its keep-mask (N:M per row, or transposable).
-    ``forced`` (bool, ``w``'s shape) marks weights that must be pruned (existing zeros). Returns the
-    updated weight (float64, zeros where pruned) and the keep-mask.
+    ``forced`` (bool, ``w``'s shape) marks weights that must be pruned (existing zeros). ``dtype``: of
+    the factorizations and the column loop (float64 or float32). Returns the updated weight (``dtype``,
+    zeros where pruned) and the keep-mask.
     """
     out, d = w.shape
-    W = w.detach().to(torch.float64).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float64).clone()
+    W = w.detach().to(dtype).clone()
+    H = H.detach().to(device=W.device, dtype=dtype).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * H.diagonal().mean())
