@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from nmsparse.plumbing import progress
-from nmsparse.cli.help import HelpFormatter
+from nmsparse.cli.help import HelpFormatter, fail
 from nmsparse.distillation.losses import OUTPUT_LOSSES
 
 CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification")
@@ -56,8 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _error(msg: str) -> int:
-    print(f"nmsparse distill: error: {msg}", file=sys.stderr)
-    return 2
+    return fail("distill", msg)
 
 
 def read_texts(path: str) -> list[str]:

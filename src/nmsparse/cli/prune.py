@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from nmsparse.plumbing import progress
-from nmsparse.cli.help import HelpFormatter
+from nmsparse.cli.help import HelpFormatter, fail
 from nmsparse.plumbing.io import state_dict_mismatch
 from nmsparse.masking.layout import LAYOUTS
 from nmsparse.cli import prune_hf as hf_cli
@@ -102,8 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _error(msg: str) -> int:
-    print(f"nmsparse prune: error: {msg}", file=sys.stderr)
-    return 2
+    return fail("prune", msg)
 
 
 CHECKPOINT_HINT = "pass the final.safetensors written by 'nmsparse train' or 'nmsparse prune'"

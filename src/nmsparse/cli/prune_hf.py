@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from nmsparse.cli.help import fail
 from nmsparse.masking.pattern import NMPattern
 from nmsparse.plumbing import progress
 
@@ -50,8 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _error(msg: str) -> int:
-    print(f"nmsparse prune: error: {msg}", file=sys.stderr)
-    return 2
+    return fail("prune", msg)
 
 
 def _tokens(tok, path: str, limit: int | None = None, chunk_chars: int = 200_000) -> torch.Tensor:

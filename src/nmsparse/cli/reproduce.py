@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from nmsparse.cli.help import fail
 from nmsparse.plumbing import progress
 from nmsparse.reproduce.grid import EXPERIMENTS, NMS, Cell, Scale, build_grid, check_experiments, demo_cells
 from nmsparse.reproduce.results import as_percent, load_runs
@@ -103,8 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _error(msg: str) -> int:
-    print(f"nmsparse reproduce: error: {msg}", file=sys.stderr)
-    return 2
+    return fail("reproduce", msg)
 
 
 def _scale(args: argparse.Namespace) -> Scale:

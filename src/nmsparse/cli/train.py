@@ -8,11 +8,10 @@ Under ``torchrun --nproc_per_node=K -m nmsparse train ...`` training uses DDP ov
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from nmsparse.plumbing import progress
-from nmsparse.cli.help import HelpFormatter
+from nmsparse.cli.help import HelpFormatter, fail
 from nmsparse.masking.layout import LAYOUTS
 from nmsparse.surgery.parametrization import METHODS
 from nmsparse.training.config import MASK_METHODS, OPTIMIZERS, TrainConfig
@@ -112,8 +111,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _error(msg: str) -> int:
-    print(f"nmsparse train: error: {msg}", file=sys.stderr)
-    return 2
+    return fail("train", msg)
 
 
 def _main(args: argparse.Namespace) -> int:
